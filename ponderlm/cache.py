@@ -1,0 +1,114 @@
+"""KV cache with a different number of slots per batch row.
+
+Row b holds ``lengths[b]`` committed slots (token slots and the latent slots that were actually
+computed), stored contiguously from index 0. A forward step writes L new slots per row, of which
+only the first ``n_new[b]`` are real; the rest land beyond the row's length, are never visible
+to a real query, and are overwritten by the next step. Pruned or padded slots therefore never
+become cache entries, and ``lengths`` counts exactly the computed slots.
+
+Every slot also carries its additive key bias (``log w`` of PonderLM-3; 0 for token slots), shared
+by all layers, so decoding applies the same per-key bias as training.
+
+Usage per forward step::
+
+    cache.begin(n_new, L, key_bias)   # before the layers
+    ... each layer calls cache.update(layer_idx, k, v) ...
+    cache.end()                       # commit: lengths += n_new
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        capacity: int = 64,
+    ) -> None:
+        self.n_layers, self.batch = n_layers, batch
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.device, self.dtype = torch.device(device), dtype
+        shape = (batch, n_kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.bias = torch.zeros(batch, capacity, device=device, dtype=dtype)  # (B, cap)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+        self._rows = torch.arange(batch, device=device).unsqueeze(1)  # (B, 1)
+        self._step: tuple[Tensor, Tensor, int, Tensor | None] | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.bias.shape[1]
+
+    def num_entries(self) -> Tensor:
+        """Committed slots per row, (B,)."""
+        return self.lengths.clone()
+
+    def _grow(self, need: int) -> None:
+        cap = self.capacity
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+
+        def grow(t: Tensor, dim: int) -> Tensor:
+            shape = list(t.shape)
+            shape[dim] = new - cap
+            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+        self.k = [grow(t, 2) for t in self.k]
+        self.v = [grow(t, 2) for t in self.v]
+        self.bias = grow(self.bias, 1)
+
+    def begin(self, n_new: Tensor, L: int, key_bias: Tensor | None) -> None:
+        """Prepare a step that adds up to L slots per row; n_new (B,) of them are real.
+
+        key_bias: (B, L) additive bias of the new keys, or None for zeros.
+        """
+        if self._step is not None:
+            raise RuntimeError("KVCache.begin called twice without end()")
+        start = self.lengths
+        used = int(start.max()) + L
+        self._grow(used)
+        write = start.unsqueeze(1) + torch.arange(L, device=self.device)  # (B, L)
+        kb = key_bias.to(self.dtype) if key_bias is not None else self.bias.new_zeros(self.batch, L)
+        self.bias[self._rows, write] = kb
+        mask = None
+        if bool((start > 0).any()):
+            # query i of row b sees keys j <= start_b + i (its committed prefix, earlier new slots
+            # and itself), each with its own bias; later entries are masked out.
+            j = torch.arange(used, device=self.device)
+            i = torch.arange(L, device=self.device)
+            allowed = j.view(1, 1, used) <= (start.view(-1, 1, 1) + i.view(1, L, 1))  # (B, L, used)
+            bias = self.bias[:, :used].unsqueeze(1).expand(-1, L, -1)
+            mask = bias.masked_fill(~allowed, float("-inf")).unsqueeze(1)  # (B, 1, L, used)
+        self._step = (write, n_new.to(self.lengths.dtype), used, mask)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Store the new keys/values of a layer; k, v (B, Hkv, L, hd).
+
+        Returns None when the cache held nothing before this step (the caller runs plain causal
+        attention over the new slots), else (keys, values, mask) covering the used prefix.
+        """
+        if self._step is None:
+            raise RuntimeError("KVCache.update called outside begin()/end()")
+        write, _, used, mask = self._step
+        self.k[layer][self._rows, :, write] = k.transpose(1, 2).to(self.dtype)
+        self.v[layer][self._rows, :, write] = v.transpose(1, 2).to(self.dtype)
+        if mask is None:
+            return None
+        return self.k[layer][:, :, :used], self.v[layer][:, :, :used], mask
+
+    def end(self) -> None:
+        if self._step is None:
+            raise RuntimeError("KVCache.end called without begin()")
+        self.lengths = self.lengths + self._step[1]
+        self._step = None

@@ -1,0 +1,124 @@
+"""Analytic FLOPs, counted as 2 x multiply-adds of the matmuls a method executes.
+
+Counted: the q/k/v/o and SwiGLU projections of every computed slot, attention scores and
+weighted values over the slot's *actual* causal context (pruned slots are not in it), the router
+once per token per pass (PonderLM-3), and the LM head where logits are needed (once per token).
+Not counted: norms, RoPE, softmax, activations, embedding lookups, the slot mixture -- all
+elementwise and O(D) per slot, under 1% at any realistic size.
+
+Inference is the exact recurrence (what decoding executes); training is the soft Jacobi
+computation (warm-up passes, J refinements and the final pass, every slot computed), forward and
+backward counted as 3x forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+
+
+def linear_flops_per_slot(cfg: ModelConfig) -> int:
+    """Projection FLOPs of one slot through the whole stack."""
+    D, hd = cfg.d_model, cfg.head_dim
+    per_layer = D * cfg.n_heads * hd  # q
+    per_layer += 2 * D * cfg.n_kv_heads * hd  # k, v
+    per_layer += cfg.n_heads * hd * D  # o
+    per_layer += 3 * D * cfg.d_ff  # gate, up, down
+    return 2 * cfg.n_layers * per_layer
+
+
+def attention_flops_per_key(cfg: ModelConfig) -> int:
+    """FLOPs one query spends per visible key, over all layers (q.k and p.v)."""
+    return 2 * 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim
+
+
+def router_flops(cfg: ModelConfig) -> int:
+    if not cfg.has_router:
+        return 0
+    S = cfg.max_ponder_steps + 1
+    if cfg.router == "mlp":
+        return 2 * (cfg.d_model * cfg.router_width + cfg.router_width * S)
+    return 2 * cfg.d_model * S
+
+
+def head_flops(cfg: ModelConfig) -> int:
+    return 2 * cfg.d_model * cfg.vocab_size
+
+
+@dataclass
+class Flops:
+    linear: float
+    attention: float
+    router: float
+    head: float
+    tokens: int
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.attention + self.router + self.head
+
+    @property
+    def per_token(self) -> float:
+        return self.total / max(self.tokens, 1)
+
+
+def inference_flops(cfg: ModelConfig, depth: Tensor, token_mask: Tensor | None = None) -> Flops:
+    """FLOPs of the exact recurrence over sequences with realised depths.
+
+    Args: depth (B, T) or (T,) integer ponder steps per token (0 for vanilla, K for PonderLM-2);
+    token_mask (B, T) marks real tokens (padding costs nothing).
+    Token t computes 1 + d_t slots; slot (t, k) attends to every earlier kept slot and itself.
+    """
+    d = depth.long().reshape(-1, depth.shape[-1])  # (B, T)
+    n = (1 + d).double()  # slots per token
+    if token_mask is not None:
+        n = n * token_mask.reshape(d.shape).double()
+    prefix = n.cumsum(-1) - n  # slots before token t
+    ctx = n * prefix + n * (n + 1) / 2  # sum over the token's slots of their context length
+    tokens = int(n.gt(0).sum())
+    return Flops(
+        linear=float(linear_flops_per_slot(cfg) * n.sum()),
+        attention=float(attention_flops_per_key(cfg) * ctx.sum()),
+        router=float(router_flops(cfg) * tokens),
+        head=float(head_flops(cfg) * tokens),
+        tokens=tokens,
+    )
+
+
+def fixed_depth_inference_flops(cfg: ModelConfig, seq_len: int, depth: int | None = None) -> Flops:
+    """Inference FLOPs with every token at one depth (default: the method's full depth)."""
+    d = cfg.n_latent if depth is None else depth
+    return inference_flops(cfg, torch.full((1, seq_len), d))
+
+
+def train_pass_schedule(cfg: ModelConfig, jacobi_iters: int) -> list[int]:
+    """Stages (slots per token) of each pass of the soft computation, as the model runs it."""
+    K = cfg.n_latent
+    if K == 0:
+        return [1]
+    warm = list(range(1, K + 1)) if cfg.jacobi_warmup == "staged" else []
+    return warm + [K + 1] * (jacobi_iters + 1)
+
+
+def forward_flops_soft(cfg: ModelConfig, seq_len: int, jacobi_iters: int) -> Flops:
+    """FLOPs of one soft-mode forward over a sequence of seq_len tokens."""
+    T = seq_len
+    lin = att = rout = 0.0
+    for c in train_pass_schedule(cfg, jacobi_iters):
+        N = c * T
+        lin += linear_flops_per_slot(cfg) * N
+        att += attention_flops_per_key(cfg) * N * (N + 1) / 2
+        rout += router_flops(cfg) * T
+    return Flops(linear=lin, attention=att, router=rout, head=float(head_flops(cfg) * T), tokens=T)
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int, jacobi_iters: float | None = None) -> float:
+    """Forward + backward (3x forward) FLOPs per token, J averaged over the training range."""
+    if jacobi_iters is None:
+        Js = cfg.jacobi_train_iters
+        return sum(training_flops_per_token(cfg, seq_len, j) for j in Js) / len(Js)
+    return 3.0 * forward_flops_soft(cfg, seq_len, int(jacobi_iters)).per_token
