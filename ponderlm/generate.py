@@ -96,9 +96,7 @@ def generate(
     if T == 0:
         raise ValueError("generate needs a non-empty prompt")
     if T + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {cfg.max_seq_len}"
-        )
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {cfg.max_seq_len}")
     mask = None
     if attention_mask is not None:
         mask = attention_mask.bool()

@@ -249,8 +249,7 @@ class PonderLM(nn.Module):
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(
-                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                    f"{tuple(input_ids.shape)}"
+                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
                 )
             attention_mask = attention_mask.bool()
         if mode == "exact":
@@ -267,8 +266,7 @@ class PonderLM(nn.Module):
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise ValueError(
-                f"token ids must lie in [0, {self.cfg.vocab_size}), got range "
-                f"[{int(ids.min())}, {int(ids.max())}]"
+                f"token ids must lie in [0, {self.cfg.vocab_size}), got range [{int(ids.min())}, {int(ids.max())}]"
             )
 
     def _parallel(
@@ -349,6 +347,8 @@ class PonderLM(nn.Module):
     def new_cache(self, batch: int, capacity: int = 64, dtype: torch.dtype | None = None) -> KVCache:
         p = self.embed_tokens.weight
         cfg = self.cfg
+        if dtype is None and torch.is_autocast_enabled(p.device.type):
+            dtype = torch.get_autocast_dtype(p.device.type)  # store K/V as the matmuls produce them
         return KVCache(
             cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim,
             device=p.device, dtype=dtype or p.dtype, capacity=capacity,
@@ -398,7 +398,7 @@ class PonderLM(nn.Module):
         e = self.embed(input_ids)  # (B, T, D)
         active = token_mask if token_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         tok_pos = slots.token_positions(B, T, token_mask, e.device)
-        cache = self.new_cache(B, capacity=T * self.cfg.slots_per_token, dtype=e.dtype)
+        cache = self.new_cache(B, capacity=T * self.cfg.slots_per_token)
         outs = [self.ponder_token(e[:, t], tok_pos[:, t], active[:, t], cache, tau) for t in range(T)]
         h_hat = torch.stack([o[0] for o in outs], dim=1)  # (B, T, D)
         depth = torch.stack([o[1] for o in outs], dim=1).float()  # (B, T)
