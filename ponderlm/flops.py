@@ -25,7 +25,7 @@ def linear_flops_per_slot(cfg: ModelConfig) -> int:
     """Projection FLOPs of one slot through the whole stack."""
     D, hd = cfg.d_model, cfg.head_dim
     per_layer = D * cfg.n_heads * hd  # q
-    per_layer += 2 * D * cfg.n_kv_heads * hd  # k, v
+    per_layer += 2 * D * cfg.kv_heads * hd  # k, v
     per_layer += cfg.n_heads * hd * D  # o
     per_layer += 3 * D * cfg.d_ff  # gate, up, down
     return 2 * cfg.n_layers * per_layer

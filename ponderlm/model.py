@@ -350,7 +350,7 @@ class PonderLM(nn.Module):
         if dtype is None and torch.is_autocast_enabled(p.device.type):
             dtype = torch.get_autocast_dtype(p.device.type)  # store K/V as the matmuls produce them
         return KVCache(
-            cfg.n_layers, batch, cfg.n_kv_heads, cfg.head_dim,
+            cfg.n_layers, batch, cfg.kv_heads, cfg.head_dim,
             device=p.device, dtype=dtype or p.dtype, capacity=capacity,
         )  # fmt: skip
 

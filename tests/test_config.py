@@ -28,7 +28,7 @@ def test_json_round_trip(tmp_path):
 
 def test_defaults_and_derived():
     cfg = ModelConfig(d_model=64, n_heads=4)
-    assert cfg.n_kv_heads == 4 and cfg.head_dim == 16
+    assert cfg.n_kv_heads is None and cfg.kv_heads == 4 and cfg.head_dim == 16
     assert ModelConfig(method="vanilla", max_ponder_steps=3).n_latent == 0
     assert ModelConfig(method="ponderlm2", max_ponder_steps=3).slots_per_token == 4
     assert abs(ModelConfig(d_model=64, n_heads=4).embed_scale - (2.5 * 64) ** 0.5) < 1e-12

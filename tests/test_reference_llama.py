@@ -15,7 +15,7 @@ def to_hf(model):
     hf_cfg = LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
+        num_key_value_heads=c.kv_heads, max_position_embeddings=c.max_seq_len,
         rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=False, mlp_bias=False,
         tie_word_embeddings=c.tie_embeddings,
     )  # fmt: skip

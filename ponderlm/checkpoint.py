@@ -1,0 +1,176 @@
+"""Checkpoints: a directory per step, written atomically, verified on load.
+
+Layout of ``RUN/checkpoints/step_00001000/``::
+
+    model.safetensors    weights (safetensors only: no pickle for weights)
+    optimizer.pt         optimizer state (tensors and numbers; loaded with weights_only=True)
+    trainer_state.json   step, tokens seen, data seed...
+    config.yaml          the resolved RunConfig
+    model_config.json    the ModelConfig alone
+    tokenizer.json       the tokenizer of the data it was trained on
+    manifest.json        sha256 of every file above, written last
+
+The directory is assembled under a hidden temporary name and renamed into place, so a crash
+leaves either a complete checkpoint or an ignorable temporary; loading checks the manifest, and
+``latest_checkpoint`` skips (with a warning) any checkpoint that does not verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig, RunConfig, save_run_config
+
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not match the request."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors refuses shared storage: tied weights are saved once (the head is re-tied on load)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen and v.numel() and k == "lm_head.weight":
+            continue
+        seen[ptr] = k
+        out[k] = v.detach().contiguous().cpu()
+    save_file(out, str(path))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optim_state: dict[str, Any] | None,
+    trainer_state: dict[str, Any],
+    run_cfg: RunConfig,
+    tokenizer_file: Path | None,
+    keep_last: int,
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_weights(model_state, tmp / "model.safetensors")
+    if optim_state is not None:
+        torch.save(optim_state, tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+    save_run_config(run_cfg, tmp / "config.yaml")
+    run_cfg.model.save(tmp / "model_config.json")
+    if tokenizer_file is not None and Path(tokenizer_file).is_file():
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    files = sorted(p.name for p in tmp.iterdir())
+    manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories of a run (complete or not), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check the manifest; returns it or raises CheckpointError."""
+    path = Path(path)
+    mf = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not mf.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no manifest.json)")
+    try:
+        manifest = json.loads(mf.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: unreadable manifest.json") from None
+    for name, digest in files.items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if _sha256(p) != digest:
+            raise CheckpointError(f"{path}: {name} is corrupt (checksum mismatch)")
+    return manifest
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; incomplete or corrupt ones are skipped with a warning."""
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(p)
+            return p
+        except CheckpointError as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory (its latest checkpoint) or a checkpoint directory -> checkpoint directory."""
+    p = Path(path)
+    if (p / "manifest.json").is_file() or (p / "model.safetensors").is_file():
+        return p
+    if (p / "checkpoints").is_dir():
+        ck = latest_checkpoint(p)
+        if ck is None:
+            raise CheckpointError(f"{p}: no complete checkpoint in this run")
+        return ck
+    raise CheckpointError(f"{p}: not a checkpoint or run directory")
+
+
+def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> dict[str, Any]:
+    """Verify and load a checkpoint directory (CPU tensors)."""
+    path = Path(path)
+    verify_checkpoint(path)
+    try:
+        model_cfg = ModelConfig.load(path / "model_config.json")
+    except (ConfigError, json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"{path}: invalid model_config.json ({e})") from None
+    state = load_file(str(path / "model.safetensors"))
+    out: dict[str, Any] = {
+        "path": path,
+        "model_config": model_cfg,
+        "model_state": state,
+        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+        "optim_state": None,
+    }
+    if with_optimizer and (path / "optimizer.pt").is_file():
+        out["optim_state"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    return out
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load weights saved by save_weights (re-tying a tied head) with a strict key check."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

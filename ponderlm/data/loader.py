@@ -1,0 +1,84 @@
+"""Reading prepared token shards: deterministic random windows for training, fixed windows for
+validation.
+
+The batch of optimizer step s is a pure function of (seed, s): every rank draws the same global
+batch and reads only its own slice, so a resumed run sees exactly the data an uninterrupted one
+would, and N processes see the same global batch as one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .prepare import load_meta
+from .sources import DataError
+
+
+class TokenShards:
+    """The memmapped shards of one split."""
+
+    def __init__(self, data_dir: str | Path, split: str) -> None:
+        self.data_dir = Path(data_dir)
+        meta = load_meta(self.data_dir)
+        if split not in meta["splits"]:
+            raise DataError(f"{data_dir} has no {split!r} split (has: {', '.join(meta['splits'])})")
+        self.meta = meta
+        dtype = np.dtype(meta["dtype"])
+        self.arrays = []
+        for sh in meta["splits"][split]["shards"]:
+            p = self.data_dir / sh["file"]
+            if not p.is_file() or p.stat().st_size != sh["tokens"] * dtype.itemsize:
+                raise DataError(f"{p}: missing or truncated (expected {sh['tokens']} tokens)")
+            self.arrays.append(np.memmap(p, dtype=dtype, mode="r"))
+        self.sizes = np.array([len(a) for a in self.arrays], dtype=np.int64)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.sizes.sum())
+
+    def window(self, shard: int, start: int, length: int) -> np.ndarray:
+        return np.asarray(self.arrays[shard][start : start + length], dtype=np.int64)
+
+
+class TrainBatches:
+    """Random (seq_len + 1)-token windows; the global batch of step s depends only on (seed, s)."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, seed: int) -> None:
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        usable = shards.sizes - (seq_len + 1)
+        if (usable < 0).all():
+            raise DataError(f"the training split ({shards.n_tokens:,} tokens) is too small for seq_len {seq_len}")
+        self.usable = np.maximum(usable, -1) + 1  # window starts per shard
+        self.p = self.usable / self.usable.sum()
+
+    def starts(self, step: int, batch_size: int) -> list[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, step])
+        shard = rng.choice(len(self.usable), size=batch_size, p=self.p)
+        start = (rng.random(batch_size) * self.usable[shard]).astype(np.int64)
+        return list(zip(shard.tolist(), start.tolist(), strict=True))
+
+    def batch(
+        self, step: int, batch_size: int, lo: int = 0, hi: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [lo, hi) of the global batch of ``step``: (x, y), each (hi - lo, seq_len)."""
+        picks = self.starts(step, batch_size)[lo:hi]
+        w = np.stack([self.shards.window(s, i, self.seq_len + 1) for s, i in picks])
+        t = torch.from_numpy(w)
+        return t[:, :-1], t[:, 1:]
+
+
+def eval_windows(shards: TokenShards, seq_len: int, max_windows: int) -> torch.Tensor:
+    """Consecutive non-overlapping (seq_len + 1)-token windows from the start of each shard, up to
+    max_windows: the same validation tokens every time. Returns (N, seq_len + 1)."""
+    out = []
+    for k, size in enumerate(shards.sizes):
+        for start in range(0, int(size) - seq_len, seq_len + 1):
+            if len(out) >= max_windows:
+                break
+            out.append(shards.window(k, start, seq_len + 1))
+    if not out:
+        raise DataError(f"the validation split ({shards.n_tokens:,} tokens) is too small for seq_len {seq_len}")
+    return torch.from_numpy(np.stack(out))

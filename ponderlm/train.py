@@ -1,0 +1,415 @@
+"""The trainer: AdamW with warmup + cosine, gradient accumulation, clipping, bf16 autocast on GPU,
+optional torch.compile, DDP or FSDP2 under torchrun, periodic validation in both the training
+(soft) and inference (hard-pruned) computations, atomic checkpoints and exact resume.
+
+Determinism: the data of step s and its Jacobi count are pure functions of (seed, s), and the
+learning rate is a function of s, so resuming from a checkpoint continues exactly as an
+uninterrupted run would (on CPU, step for step), with any number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import flops as flops_mod
+from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from .config import ConfigError, RunConfig, save_run_config
+from .data import TokenShards, TrainBatches, eval_windows, load_meta
+from .eval.perplexity import HIST, score_batch, summarize
+from .losses import ponder_loss
+from .model import PonderLM
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to cfg.lr, then cosine to cfg.lr * cfg.min_lr_ratio at cfg.max_steps (1-based)."""
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def jacobi_iters_at(step: int, seed: int, choices: tuple[int, ...]) -> int:
+    """The Jacobi curriculum: J for step s, drawn uniformly, identical on every rank."""
+    return int(np.random.default_rng([seed, step, 7]).choice(list(choices)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class DistEnv:
+    """World size / rank from torchrun's environment; a no-op in a single process."""
+
+    def __init__(self, device_pref: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_pref == "auto":
+            device_pref = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device_pref)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        explicit: set[str] | None = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        log=print,
+    ) -> None:
+        self.cfg, self.log = cfg, log
+        tc = cfg.train
+        self.env = DistEnv(tc.device)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.out = Path(tc.out_dir)
+        self._prepare_run_dir(resume, overwrite)
+
+        # data and tokenizer decide the vocabulary unless the user set it
+        meta = load_meta(Path(tc.data_dir))
+        self.tokenizer_file = Path(tc.data_dir) / meta["tokenizer"]["file"]
+        tok_vocab = int(meta["tokenizer"]["vocab_size"])
+        explicit = explicit or set()
+        if "model.vocab_size" not in explicit:
+            cfg.model.vocab_size = -(-tok_vocab // 64) * 64
+        elif cfg.model.vocab_size < tok_vocab:
+            raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} < the tokenizer's {tok_vocab} entries")
+        if "model.max_seq_len" not in explicit:
+            cfg.model.max_seq_len = max(cfg.model.max_seq_len, tc.seq_len)
+        if tc.seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"train.seq_len {tc.seq_len} > model.max_seq_len {cfg.model.max_seq_len}")
+        cfg.model.validate()
+
+        W = self.env.world
+        if tc.batch_size % W:
+            raise ConfigError(f"train.batch_size {tc.batch_size} is not divisible by the {W} processes")
+        self.per_rank = tc.batch_size // W
+        self.micro = tc.micro_batch_size or self.per_rank
+        if self.per_rank % self.micro:
+            raise ConfigError(f"per-process batch {self.per_rank} is not divisible by micro_batch_size {self.micro}")
+        self.accum = self.per_rank // self.micro
+
+        self.train_data = TrainBatches(TokenShards(tc.data_dir, "train"), tc.seq_len, tc.seed)
+        self.val = eval_windows(TokenShards(tc.data_dir, "val"), tc.seq_len, tc.eval_windows)
+
+        # model, optimizer, precision, distribution
+        torch.manual_seed(tc.seed)
+        self.model = PonderLM(cfg.model)
+        self.step = 0
+        self.tokens_seen = 0
+        start = None
+        if resume:
+            start = latest_checkpoint(self.out)
+            if start is None:
+                self.log(f"{self.out}: no checkpoint to resume from; starting from step 0")
+        ck = load_checkpoint(start) if start is not None else None
+        if ck is not None:
+            if ck["model_config"] != cfg.model:
+                raise ConfigError(f"{start}: the checkpoint's model config differs from this run's")
+            load_model_weights(self.model, ck["model_state"])
+            self.step = int(ck["trainer_state"]["step"])
+            self.tokens_seen = int(ck["trainer_state"].get("tokens_seen", 0))
+        self.model.to(self.env.device)
+        self.autocast_dtype = None
+        if tc.dtype == "bf16" or (tc.dtype == "auto" and self.env.device.type == "cuda"):
+            self.autocast_dtype = torch.bfloat16
+        self.wrapped = self._wrap(self.model)
+        fused = self.env.device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            param_groups(self.model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused
+        )
+        if ck is not None and ck["optim_state"] is not None:
+            self._load_optimizer(ck["optim_state"])
+        if ck is not None:
+            self.log(f"resumed from {start} at step {self.step}")
+            self._truncate_metrics(self.step)
+
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if self.env.is_main:
+            save_run_config(cfg, self.out / "config.yaml")
+            self._open_trackers()
+
+    # ---------------------------------------------------------------- setup
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        has_run = self.out.exists() and any(self.out.iterdir())
+        if has_run and not resume:
+            if not overwrite:
+                raise ConfigError(
+                    f"{self.out} already holds a run; pass --resume to continue it or --overwrite to start over"
+                )
+            if self.env.is_main:
+                shutil.rmtree(self.out)
+        if self.env.world > 1:
+            dist.barrier()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        tc = self.cfg.train
+        wrapped: torch.nn.Module = model
+        if self.env.world > 1 and tc.dist == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.layers:
+                fully_shard(block)
+            fully_shard(model)
+        elif self.env.world > 1:
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if tc.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _full_state(self) -> tuple[dict, dict]:
+        if self.env.world > 1 and self.cfg.train.dist == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (
+                get_model_state_dict(self.model, options=opts),
+                get_optimizer_state_dict(self.model, self.opt, options=opts),
+            )
+        return self.model.state_dict(), self.opt.state_dict()
+
+    def _load_optimizer(self, state: dict) -> None:
+        if self.env.world > 1 and self.cfg.train.dist == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.opt, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.opt.load_state_dict(state)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric lines a killed run wrote after the checkpoint we resume from."""
+        f = self.out / "metrics.jsonl"
+        if not self.env.is_main or not f.is_file():
+            return
+        keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = f.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(f)
+
+    def _open_trackers(self) -> None:
+        tc = self.cfg.train
+        if tc.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        if tc.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("train.wandb needs the wandb package: pip install wandb") from None
+            self.wandb = wandb.init(project=tc.wandb_project, config=self.cfg.to_dict(), dir=str(self.out))
+
+    def _record(self, row: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {f"{row['split']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    # ----------------------------------------------------------------- loop
+    def train_step(self, step: int) -> dict[str, float]:
+        tc, mc = self.cfg.train, self.cfg.model
+        lr = lr_at(step, tc)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        J = jacobi_iters_at(step, tc.seed, mc.jacobi_train_iters)
+        lo = self.env.rank * self.per_rank
+        sums: dict[str, torch.Tensor] = {}
+        self.wrapped.train()
+        for m in range(self.accum):
+            a = lo + m * self.micro
+            x, y = self.train_data.batch(step, tc.batch_size, a, a + self.micro)
+            x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+            sync = m == self.accum - 1
+            ctx = contextlib.nullcontext()
+            if not sync and isinstance(self.wrapped, torch.nn.parallel.DistributedDataParallel):
+                ctx = self.wrapped.no_sync()
+            with ctx:
+                with self._autocast():
+                    out = self.wrapped(x, mode="soft", jacobi_iters=J)
+                loss, metrics = ponder_loss(out, y, mc)
+                (loss / self.accum).backward()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / self.accum
+        grad_norm = torch.tensor(0.0)
+        if tc.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        keys = sorted(sums)
+        vec = self.env.all_sum(torch.stack([sums[k].detach().to(self.env.device) for k in keys])) / self.env.world
+        row = {k: float(v) for k, v in zip(keys, vec.cpu(), strict=True)}
+        row.update(lr=lr, jacobi_iters=J, grad_norm=float(grad_norm))
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation in the soft (training) computation and, for PonderLM-3, in the hard-pruned
+        inference computation at train.eval_tau, with depth, histogram and inference FLOPs."""
+        tc, mc = self.cfg.train, self.cfg.model
+        self.wrapped.eval()
+        rows = self.val[self.env.rank :: self.env.world]
+        modes = ["soft"] + (["hard"] if mc.has_router else [])
+        accs = []
+        for mode in modes:
+            acc = torch.zeros(HIST + mc.n_latent + 1, dtype=torch.float64)
+            for i in range(0, len(rows), self.micro):
+                w = rows[i : i + self.micro].to(self.env.device)
+                with self._autocast():
+                    acc += score_batch(self.wrapped, mc, w[:, :-1], w[:, 1:], mode=mode, tau=tc.eval_tau)
+            accs.append(acc)
+        accs = self.env.all_sum(torch.stack(accs)).cpu()
+        res: dict[str, float] = {}
+        for mode, acc in zip(modes, accs, strict=True):
+            for k, v in summarize(acc).items():
+                if isinstance(v, list):
+                    res.update({f"{mode}_depth_hist/{i}": x for i, x in enumerate(v)})
+                else:
+                    res[f"{mode}_{k}"] = v
+        main = "hard" if mc.has_router else "soft"
+        for k in ("loss", "ppl", "mean_depth", "flops_per_token"):
+            res[k] = res[f"{main}_{k}"]
+        return res
+
+    def save(self) -> None:
+        model_state, optim_state = self._full_state()
+        if self.env.is_main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.cfg.train.seed}
+            save_checkpoint(
+                self.out, self.step, model_state, optim_state, state, self.cfg, self.tokenizer_file,
+                self.cfg.train.keep_last,
+            )  # fmt: skip
+        if self.env.world > 1:
+            dist.barrier()
+
+    def run(self) -> dict[str, Any]:
+        tc = self.cfg.train
+        tokens_per_step = tc.batch_size * tc.seq_len
+        if self.env.is_main and self.step == 0:
+            n = self.model.num_parameters()
+            fl = flops_mod.training_flops_per_token(self.cfg.model, tc.seq_len)
+            self.log(
+                f"{self.cfg.model.method}: {n:,} parameters, K={self.cfg.model.n_latent}, "
+                f"{tc.max_steps} steps x {tokens_per_step:,} tokens, {self.env.world} process(es) on "
+                f"{self.env.device}, {fl / 1e6:.1f} MFLOPs/token (train)"
+            )
+        bar = None
+        if self.env.is_main and tc.progress:
+            from tqdm import tqdm
+
+            # disable=None: no bar when stderr is not a terminal (logs, CI); metric lines still go to stdout
+            bar = tqdm(
+                total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False, disable=None
+            )
+        last_eval: dict[str, float] = {}
+        t_last, tok_last = time.perf_counter(), self.tokens_seen
+        t_start, first_step = time.perf_counter(), self.step
+        while self.step < tc.max_steps:
+            step = self.step + 1
+            row = self.train_step(step)
+            self.step = step
+            self.tokens_seen += tokens_per_step
+            now = time.perf_counter()
+            tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"non-finite loss at step {step}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", depth=f"{row['mean_depth']:.2f}")
+            if tc.log_interval and (step % tc.log_interval == 0 or step == tc.max_steps):
+                self._record({"split": "train", "step": step, "tokens": self.tokens_seen, "tokens_per_s": tps, **row})
+                if self.env.is_main and (bar is None or bar.disable):
+                    eta = (tc.max_steps - step) * (now - t_start) / max(step - first_step, 1)
+                    self.log(
+                        f"step {step}/{tc.max_steps}  loss {row['loss']:.4f}  depth {row['mean_depth']:.2f}  "
+                        f"{tps:,.0f} tok/s  eta {eta / 60:.1f} min"
+                    )
+                t_last, tok_last = now, self.tokens_seen
+            end = step == tc.max_steps
+            if end or (tc.eval_interval and step % tc.eval_interval == 0):
+                last_eval = self.evaluate()
+                self._record({"split": "val", "step": step, "tokens": self.tokens_seen, **last_eval})
+                if self.env.is_main:
+                    (bar.write if bar is not None and not bar.disable else self.log)(
+                        f"step {step}: val loss {last_eval['loss']:.4f} (ppl {last_eval['ppl']:.2f})"
+                        + f", depth {last_eval['mean_depth']:.2f}"
+                    )
+            if end or (tc.ckpt_interval and step % tc.ckpt_interval == 0):
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        secs = time.perf_counter() - t_start
+        return {"step": self.step, "seconds": secs, "val": last_eval}
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def train(
+    cfg: RunConfig, explicit: set[str] | None = None, *, resume: bool = False, overwrite: bool = False, log=print
+):
+    """Build a Trainer, run it, and tear down the process group."""
+    trainer = Trainer(cfg, explicit, resume=resume, overwrite=overwrite, log=log)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
