@@ -7,6 +7,7 @@ User mistakes (bad config keys or values, missing data, unusable checkpoints) en
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         cfg, explicit = load_run_config(args.config, list(args.overrides) + list(args.set_))
         result = train(cfg, explicit, resume=args.resume, overwrite=args.overwrite)
         val = result["val"]
-        if val:
+        if val and os.environ.get("RANK", "0") == "0":
             print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
         return 0
     if args.command == "quickstart":
@@ -138,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         return run(args, parser)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,9 @@ class Trainer:
         if self.env.world > 1 and tc.dist == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            # PonderOutput carries views (e.g. the mixed hidden state); nothing modifies them in place
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
             for block in model.layers:
                 fully_shard(block)
             fully_shard(model)
@@ -193,7 +197,15 @@ class Trainer:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if tc.compile:
-            wrapped = torch.compile(wrapped)
+            # compile the blocks, not the whole forward: the pass loop runs over sequences of
+            # several lengths (warm-up stages, pruning), which dynamic shapes absorb per block
+            import torch._dynamo
+
+            cfg_d = torch._dynamo.config
+            name = "recompile_limit" if hasattr(cfg_d, "recompile_limit") else "cache_size_limit"
+            setattr(cfg_d, name, max(64, getattr(cfg_d, name)))  # bias/no-bias, train/eval, pruned
+            for block in model.layers:
+                block.compile(dynamic=True)
         return wrapped
 
     def _full_state(self) -> tuple[dict, dict]:
