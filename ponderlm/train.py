@@ -199,9 +199,9 @@ class Trainer:
         if tc.compile:
             # compile the blocks, not the whole forward: the pass loop runs over sequences of
             # several lengths (warm-up stages, pruning), which dynamic shapes absorb per block
-            import torch._dynamo
+            from torch import _dynamo
 
-            cfg_d = torch._dynamo.config
+            cfg_d = _dynamo.config
             name = "recompile_limit" if hasattr(cfg_d, "recompile_limit") else "cache_size_limit"
             setattr(cfg_d, name, max(64, getattr(cfg_d, name)))  # bias/no-bias, train/eval, pruned
             for block in model.layers:

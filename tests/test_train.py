@@ -186,3 +186,12 @@ def test_resume_with_a_different_number_of_processes(data_dir, tmp_path):
     assert a.keys() == b.keys()
     for s in a:
         assert abs(a[s] - b[s]) < 1e-4, (s, a[s], b[s])
+
+
+def test_compiled_training_matches_eager(data_dir, tmp_path):
+    cfg, ex = tiny_run(data_dir, tmp_path / "eager", "train.max_steps=3")
+    train(cfg, ex, log=lambda *_: None)
+    cfg, ex = tiny_run(data_dir, tmp_path / "compiled", "train.max_steps=3", "train.compile=true")
+    train(cfg, ex, log=lambda *_: None)
+    a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert a.keys() == b.keys() and all(abs(a[s] - b[s]) < 1e-4 for s in a)
