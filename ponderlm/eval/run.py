@@ -1,0 +1,133 @@
+"""``ponderlm eval``: perplexity and zero-shot tasks of a checkpoint at one or more tau, every
+quality number next to inference FLOPs per token and mean realised depth."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from ..checkpoint import CheckpointError, load_checkpoint, load_model_weights, resolve_checkpoint
+from ..config import check_tau
+from ..data import DataError, TokenShards, eval_windows, load_meta
+from ..data.tokenizer import Tokenizer
+from ..model import PonderLM
+from .perplexity import perplexity
+from .tasks import TASKS, load_tasks
+from .zeroshot import score_task
+
+PPL_SETS = ("val", "ptb_test")
+
+
+def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[PonderLM, Tokenizer, Path]:
+    ck_dir = resolve_checkpoint(checkpoint)
+    ck = load_checkpoint(ck_dir, with_optimizer=False)
+    model = PonderLM(ck["model_config"])
+    load_model_weights(model, ck["model_state"])
+    tok_file = ck_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        raise CheckpointError(f"{ck_dir}: no tokenizer.json saved with this checkpoint")
+    return model.to(device).eval(), Tokenizer.load(tok_file), ck_dir
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    tasks: list[str],
+    taus: list[float],
+    cache_dir: Path,
+    data_dir: Path | None = None,
+    limit: int | None = None,
+    ppl_windows: int = 256,
+    batch_size: int = 16,
+    device: str = "cpu",
+    log=print,
+) -> dict:
+    model, tok, ck_dir = load_model(checkpoint, device)
+    cfg = model.cfg
+    for t in taus:
+        check_tau(t)
+    if not cfg.has_router:  # nothing to prune: one tau is the model
+        taus = taus[:1]
+    ppl_sets = [t for t in tasks if t in PPL_SETS]
+    zs = [t for t in tasks if t not in PPL_SETS]
+    unknown = [t for t in zs if t not in TASKS]
+    if unknown:
+        raise DataError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(PPL_SETS + TASKS)}")
+    windows = {}
+    if ppl_sets:
+        if data_dir is None:
+            run_cfg = yaml.safe_load((ck_dir / "config.yaml").read_text()) if (ck_dir / "config.yaml").is_file() else {}
+            data_dir = Path(run_cfg.get("train", {}).get("data_dir", ""))
+        meta = load_meta(data_dir)
+        if _sha(Path(data_dir) / meta["tokenizer"]["file"]) != _sha(ck_dir / "tokenizer.json"):
+            raise DataError(f"{data_dir} was tokenized with another tokenizer than {ck_dir}")
+        for s in ppl_sets:
+            if s in meta["splits"]:
+                windows[s] = eval_windows(TokenShards(data_dir, s), cfg.max_seq_len, ppl_windows)
+            else:
+                log(f"note: {data_dir} has no {s!r} split; skipped")
+    docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
+    results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.n_latent, "taus": taus, "rows": []}
+    for tau in taus:
+        for s, w in windows.items():
+            t0 = time.time()
+            r = perplexity(model, w, mode="hard", tau=tau, batch_size=batch_size)
+            results["rows"].append({"tau": tau, "task": s, "n": len(w), **r, "seconds": time.time() - t0})
+            log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f}")
+        for name, ds in docs.items():
+            t0 = time.time()
+            r = score_task(model, tok, ds, tau=tau, batch_size=batch_size)
+            results["rows"].append({"tau": tau, "task": name, **r, "seconds": time.time() - t0})
+            log(f"tau={tau:g} {name}: acc {r['acc']:.4f} depth {r['mean_depth']:.2f} ({len(ds)} docs)")
+    return results
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# Evaluation of `{results['checkpoint']}`",
+        "",
+        f"method {results['method']}, K={results['K']}; hard-pruned inference computation at each tau.",
+        "",
+        "| tau | task | n | metric | value | acc_norm | mean depth | MFLOPs/token |",
+        "|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        if "ppl" in r and r["task"] != "lambada":
+            metric, value, norm = "ppl", f"{r['ppl']:.2f}", ""
+        elif r["task"] == "lambada":
+            metric, value, norm = "acc / ppl", f"{r['acc']:.4f} / {r['ppl']:.1f}", ""
+        else:
+            metric, value = "acc", f"{r['acc']:.4f}"
+            norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else ""
+        lines.append(
+            f"| {r['tau']:g} | {r['task']} | {int(r['n'])} | {metric} | {value} | {norm} | {r['mean_depth']:.2f} | "
+            f"{r['flops_per_token'] / 1e6:.3f} |"
+        )
+    zs = [r for r in results["rows"] if "acc" in r and r["task"] != "lambada"]
+    if zs:
+        lines += ["", "Zero-shot average accuracy per tau (tasks above, LAMBADA excluded):", ""]
+        for tau in results["taus"]:
+            accs = [r["acc"] for r in zs if r["tau"] == tau]
+            if accs:
+                lines.append(f"- tau {tau:g}: {sum(accs) / len(accs):.4f} over {len(accs)} tasks")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, out: Path, overwrite: bool) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    jp, mp = out / "eval.json", out / "eval.md"
+    if (jp.exists() or mp.exists()) and not overwrite:
+        raise DataError(f"{jp} exists; pass --overwrite to replace it or choose another --out")
+    for p, text in ((jp, json.dumps(results, indent=2) + "\n"), (mp, markdown(results))):
+        tmp = p.with_name(f".{p.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(p)
+    return jp, mp

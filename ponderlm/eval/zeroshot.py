@@ -1,0 +1,122 @@
+"""Log-likelihood scoring of zero-shot tasks, as lm-evaluation-harness scores them, in the
+hard-pruned inference computation at a given tau.
+
+Context/continuation tokenisation follows lm-eval's ``_encode_pair`` (trailing spaces of the
+context move to the continuation; the continuation tokens are the tail of encode(context +
+continuation)); long inputs are truncated from the left to the model's context; ``acc`` takes the
+highest summed log-likelihood, ``acc_norm`` divides it by the choice's length in characters;
+LAMBADA reports greedy-match accuracy and the perplexity of the target word.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import flops as flops_mod
+from ..data.tokenizer import Tokenizer
+from ..model import PonderLM
+from .tasks import Doc
+
+
+@dataclass
+class Scored:
+    loglik: float  # sum of log p(continuation tokens | context)
+    greedy: bool  # every continuation token is the argmax
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok.encode(context + continuation)
+    ctx = tok.encode(context)
+    cont = whole[len(ctx) :]
+    if not ctx:
+        ctx = [tok.eot_id]
+    if not cont:  # the context swallowed the continuation's tokens: score it alone
+        cont = tok.encode(continuation)
+    return ctx, cont
+
+
+@torch.no_grad()
+def loglikelihoods(
+    model: PonderLM,
+    tok: Tokenizer,
+    pairs: list[tuple[str, str]],
+    *,
+    tau: float,
+    mode: str = "hard",
+    batch_size: int = 16,
+) -> tuple[list[Scored], dict[str, float]]:
+    """Score (context, continuation) pairs; returns the scores in input order and compute stats
+    (tokens, mean realised depth, inference FLOPs per token over every scored position)."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    L = cfg.max_seq_len
+    enc = []  # (full token list, continuation length); input = full[:-1], targets = full[1:]
+    for c, x in pairs:
+        ctx, cont = encode_pair(tok, c, x)
+        full = (ctx + cont)[-(L + 1) :]
+        enc.append((full, min(len(cont), len(full) - 1)))
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))  # long first: fewer pads
+    out: list[Scored] = [Scored(0.0, False)] * len(enc)
+    n_tok = depth_sum = flops_sum = 0.0
+    model.eval()
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        T = max(len(enc[i][0]) - 1 for i in idx)
+        ids = torch.zeros(len(idx), T, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.bool)
+        for r, i in enumerate(idx):  # right padding: causal attention never sees it
+            inp = enc[i][0][:-1]
+            ids[r, : len(inp)] = torch.tensor(inp)
+            mask[r, : len(inp)] = True
+        kw = {"tau": tau, "attention_mask": mask.to(device)} if mode != "soft" else {}
+        res = model(ids.to(device), mode=mode, **kw)
+        logits = res.logits.to(torch.promote_types(res.logits.dtype, torch.float32))
+        logp = logits.log_softmax(-1).cpu()  # (B, T, V), at least float32
+        realised = res.depth.round().long().cpu() if mode != "soft" else torch.full((len(idx), T), cfg.n_latent)
+        depth = realised * mask
+        n_tok += float(mask.sum())
+        depth_sum += float(depth.sum())
+        flops_sum += flops_mod.inference_flops(cfg, depth, mask).total
+        for r, i in enumerate(idx):
+            full, n_cont = enc[i]
+            n_in = len(full) - 1
+            tgt = torch.tensor(full[-n_cont:])  # (n_cont,)
+            lp = logp[r, n_in - n_cont : n_in]  # (n_cont, V): logits that predict them
+            out[i] = Scored(float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+    stats = {"tokens": n_tok, "mean_depth": depth_sum / max(n_tok, 1), "flops_per_token": flops_sum / max(n_tok, 1)}
+    return out, stats
+
+
+def score_task(
+    model: PonderLM, tok: Tokenizer, docs: list[Doc], *, tau: float, mode: str = "hard", batch_size: int = 16
+) -> dict[str, float]:
+    """acc / acc_norm (multiple choice) or acc / ppl (LAMBADA), with compute stats."""
+    pairs = [(c, x) for d in docs for c, x in zip(d.contexts, d.continuations, strict=True)]
+    scored, stats = loglikelihoods(model, tok, pairs, tau=tau, mode=mode, batch_size=batch_size)
+    res: dict[str, float] = {"n": float(len(docs))}
+    k = 0
+    if docs and docs[0].task == "lambada":
+        lls = [s.loglik for s in scored]
+        res["acc"] = sum(s.greedy for s in scored) / len(scored)
+        res["ppl"] = math.exp(-sum(lls) / len(lls))
+    else:
+        correct = correct_norm = 0
+        for d in docs:
+            s = scored[k : k + len(d.continuations)]
+            k += len(d.continuations)
+            lls = [x.loglik for x in s]
+            correct += int(max(range(len(lls)), key=lambda j: lls[j]) == d.gold)
+            norm = [ll / max(len(t), 1) for ll, t in zip(lls, d.choice_texts, strict=True)]
+            correct_norm += int(max(range(len(norm)), key=lambda j: norm[j]) == d.gold)
+        res["acc"] = correct / len(docs)
+        if docs and docs[0].task != "winogrande":
+            res["acc_norm"] = correct_norm / len(docs)
+    res.update(stats)
+    return res
