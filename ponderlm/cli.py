@@ -55,7 +55,7 @@ def _add_quickstart(sub) -> None:
         "quickstart",
         help="prepare the default corpus, train small vanilla / PonderLM-2 / PonderLM-3 models, report",
         description="About 15 minutes on 2 CPU cores (--smoke: about 2). Writes report.md, "
-        "results.json and quality_vs_flops.png to --out.",
+        "report.json and report.png to --out.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     p.add_argument("--data", type=Path, default=Path("data/default"))
@@ -105,6 +105,20 @@ def _add_lm_eval(sub) -> None:
     run.add_argument("args", nargs=argparse.REMAINDER)
 
 
+def _add_experiment(sub) -> None:
+    p = sub.add_parser("experiment", help="multi-run experiments")
+    esub = p.add_subparsers(dest="experiment_command", required=True)
+    par = esub.add_parser(
+        "pareto",
+        help="train (or reuse) a grid of runs, evaluate each at several tau, plot quality vs inference FLOPs",
+        description="See configs/experiments/*.yaml. Writes pareto.md, pareto.json and pareto.png to the "
+        "experiment's out_dir; finished runs are reused.",
+    )
+    par.add_argument("--config", type=Path, required=True)
+    par.add_argument("--cache-dir", type=Path, default=None, help="package cache (zero-shot task data)")
+    par.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponderlm", description="Adaptive-pondering language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_eval(sub)
     _add_lm_eval(sub)
+    _add_experiment(sub)
     demo = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     demo.add_argument("--steps", type=int, default=300, help="training steps per method")
     demo.add_argument("--seed", type=int, default=0)
@@ -182,6 +197,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         jp, mp = write_results(results, out, args.overwrite)
         print("\n" + markdown(results))
         print(f"wrote {jp} and {mp}")
+        return 0
+    if args.command == "experiment":
+        from .eval.pareto import ExperimentConfig, run_experiment
+
+        run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite)
         return 0
     if args.command == "lm-eval-tasks":
         from .eval.lm_eval_adapter import write_tasks

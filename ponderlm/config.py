@@ -267,8 +267,11 @@ class RunConfig:
         return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[RunConfig, set[str]]:
-    """Merge a YAML preset and ``key=value`` dotted overrides onto the typed schema.
+def load_run_config(
+    path: str | Path | dict | None = None, overrides: list[str] | None = None
+) -> tuple[RunConfig, set[str]]:
+    """Merge a YAML preset (a path, or an already-parsed mapping) and ``key=value`` dotted
+    overrides onto the typed schema.
 
     Unknown keys and mistyped values raise ConfigError naming the key. Returns the config and the
     set of dotted keys the user gave explicitly (so e.g. an unset vocab_size can come from the data).
@@ -278,7 +281,9 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     from omegaconf.errors import OmegaConfBaseException
 
     raw: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, dict):
+        raw = path
+    elif path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")

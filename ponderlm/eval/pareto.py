@@ -1,0 +1,286 @@
+"""``ponderlm experiment pareto``: train (or reuse) a grid of runs, evaluate each at several tau,
+and plot quality against inference FLOPs per token with the Pareto frontier marked.
+
+An experiment file (``configs/experiments/*.yaml``)::
+
+    name: cpu
+    out_dir: runs/pareto_cpu
+    base:            # a RunConfig shared by every run (model: ..., train: ...)
+      model: {d_model: 64, ...}
+      train: {data_dir: data/default, max_steps: 800, ...}
+    runs:            # each: a name and dotted overrides of base
+      - {name: vanilla, set: [model.method=vanilla]}
+      - {name: p3-l0.05, set: [model.method=ponderlm3, model.penalty_weight=0.05]}
+    taus: [1.0e-4, 0.05, 0.2]   # PonderLM-3 runs are evaluated at each; others once
+    seeds: [0]                  # every run is trained once per seed
+    eval_windows: 128           # validation windows for perplexity
+    tasks: []                   # zero-shot tasks for an average accuracy (optional)
+    task_limit: null
+
+Finished runs (a checkpoint at train.max_steps) are reused, so an interrupted experiment
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..checkpoint import latest_checkpoint
+from ..config import ConfigError, RunConfig, check_tau, load_run_config
+from ..data import TokenShards, eval_windows
+from .perplexity import perplexity
+from .run import load_model
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    out_dir: str
+    base: dict[str, Any]
+    runs: list[dict[str, Any]]
+    taus: list[float] = field(default_factory=lambda: [1e-4])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    eval_windows: int = 128
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"experiment file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{p}: unknown experiment key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        missing = [k for k in ("name", "out_dir", "base", "runs") if k not in raw]
+        if missing:
+            raise ConfigError(f"{p}: missing {', '.join(missing)}")
+        cfg = cls(**raw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for t in self.taus:
+            check_tau(t)
+        names = [r.get("name") for r in self.runs]
+        if not self.runs or any(not isinstance(n, str) or not n for n in names):
+            raise ConfigError("every experiment run needs a non-empty name")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"duplicate run names in the experiment: {names}")
+        for r in self.runs:
+            self.run_config(r, self.seeds[0])  # fail early on bad overrides
+
+    def run_config(self, run: dict[str, Any], seed: int) -> RunConfig:
+        unknown = sorted(set(run) - {"name", "set"})
+        if unknown:
+            raise ConfigError(f"run {run.get('name')!r}: unknown key(s) {', '.join(unknown)} (use name and set)")
+        out = Path(self.out_dir) / (run["name"] if len(self.seeds) == 1 else f"{run['name']}-s{seed}")
+        overrides = [*run.get("set", []), f"train.out_dir={out}", f"train.seed={seed}"]
+        cfg, _ = load_run_config(self.base, overrides)
+        return cfg
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    ck = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    return ck is not None and json.loads((ck / "trainer_state.json").read_text())["step"] >= steps
+
+
+def evaluate_run(
+    run_dir: Path,
+    data_dir: Path,
+    taus: list[float],
+    windows: int,
+    tasks: dict | None = None,
+) -> dict[str, Any]:
+    """Validation loss (hard mode) at each tau (one tau for methods without a router), with mean
+    depth and inference FLOPs/token; zero-shot average accuracy when tasks are given."""
+    from .zeroshot import score_task
+
+    model, tok, ck = load_model(run_dir)
+    cfg = model.cfg
+    val = eval_windows(TokenShards(data_dir, "val"), cfg.max_seq_len, windows)
+    rows = []
+    for tau in taus if cfg.has_router else taus[:1]:
+        r = perplexity(model, val, mode="hard", tau=tau, batch_size=16)
+        row = {"tau": tau, **r}
+        if tasks:
+            accs = {name: score_task(model, tok, docs, tau=tau)["acc"] for name, docs in tasks.items()}
+            row["zeroshot"] = accs
+            row["zeroshot_avg"] = sum(accs.values()) / len(accs)
+        rows.append(row)
+    soft = perplexity(model, val, mode="soft", batch_size=16)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    return {
+        "method": cfg.method,
+        "K": cfg.n_latent,
+        "penalty_weight": cfg.penalty_weight if cfg.has_router else None,
+        "params": model.num_parameters(),
+        "steps": state["step"],
+        "tokens": state.get("tokens_seen", 0),
+        "soft_loss": soft["loss"],
+        "evals": rows,
+    }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both cost (x) and loss (y), by cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def collect_points(results: list[dict]) -> list[dict]:
+    """One point per (run, tau), averaged over seeds: cost, loss (mean, std) and depth."""
+    groups: dict[tuple[str, float], list[tuple[dict, dict]]] = {}
+    for r in results:
+        for e in r["evals"]:
+            groups.setdefault((r["run"], e["tau"]), []).append((r, e))
+    points = []
+    for (run, tau), items in groups.items():
+        losses = [e["loss"] for _, e in items]
+        mean = sum(losses) / len(losses)
+        std = (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) ** 0.5 if len(losses) > 1 else 0.0
+        r0, e0 = items[0]
+        p = {
+            "run": run,
+            "method": r0["method"],
+            "K": r0["K"],
+            "penalty_weight": r0["penalty_weight"],
+            "tau": tau if r0["method"] == "ponderlm3" else None,
+            "seeds": len(items),
+            "loss": mean,
+            "loss_std": std,
+            "ppl": math.exp(mean),
+            "mean_depth": sum(e["mean_depth"] for _, e in items) / len(items),
+            "flops_per_token": sum(e["flops_per_token"] for _, e in items) / len(items),
+        }
+        if "zeroshot_avg" in e0:
+            p["zeroshot_avg"] = sum(e["zeroshot_avg"] for _, e in items) / len(items)
+        points.append(p)
+    front = set(pareto_front([(p["flops_per_token"], p["loss"]) for p in points]))
+    for i, p in enumerate(points):
+        p["pareto"] = i in front
+    return points
+
+
+def markdown(title: str, points: list[dict], minutes: float | None = None) -> str:
+    lines = [f"# {title}", ""]
+    if minutes is not None:
+        lines += [f"{minutes:.1f} min in all.", ""]
+    lines += [
+        "Validation loss in the hard-pruned inference computation; cost is inference FLOPs per token at the",
+        "realised depths. `*` marks the Pareto frontier (no other point has both lower cost and lower loss).",
+        "",
+        "| run | method | K | λ | tau | seeds | val loss | ± std | ppl | mean depth | MFLOPs/token | frontier |"
+        + (" zero-shot avg |" if any("zeroshot_avg" in p for p in points) else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"
+        + ("---:|" if any("zeroshot_avg" in p for p in points) else ""),
+    ]
+    for p in sorted(points, key=lambda q: q["flops_per_token"]):
+        lam = "" if p["penalty_weight"] is None else f"{p['penalty_weight']:g}"
+        tau = "" if p["tau"] is None else f"{p['tau']:g}"
+        zs = f" {p['zeroshot_avg']:.4f} |" if "zeroshot_avg" in p else ""
+        lines.append(
+            f"| {p['run']} | {p['method']} | {p['K']} | {lam} | {tau} | {p['seeds']} | {p['loss']:.4f} | "
+            f"{p['loss_std']:.4f} | {p['ppl']:.2f} | {p['mean_depth']:.2f} | {p['flops_per_token'] / 1e6:.3f} | "
+            f"{'*' if p['pareto'] else ''} |" + zs
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_zs = any("zeroshot_avg" in p for p in points)
+    fig, axes = plt.subplots(1, 2 if has_zs else 1, figsize=(12 if has_zs else 7, 4.5), squeeze=False)
+    colors = {"vanilla": "tab:blue", "ponderlm2": "tab:orange", "ponderlm3": "tab:green"}
+    panels = [("loss", "validation loss (hard mode)")] + (
+        [("zeroshot_avg", "zero-shot average accuracy")] if has_zs else []
+    )
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        runs: dict[str, list[dict]] = {}
+        for p in points:
+            runs.setdefault(p["run"], []).append(p)
+        for run, ps in runs.items():
+            ps = sorted(ps, key=lambda q: q["flops_per_token"])
+            xs = [q["flops_per_token"] / 1e6 for q in ps]
+            ys = [q[key] for q in ps]
+            c = colors.get(ps[0]["method"], "tab:gray")
+            ax.plot(xs, ys, marker="o", color=c, alpha=0.85, label=run)
+            if key == "loss" and any(q["loss_std"] > 0 for q in ps):
+                ax.errorbar(xs, ys, yerr=[q["loss_std"] for q in ps], fmt="none", color=c, alpha=0.5)
+            for q, x, y in zip(ps, xs, ys, strict=True):
+                if q["tau"] is not None:
+                    ax.annotate(f"{q['tau']:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        if key == "loss":
+            fr = sorted((p for p in points if p["pareto"]), key=lambda q: q["flops_per_token"])
+            ax.step([q["flops_per_token"] / 1e6 for q in fr], [q["loss"] for q in fr], where="post",
+                    color="black", lw=1, ls="--", label="Pareto frontier")  # fmt: skip
+        ax.set_xlabel("inference MFLOPs per token")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_experiment(
+    cfg: ExperimentConfig, cache_dir: Path, *, overwrite: bool = False, log=print, stem: str = "pareto"
+) -> dict[str, Any]:
+    from ..train import train
+    from .tasks import load_tasks
+
+    t0 = time.time()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = load_tasks(cfg.tasks, cache_dir, limit=cfg.task_limit, log=log) if cfg.tasks else None
+    results = []
+    total = len(cfg.runs) * len(cfg.seeds)
+    n = 0
+    for seed in cfg.seeds:
+        for run in cfg.runs:
+            n += 1
+            rc = cfg.run_config(run, seed)
+            run_dir = Path(rc.train.out_dir)
+            if not overwrite and finished(run_dir, rc.train.max_steps):
+                log(f"\n== [{n}/{total}] {run_dir.name}: finished run found, reusing it")
+            else:
+                log(f"\n== [{n}/{total}] training {run_dir.name} ({rc.model.method})")
+                train(rc, set(), overwrite=True, log=log)
+            r = evaluate_run(run_dir, Path(rc.train.data_dir), list(cfg.taus), cfg.eval_windows, tasks)
+            results.append({"run": run["name"], "seed": seed, **r})
+    points = collect_points(results)
+    minutes = (time.time() - t0) / 60
+    md = markdown(f"Pareto experiment `{cfg.name}`", points, minutes)
+    payload = {"name": cfg.name, "taus": cfg.taus, "seeds": cfg.seeds, "results": results, "points": points}
+    for name, text in ((f"{stem}.md", md), (f"{stem}.json", json.dumps(payload, indent=2) + "\n")):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    plot(points, out / f"{stem}.png", f"quality vs inference compute: {cfg.name}")
+    log("\n" + md)
+    log(f"wrote {out / (stem + '.md')}, {out / (stem + '.json')}, {out / (stem + '.png')} ({minutes:.1f} min)")
+    return payload
