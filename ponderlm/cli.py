@@ -119,6 +119,26 @@ def _add_experiment(sub) -> None:
     par.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
 
 
+def _add_analyze(sub) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="per-token depth analysis: which tokens ponder, and does depth track difficulty",
+        description="Realised depth per token in the hard-pruned computation at --tau, against the "
+        "token's loss and the model's predictive entropy, over validation windows of the run's dataset. "
+        "Writes analysis.json, depth.html (text coloured by depth) and depth.png to --out (default RUN/analysis).",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="run directory or checkpoint directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--text", default=None, help="text to visualise (default: a validation window)")
+    src.add_argument("--file", type=Path, default=None, help="UTF-8 text file to visualise")
+    p.add_argument("--tau", type=float, default=None, help="pruning threshold (default: the model's)")
+    p.add_argument("--windows", type=int, default=64, help="validation windows for the statistics")
+    p.add_argument("--data", type=Path, default=None, help="dataset (default: the run's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponderlm", description="Adaptive-pondering language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_lm_eval(sub)
     _add_experiment(sub)
+    _add_analyze(sub)
     demo = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     demo.add_argument("--steps", type=int, default=300, help="training steps per method")
     demo.add_argument("--seed", type=int, default=0)
@@ -197,6 +218,23 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         jp, mp = write_results(results, out, args.overwrite)
         print("\n" + markdown(results))
         print(f"wrote {jp} and {mp}")
+        return 0
+    if args.command == "analyze":
+        from .checkpoint import resolve_checkpoint
+        from .eval.analyze import analyze
+
+        text = args.text
+        if args.file is not None:
+            if not args.file.is_file():
+                raise DataError(f"--file {args.file} not found")
+            try:
+                text = args.file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{args.file} is not UTF-8 text (byte {e.start})") from None
+        ck = resolve_checkpoint(args.checkpoint)
+        out = args.out or (ck.parent.parent / "analysis" if ck.parent.name == "checkpoints" else ck / "analysis")
+        analyze(ck, text=text, data_dir=args.data, tau=args.tau, out=out, windows=args.windows,
+                overwrite=args.overwrite, device=args.device)  # fmt: skip
         return 0
     if args.command == "experiment":
         from .eval.pareto import ExperimentConfig, run_experiment

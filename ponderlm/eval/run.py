@@ -37,6 +37,21 @@ def _sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
+def checkpoint_dataset(ck_dir: Path, data_dir: Path | None) -> tuple[Path, dict]:
+    """The dataset to evaluate a checkpoint on (default: the one it was trained on, from its
+    config.yaml), checked to share the checkpoint's tokenizer. Returns (data_dir, meta)."""
+    if data_dir is None:
+        run_cfg = yaml.safe_load((ck_dir / "config.yaml").read_text()) if (ck_dir / "config.yaml").is_file() else {}
+        found = (run_cfg or {}).get("train", {}).get("data_dir")
+        if not found:
+            raise DataError(f"{ck_dir}: no train.data_dir in config.yaml; pass the dataset directory")
+        data_dir = Path(found)
+    meta = load_meta(data_dir)
+    if _sha(Path(data_dir) / meta["tokenizer"]["file"]) != _sha(ck_dir / "tokenizer.json"):
+        raise DataError(f"{data_dir} was tokenized with another tokenizer than {ck_dir}")
+    return Path(data_dir), meta
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
@@ -63,12 +78,7 @@ def evaluate_checkpoint(
         raise DataError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(PPL_SETS + TASKS)}")
     windows = {}
     if ppl_sets:
-        if data_dir is None:
-            run_cfg = yaml.safe_load((ck_dir / "config.yaml").read_text()) if (ck_dir / "config.yaml").is_file() else {}
-            data_dir = Path(run_cfg.get("train", {}).get("data_dir", ""))
-        meta = load_meta(data_dir)
-        if _sha(Path(data_dir) / meta["tokenizer"]["file"]) != _sha(ck_dir / "tokenizer.json"):
-            raise DataError(f"{data_dir} was tokenized with another tokenizer than {ck_dir}")
+        data_dir, meta = checkpoint_dataset(ck_dir, data_dir)
         for s in ppl_sets:
             if s in meta["splits"]:
                 windows[s] = eval_windows(TokenShards(data_dir, s), cfg.max_seq_len, ppl_windows)

@@ -1,0 +1,420 @@
+"""``ponderlm analyze``: where does a checkpoint ponder? Per-token realised depth in the hard-pruned
+inference computation, against the token's loss and the model's predictive entropy.
+
+Writes ``analysis.json`` (every number), ``depth.html`` (a text coloured by depth, with the
+statistics as tables; standalone) and ``depth.png`` (the same at a glance).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import check_tau
+from ..data import DataError, TokenShards, eval_windows
+from ..data.tokenizer import Tokenizer
+from ..model import PonderLM
+from .run import checkpoint_dataset, load_model
+
+FILES = ("analysis.json", "depth.html", "depth.png")
+MIN_COUNT = 20  # a token needs this many occurrences to enter the deepest/shallowest tables
+TOP = 20  # rows in each of those tables
+PNG_TOKENS = 512  # the figure shows at most this many tokens of the text
+IGNORE = -1  # target id of a position with nothing to predict (the last token of a text)
+
+
+# ------------------------------------------------------------------ statistics
+def ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of x (n,), ties sharing the average of the ranks they span."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    first = np.r_[True, xs[1:] != xs[:-1]]  # (n,) start of each run of equal values
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(x)] - 1
+    out = np.empty(len(x), dtype=np.float64)
+    out[order] = ((starts + ends) / 2 + 1)[group]
+    return out
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson correlation of two (n,) arrays; None when either is constant (undefined)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2:
+        return None
+    xc, yc = x - x.mean(), y - y.mean()
+    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
+    if den == 0.0 or not math.isfinite(den):
+        return None
+    return float(np.clip(float(xc @ yc) / den, -1.0, 1.0))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman rank correlation (Pearson of average ranks, so ties are handled); None if undefined."""
+    return pearson(ranks(x), ranks(y)) if len(x) >= 2 else None
+
+
+@torch.no_grad()
+def position_stats(model: PonderLM, x: torch.Tensor, y: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+    """One hard-mode forward -> per-position statistics, each (B*T,) on the CPU.
+
+    Args: x (B, T) input ids; y (B, T) next-token ids, IGNORE where there is none (loss NaN).
+    Returns ids (the input token, long), depth (realised steps, long), loss (-log p(y), float64)
+    and entropy (of the predictive distribution in nats, float64).
+    """
+    out = model(x, mode="hard", tau=tau)
+    logits = out.logits
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # (B, T, V)
+    entropy = -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)  # (B, T)
+    loss = -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    loss = loss.masked_fill(y == IGNORE, float("nan"))
+    return {
+        "ids": x.flatten().cpu(),
+        "depth": out.depth.round().long().flatten().cpu(),
+        "loss": loss.flatten().double().cpu(),
+        "entropy": entropy.flatten().double().cpu(),
+    }
+
+
+def collect(model: PonderLM, windows: torch.Tensor, tau: float, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """position_stats over (N, L+1) token windows, in batches: each entry (N*L,)."""
+    device = next(model.parameters()).device
+    parts = []
+    for i in range(0, len(windows), batch_size):
+        w = windows[i : i + batch_size].to(device)
+        parts.append(position_stats(model, w[:, :-1], w[:, 1:], tau))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _mean_or_none(total: np.ndarray, count: np.ndarray) -> list[float | None]:
+    return [float(t / c) if c else None for t, c in zip(total, count, strict=True)]
+
+
+def depth_summary(stats: dict[str, torch.Tensor], K: int, tok: Tokenizer) -> dict:
+    """Histogram, correlations, per-depth means and the deepest/shallowest frequent tokens."""
+    depth, loss, ent = stats["depth"].numpy(), stats["loss"].numpy(), stats["entropy"].numpy()
+    ids = stats["ids"].numpy()
+    counts = np.bincount(depth, minlength=K + 1)
+    n = len(depth)
+    res = {
+        "tokens": n,
+        "depth_counts": counts.tolist(),
+        "depth_hist": (counts / n).tolist(),
+        "mean_depth": float(depth.mean()),
+        "mean_loss": float(loss.mean()),
+        "mean_entropy": float(ent.mean()),
+        "correlations": {
+            "loss": {"pearson": pearson(depth, loss), "spearman": spearman(depth, loss)},
+            "entropy": {"pearson": pearson(depth, ent), "spearman": spearman(depth, ent)},
+        },
+        "mean_loss_per_depth": _mean_or_none(np.bincount(depth, loss, K + 1), counts),
+        "mean_entropy_per_depth": _mean_or_none(np.bincount(depth, ent, K + 1), counts),
+    }
+    n_tok = np.bincount(ids)
+    mean_d = np.bincount(ids, depth.astype(np.float64)) / np.maximum(n_tok, 1)
+    mean_l = np.bincount(ids, loss) / np.maximum(n_tok, 1)
+    frequent = np.flatnonzero(n_tok >= MIN_COUNT)
+
+    def table(order: np.ndarray) -> list[dict]:
+        return [
+            {
+                "token": tok.decode([int(t)]),
+                "id": int(t),
+                "count": int(n_tok[t]),
+                "mean_depth": float(mean_d[t]),
+                "mean_loss": float(mean_l[t]),
+            }
+            for t in frequent[order[:TOP]]
+        ]
+
+    # lexsort: last key is primary; ties go to the more frequent token
+    res["min_count"] = MIN_COUNT
+    res["deepest_tokens"] = table(np.lexsort((-n_tok[frequent], -mean_d[frequent])))
+    res["shallowest_tokens"] = table(np.lexsort((-n_tok[frequent], mean_d[frequent])))
+    return res
+
+
+# ------------------------------------------------------------------ rendering
+def depth_colors(K: int) -> list[str]:
+    """One light-to-dark hex colour per depth 0..K (black text stays readable on all)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    return [to_hex(c) for c in colormaps["YlOrRd"](np.linspace(0.08, 0.7, K + 1))]
+
+
+def _visible(s: str) -> str:
+    """A token's text for HTML: newlines and tabs marked, the characters themselves kept."""
+    return s.replace("\t", "→\t").replace("\r", "\\r").replace("\n", "↵\n")
+
+
+def _png_label(s: str) -> str:
+    """A token's text for one cell of the figure: one line, whitespace marked."""
+    return s.replace("\t", "→").replace("\r", "\\r").replace("\n", "↵")
+
+
+def _fmt(v: float | None, spec: str = ".3f") -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _html_tables(s: dict) -> str:
+    esc = html.escape
+    c = s["correlations"]
+    rows = [
+        ("validation tokens", f"{s['tokens']:,}"),
+        ("mean depth", _fmt(s["mean_depth"])),
+        ("mean loss", _fmt(s["mean_loss"])),
+        ("mean entropy", _fmt(s["mean_entropy"])),
+        ("depth vs loss: Pearson / Spearman", f"{_fmt(c['loss']['pearson'])} / {_fmt(c['loss']['spearman'])}"),
+        ("depth vs entropy: Pearson / Spearman", f"{_fmt(c['entropy']['pearson'])} / {_fmt(c['entropy']['spearman'])}"),
+    ]
+    out = ["<h2>Validation statistics</h2><table>"]
+    out += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows]
+    out.append("</table><h3>Per depth</h3><table><tr><th>depth</th><th>tokens</th><th>fraction</th>")
+    out.append("<th>mean loss</th><th>mean entropy</th></tr>")
+    for d in range(len(s["depth_hist"])):
+        out.append(
+            f'<tr><td><span class="swatch d{d}">{d}</span></td><td>{s["depth_counts"][d]:,}</td>'
+            f"<td>{s['depth_hist'][d]:.4f}</td><td>{_fmt(s['mean_loss_per_depth'][d])}</td>"
+            f"<td>{_fmt(s['mean_entropy_per_depth'][d])}</td></tr>"
+        )
+    out.append("</table>")
+    for key, title in (("deepest_tokens", "Deepest"), ("shallowest_tokens", "Shallowest")):
+        out.append(f"<h3>{title} tokens (at least {s['min_count']} occurrences)</h3>")
+        out.append("<table><tr><th>token</th><th>count</th><th>mean depth</th><th>mean loss</th></tr>")
+        out += [
+            f"<tr><td><code>{esc(repr(r['token']))}</code></td><td>{r['count']}</td>"
+            f"<td>{r['mean_depth']:.3f}</td><td>{r['mean_loss']:.3f}</td></tr>"
+            for r in s[key]
+        ]
+        out.append("</table>")
+    return "\n".join(out)
+
+
+def render_html(text: dict, stats: dict, meta: dict) -> str:
+    """A standalone page: the text's tokens coloured by depth (tooltips: depth, loss, entropy)."""
+    esc = html.escape
+    colors = depth_colors(meta["K"])
+    css = "\n".join(f".d{d} {{ background: {c}; }}" for d, c in enumerate(colors))
+    legend = " ".join(f'<span class="swatch d{d}">depth {d}</span>' for d in range(len(colors)))
+    spans = []
+    for t in text["per_token"]:
+        title = f"depth {t['depth']} | loss {_fmt(t['loss'])} | entropy {_fmt(t['entropy'])}"
+        if t["next"] is not None:
+            title += f" | next {t['next']!r}"
+        spans.append(f'<span class="tok d{t["depth"]}" title="{esc(title)}">{esc(_visible(t["token"]))}</span>')
+    head = (
+        f"method {meta['method']}, K={meta['K']}, tau={meta['tau']:g}; hard-pruned inference computation. "
+        f"Checkpoint {meta['checkpoint']}."
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>ponderlm depth analysis</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }}
+.text {{ font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; line-height: 1.8;
+  border: 1px solid #ccc; padding: 1em; }}
+.tok {{ border-radius: 2px; }}
+.tok:hover {{ outline: 1px solid #000; }}
+.swatch {{ padding: 0 0.5em; border: 1px solid #999; font-family: monospace; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }}
+th, td {{ padding: 2px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
+th {{ text-align: left; }}
+code {{ white-space: pre; }}
+{css}
+</style></head><body>
+<h1>Per-token ponder depth</h1>
+<p>{esc(head)}</p>
+<p>Text: {esc(text["source"])}, {len(text["per_token"])} tokens, mean depth {text["mean_depth"]:.3f}.
+Each token is coloured by the depth its slot pondered; hover for the loss and entropy of the
+prediction made there. Legend: {legend}</p>
+<div class="text">{"".join(spans)}</div>
+{_html_tables(stats)}
+</body></html>
+"""
+
+
+def _layout(tokens: list[str], width: int) -> list[tuple[int, int, int]]:
+    """Wrap tokens into lines of ``width`` character cells, breaking after newlines.
+
+    Returns (row, column, cells) per token.
+    """
+    out, row, col = [], 0, 0
+    for s in tokens:
+        n = max(1, min(len(_png_label(s)), width))
+        if col and col + n > width:
+            row, col = row + 1, 0
+        out.append((row, col, n))
+        col += n
+        if "\n" in s:
+            row, col = row + 1, 0
+    return out
+
+
+def render_png(text: dict, stats: dict, meta: dict) -> bytes:
+    """Top: the text's tokens coloured by depth; bottom: depth histogram, loss/entropy per depth."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    K = meta["K"]
+    colors = depth_colors(K)
+    toks = text["per_token"][:PNG_TOKENS]
+    width, fig_w, left, right = 140, 14.0, 0.05, 0.98  # characters per line, inches, margins
+    font = (right - left) * fig_w * 72 / width / 0.62  # DejaVu Sans Mono advances 0.6 em per character
+    cells = _layout([t["token"] for t in toks], width)
+    n_rows = cells[-1][0] + 1
+    top_h, bot_h, gap = n_rows * font * 1.5 / 72 + 0.1, 3.0, 0.7  # inches
+    fig_h = top_h + bot_h + gap + 0.5 + 0.6  # + title above, labels below
+    fig = Figure(figsize=(fig_w, fig_h), dpi=110)
+    FigureCanvasAgg(fig)
+    gs = fig.add_gridspec(
+        2, 2, height_ratios=[top_h, bot_h], left=left, right=right, top=1 - 0.5 / fig_h, bottom=0.6 / fig_h,
+        hspace=gap / ((top_h + bot_h) / 2), wspace=0.15,
+    )  # fmt: skip
+    ax = fig.add_subplot(gs[0, :])
+    ax.set_xlim(0, width)
+    ax.set_ylim(n_rows, 0)
+    ax.axis("off")
+    for t, (r, c, w) in zip(toks, cells, strict=True):
+        ax.add_patch(Rectangle((c, r + 0.06), w, 0.88, facecolor=colors[t["depth"]], edgecolor="white", lw=0.8))
+        label = _png_label(t["token"])[:w]
+        ax.text(c, r + 0.5, label, va="center", fontsize=font, family="DejaVu Sans Mono", parse_math=False)
+    n = len(text["per_token"])
+    shown = f"{n} tokens" + (" (truncated to max_seq_len)" if text["truncated"] else "")
+    shown += f", first {len(toks)} shown" if len(toks) < n else ""
+    ax.set_title(f"{text['source']}, {shown}: coloured by realised depth (tau={meta['tau']:g})", loc="left")
+    ax.legend(
+        handles=[Patch(color=c, label=f"depth {d}") for d, c in enumerate(colors)],
+        loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=K + 1, frameon=False, fontsize=9,
+    )  # fmt: skip
+    depths = np.arange(K + 1)
+    ax = fig.add_subplot(gs[1, 0])
+    ax.bar(depths, stats["depth_hist"], color=colors, edgecolor="#555")
+    ax.set_xticks(depths)
+    ax.set_xlabel("realised depth")
+    ax.set_ylabel("fraction of tokens")
+    ax.set_title(f"validation depth histogram ({stats['tokens']:,} tokens, mean {stats['mean_depth']:.2f})")
+    ax = fig.add_subplot(gs[1, 1])
+    have = [d for d in depths if stats["depth_counts"][d]]
+    for off, key, label, col in ((-0.2, "mean_loss_per_depth", "mean loss", "#4c72b0"),
+                                 (0.2, "mean_entropy_per_depth", "mean entropy", "#dd8452")):  # fmt: skip
+        ax.bar([d + off for d in have], [stats[key][d] for d in have], width=0.4, label=label, color=col)
+    ax.set_xticks(depths)
+    ax.set_xlabel("realised depth")
+    ax.set_ylabel("nats")
+    ax.set_ylim(0, 1.2 * max([stats[k][d] for d in have for k in ("mean_loss_per_depth", "mean_entropy_per_depth")]))
+    ax.set_title("validation loss and predictive entropy per depth")
+    ax.legend(fontsize=9, ncol=2, loc="upper right")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ driver
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _val_windows(ck_dir: Path, data_dir: Path | None, seq_len: int, n: int) -> tuple[Path, torch.Tensor]:
+    """The validation windows of the checkpoint's dataset (sharing its tokenizer)."""
+    data_dir, _ = checkpoint_dataset(ck_dir, data_dir)
+    return data_dir, eval_windows(TokenShards(data_dir, "val"), seq_len, n)
+
+
+def _text_tokens(model: PonderLM, tok: Tokenizer, ids: list[int], tau: float) -> list[dict]:
+    """Per-token depth/loss/entropy of a token sequence (the last one predicts nothing)."""
+    T = model.cfg.max_seq_len
+    device = next(model.parameters()).device
+    x, y = ids[:T], ids[1 : T + 1]
+    y = y + [IGNORE] * (len(x) - len(y))  # a text's last token has no next token to score
+    s = position_stats(model, torch.tensor([x], device=device), torch.tensor([y], device=device), tau)
+    nxt = [tok.decode([i]) if i != IGNORE else None for i in y]
+    return [
+        {"token": tok.decode([i]), "depth": d, "loss": None if math.isnan(lo) else lo, "entropy": e, "next": n}
+        for i, d, lo, e, n in zip(
+            s["ids"].tolist(), s["depth"].tolist(), s["loss"].tolist(), s["entropy"].tolist(), nxt, strict=True
+        )
+    ]
+
+
+def analyze(
+    checkpoint: str | Path,
+    *,
+    text: str | None = None,
+    data_dir: Path | None = None,
+    tau: float | None = None,
+    out: Path,
+    windows: int = 64,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    device: str = "cpu",
+    log=print,
+) -> dict:
+    """Depth analysis of a checkpoint at ``tau`` (default: its cfg.tau) in the hard computation.
+
+    Statistics come from ``windows`` validation windows of the checkpoint's dataset; ``text``
+    (default: the first validation window) is shown token by token. Writes analysis.json,
+    depth.html and depth.png under ``out`` and returns the analysis.json content.
+    """
+    out = Path(out)
+    if not overwrite:
+        for name in FILES:
+            if (out / name).exists():
+                raise DataError(f"{out / name} exists; pass --overwrite to replace it or choose another --out")
+    if windows < 1:
+        raise DataError(f"windows must be >= 1, got {windows}")
+    model, tok, ck_dir = load_model(checkpoint, device)
+    cfg = model.cfg
+    tau = check_tau(cfg.tau if tau is None else tau)
+    if text is not None:
+        ids, source = tok.encode(text), "given text"
+        if not ids:
+            raise DataError("the text to visualise is empty after tokenization")
+        if len(ids) > cfg.max_seq_len:
+            log(f"note: the text has {len(ids)} tokens; showing the first {cfg.max_seq_len} (max_seq_len)")
+    data_dir, val = _val_windows(ck_dir, data_dir, cfg.max_seq_len, windows)
+    meta = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.n_latent, "tau": tau}
+    log(f"analyze: {cfg.method} K={cfg.n_latent} tau={tau:g} on {len(val)} validation windows of {data_dir}")
+    stats = depth_summary(collect(model, val, tau, batch_size), cfg.n_latent, tok)
+
+    if text is None:
+        ids, source = val[0].tolist(), "first validation window"  # L+1 tokens: every position has a target
+    per_token = _text_tokens(model, tok, ids, tau)
+    text_res = {
+        "source": source,
+        "tokens": len(per_token),
+        "truncated": text is not None and len(ids) > cfg.max_seq_len,
+        "mean_depth": sum(t["depth"] for t in per_token) / len(per_token),
+        "per_token": per_token,
+    }
+    res = {**meta, "data_dir": str(data_dir), "windows": len(val), **stats, "text": text_res}
+
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "depth.html", render_html(text_res, stats, meta).encode())
+    _atomic_write(out / "depth.png", render_png(text_res, stats, meta))
+    _atomic_write(out / "analysis.json", (json.dumps(res, indent=2) + "\n").encode())
+    c = stats["correlations"]
+    log(
+        f"mean depth {stats['mean_depth']:.3f}; histogram "
+        + " ".join(f"{d}:{h:.3f}" for d, h in enumerate(stats["depth_hist"]))
+        + f"; corr(depth, loss) Pearson {_fmt(c['loss']['pearson'])} Spearman {_fmt(c['loss']['spearman'])}"
+        + f"; corr(depth, entropy) Pearson {_fmt(c['entropy']['pearson'])} Spearman {_fmt(c['entropy']['spearman'])}"
+    )
+    log(f"wrote {out / 'analysis.json'}, {out / 'depth.html'}, {out / 'depth.png'}")
+    return res
