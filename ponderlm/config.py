@@ -267,6 +267,22 @@ class RunConfig:
         return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; ConfigError with the file name otherwise."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of {what} sections")
+    return raw
+
+
 def load_run_config(
     path: str | Path | dict | None = None, overrides: list[str] | None = None
 ) -> tuple[RunConfig, set[str]]:
@@ -276,7 +292,6 @@ def load_run_config(
     Unknown keys and mistyped values raise ConfigError naming the key. Returns the config and the
     set of dotted keys the user gave explicitly (so e.g. an unset vocab_size can come from the data).
     """
-    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -284,15 +299,7 @@ def load_run_config(
     if isinstance(path, dict):
         raw = path
     elif path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping with 'model' and 'train' sections")
+        raw = read_yaml_mapping(path, "config")
     for o in overrides or []:
         if "=" not in o:
             raise ConfigError(f"override {o!r} must look like key=value, e.g. model.d_model=256")

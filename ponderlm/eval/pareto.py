@@ -30,10 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..checkpoint import latest_checkpoint
-from ..config import ConfigError, RunConfig, check_tau, load_run_config
+from ..config import ConfigError, RunConfig, check_tau, load_run_config, read_yaml_mapping
 from ..data import TokenShards, eval_windows
 from .perplexity import perplexity
 from .run import load_model
@@ -54,12 +52,7 @@ class ExperimentConfig:
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"experiment file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = read_yaml_mapping(p, "experiment")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
