@@ -205,20 +205,21 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
     has_zs = any("zeroshot_avg" in p for p in points)
     fig, axes = plt.subplots(1, 2 if has_zs else 1, figsize=(12 if has_zs else 7, 4.5), squeeze=False)
-    colors = {"vanilla": "tab:blue", "ponderlm2": "tab:orange", "ponderlm3": "tab:green"}
-    panels = [("loss", "validation loss (hard mode)")] + (
-        [("zeroshot_avg", "zero-shot average accuracy")] if has_zs else []
-    )
+    markers = {"vanilla": "o", "ponderlm2": "s", "ponderlm3": "^"}
+    palette = plt.get_cmap("tab10").colors
+    panels = [("loss", "validation loss (hard mode)")]
+    if has_zs:
+        panels.append(("zeroshot_avg", "zero-shot average accuracy"))
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         runs: dict[str, list[dict]] = {}
         for p in points:
             runs.setdefault(p["run"], []).append(p)
-        for run, ps in runs.items():
+        for n, (run, ps) in enumerate(runs.items()):
             ps = sorted(ps, key=lambda q: q["flops_per_token"])
             xs = [q["flops_per_token"] / 1e6 for q in ps]
             ys = [q[key] for q in ps]
-            c = colors.get(ps[0]["method"], "tab:gray")
-            ax.plot(xs, ys, marker="o", color=c, alpha=0.85, label=run)
+            c = palette[n % len(palette)]
+            ax.plot(xs, ys, marker=markers.get(ps[0]["method"], "o"), color=c, alpha=0.85, label=run)
             if key == "loss" and any(q["loss_std"] > 0 for q in ps):
                 ax.errorbar(xs, ys, yerr=[q["loss_std"] for q in ps], fmt="none", color=c, alpha=0.5)
             for q, x, y in zip(ps, xs, ys, strict=True):
@@ -226,8 +227,9 @@ def plot(points: list[dict], path: Path, title: str) -> None:
                     ax.annotate(f"{q['tau']:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
         if key == "loss":
             fr = sorted((p for p in points if p["pareto"]), key=lambda q: q["flops_per_token"])
-            ax.step([q["flops_per_token"] / 1e6 for q in fr], [q["loss"] for q in fr], where="post",
-                    color="black", lw=1, ls="--", label="Pareto frontier")  # fmt: skip
+            fx, fy = [q["flops_per_token"] / 1e6 for q in fr], [q["loss"] for q in fr]
+            ax.step(fx, fy, where="post", color="black", lw=1, ls="--")
+            ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="black", label="Pareto frontier")
         ax.set_xlabel("inference MFLOPs per token")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
