@@ -155,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_subdir(ck: Path, name: str) -> Path:
+    """RUN/name for a checkpoint inside RUN/checkpoints/, else CHECKPOINT/name."""
+    return ck.parent.parent / name if ck.parent.name == "checkpoints" else ck / name
+
+
 def _default_cache() -> Path:
     return Path.home() / ".cache" / "ponderlm" / "packages"
 
@@ -201,7 +206,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.limit is not None and args.limit < 1:
             parser.error("--limit must be >= 1")
         ck = resolve_checkpoint(args.checkpoint)
-        out = args.out or (ck.parent.parent / "eval" if ck.parent.name == "checkpoints" else ck / "eval")
+        out = args.out or _run_subdir(ck, "eval")
         if (out / "eval.json").exists() and not args.overwrite:
             raise DataError(f"{out / 'eval.json'} exists; pass --overwrite to replace it or choose another --out")
         results = evaluate_checkpoint(
@@ -232,7 +237,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             except UnicodeDecodeError as e:
                 raise DataError(f"{args.file} is not UTF-8 text (byte {e.start})") from None
         ck = resolve_checkpoint(args.checkpoint)
-        out = args.out or (ck.parent.parent / "analysis" if ck.parent.name == "checkpoints" else ck / "analysis")
+        out = args.out or _run_subdir(ck, "analysis")
         analyze(ck, text=text, data_dir=args.data, tau=args.tau, out=out, windows=args.windows,
                 overwrite=args.overwrite, device=args.device)  # fmt: skip
         return 0

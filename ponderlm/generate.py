@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import check_tau
+from .slots import token_positions
 
 if TYPE_CHECKING:
     from .model import PonderLM
@@ -113,8 +114,6 @@ def generate(
     cache = model.new_cache(B, capacity=(T + max_new_tokens) * S)
     if prefill == "exact":
         e = model.embed(input_ids)
-        from .slots import token_positions
-
         pos = token_positions(B, T, mask, e.device)
         active = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=e.device)
         h_last = depth_last = None
