@@ -112,3 +112,28 @@ class KVCache:
             raise RuntimeError("KVCache.end called without begin()")
         self.lengths = self.lengths + self._step[1]
         self._step = None
+
+
+class RoundCaches:
+    """One :class:`KVCache` per round of a round method (loop, ponderlm1).
+
+    Round r of token t attends to round r of tokens <= t only, so each round keeps its own keys
+    and values; a token adds one entry per round.
+    """
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        self.rounds = caches
+
+    def __getitem__(self, r: int) -> KVCache:
+        return self.rounds[r]
+
+    def __len__(self) -> int:
+        return len(self.rounds)
+
+    @property
+    def k(self) -> list[Tensor]:
+        return [t for c in self.rounds for t in c.k]
+
+    def num_entries(self) -> Tensor:
+        """Committed entries per row over all rounds, (B,)."""
+        return sum(c.num_entries() for c in self.rounds)

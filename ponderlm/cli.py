@@ -64,6 +64,21 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
 
 
+def _parse_ablation(text: str):
+    from .config import ConfigError
+    from .eval.ablations import Ablation
+
+    policy, _, depth = text.partition(":")
+    try:
+        if policy == "fixed":
+            return Ablation("fixed", depth=int(depth))
+        if depth:
+            raise ValueError
+        return Ablation(policy)
+    except ValueError:
+        raise ConfigError(f"--ablation must be fixed:D, random or entropy, got {text!r}") from None
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
@@ -79,6 +94,14 @@ def _add_eval(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N documents of each zero-shot task")
     p.add_argument("--ppl-windows", type=int, default=256, help="validation windows for perplexity")
     p.add_argument("--data", type=Path, default=None, help="dataset for perplexity (default: the run's)")
+    p.add_argument(
+        "--ablation",
+        default=None,
+        metavar="POLICY",
+        help="PonderLM-3 only, perplexity sets only: replace the router's depths by 'fixed:D' (every "
+        "token at depth D), 'random' or 'entropy' (the router's depths shuffled, or ranked by the "
+        "depth-0 predictive entropy: same mean depth)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", type=Path, default=None)
@@ -205,6 +228,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         if args.limit is not None and args.limit < 1:
             parser.error("--limit must be >= 1")
+        ablation = _parse_ablation(args.ablation) if args.ablation else None
         ck = resolve_checkpoint(args.checkpoint)
         out = args.out or _run_subdir(ck, "eval")
         if (out / "eval.json").exists() and not args.overwrite:
@@ -219,6 +243,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             ppl_windows=args.ppl_windows,
             batch_size=args.batch_size,
             device=args.device,
+            ablation=ablation,
         )
         jp, mp = write_results(results, out, args.overwrite)
         print("\n" + markdown(results))

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("vanilla", "ponderlm2", "ponderlm3")
-PONDER_METHODS = ("ponderlm2", "ponderlm3")
+METHODS = ("vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3")
+PONDER_METHODS = ("ponderlm2", "ponderlm3")  # latent thoughts: the slot's own hidden state fed back
+SLOT_METHODS = ("pause", "ponderlm2", "ponderlm3")  # K extra slots per token, interleaved
+ROUND_METHODS = ("loop", "ponderlm1")  # K extra full passes over the length-T sequence
 ROUTERS = ("linear", "mlp")
 PENALTIES = ("expected_depth", "target_budget")
 INITS = ("reference", "normal")
@@ -44,8 +46,8 @@ class ModelConfig:
     embed_scale_factor: float = 2.5  # 2.5 gives unit-RMS embeddings under the reference init
 
     # --- method ---
-    method: str = "ponderlm3"  # one of METHODS
-    max_ponder_steps: int = 3  # K: latent thought slots per token (0 for vanilla)
+    method: str = "ponderlm3"  # one of METHODS (DESIGN section 2 for the baselines)
+    max_ponder_steps: int = 3  # K: extra slots (pause/ponderlm2/3) or extra passes (loop/ponderlm1)
 
     # --- Jacobi solver for the parallel (soft/hard) computation ---
     jacobi_iters: int = 3  # refinement passes at evaluation (J)
@@ -86,8 +88,23 @@ class ModelConfig:
 
     @property
     def n_latent(self) -> int:
-        """Latent slots per token actually used by the method (0 for vanilla)."""
-        return self.max_ponder_steps if self.method in PONDER_METHODS else 0
+        """Extra slots per token interleaved in the sequence (K for pause/ponderlm2/3, else 0)."""
+        return self.max_ponder_steps if self.method in SLOT_METHODS else 0
+
+    @property
+    def n_rounds(self) -> int:
+        """Full passes of the stack over the length-T sequence (K+1 for loop/ponderlm1, else 1)."""
+        return self.max_ponder_steps + 1 if self.method in ROUND_METHODS else 1
+
+    @property
+    def max_depth(self) -> int:
+        """Extra computation steps a token can take: the depth histograms have max_depth+1 bins."""
+        return 0 if self.method == "vanilla" else self.max_ponder_steps
+
+    @property
+    def uses_jacobi(self) -> bool:
+        """Whether the parallel computation only approximates the sequential one (latent feedback)."""
+        return self.method in PONDER_METHODS
 
     @property
     def slots_per_token(self) -> int:
@@ -136,7 +153,7 @@ class ModelConfig:
             isinstance(self.max_ponder_steps, int) and self.max_ponder_steps >= 0,
             f"max_ponder_steps must be an integer >= 0, got {self.max_ponder_steps!r}",
         )
-        if self.method in PONDER_METHODS:
+        if self.method != "vanilla":
             need(
                 self.max_ponder_steps >= 1,
                 f"method={self.method} needs max_ponder_steps (K) >= 1, got {self.max_ponder_steps}",

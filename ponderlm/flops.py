@@ -2,7 +2,10 @@
 
 Counted: the q/k/v/o and SwiGLU projections of every computed slot, attention scores and
 weighted values over the slot's *actual* causal context (pruned slots are not in it), the router
-once per token per pass (PonderLM-3), and the LM head where logits are needed (once per token).
+once per token per pass (PonderLM-3), and the vocabulary-sized matmuls: the LM head where logits
+are needed (once per token; PonderLM-1 also needs them after every inner pass, plus the
+``softmax(.) @ E`` of its soft-token feedback). Round methods (loop, PonderLM-1) compute K+1
+slots per token, one per round, each attending to the same round of earlier tokens.
 Not counted: norms, RoPE, softmax, activations, embedding lookups, the slot mixture -- all
 elementwise and O(D) per slot, under 1% at any realistic size.
 
@@ -46,7 +49,10 @@ def router_flops(cfg: ModelConfig) -> int:
 
 
 def head_flops(cfg: ModelConfig) -> int:
-    return 2 * cfg.d_model * cfg.vocab_size
+    """Vocabulary-sized matmuls per token: the LM head, and for PonderLM-1 the head after each
+    inner pass plus the soft-token feedback ``p @ E`` (each 2*D*V)."""
+    calls = 2 * cfg.n_rounds - 1 if cfg.method == "ponderlm1" else 1
+    return calls * 2 * cfg.d_model * cfg.vocab_size
 
 
 @dataclass
@@ -71,14 +77,19 @@ def inference_flops(cfg: ModelConfig, depth: Tensor, token_mask: Tensor | None =
 
     Args: depth (B, T) or (T,) integer ponder steps per token (0 for vanilla, K for PonderLM-2);
     token_mask (B, T) marks real tokens (padding costs nothing).
-    Token t computes 1 + d_t slots; slot (t, k) attends to every earlier kept slot and itself.
+    Token t computes 1 + d_t slots. Slot methods: slot (t, k) attends to every earlier kept slot
+    and itself. Round methods: the slot of round r attends to round r of tokens <= t.
     """
     d = depth.long().reshape(-1, depth.shape[-1])  # (B, T)
     n = (1 + d).double()  # slots per token
     if token_mask is not None:
         n = n * token_mask.reshape(d.shape).double()
-    prefix = n.cumsum(-1) - n  # slots before token t
-    ctx = n * prefix + n * (n + 1) / 2  # sum over the token's slots of their context length
+    if cfg.n_rounds > 1:
+        real = n.gt(0).double()
+        ctx = n * real.cumsum(-1)  # each round's slot sees that round's tokens 1..t
+    else:
+        prefix = n.cumsum(-1) - n  # slots before token t
+        ctx = n * prefix + n * (n + 1) / 2  # sum over the token's slots of their context length
     tokens = int(n.gt(0).sum())
     return Flops(
         linear=float(linear_flops_per_slot(cfg) * n.sum()),
@@ -91,15 +102,19 @@ def inference_flops(cfg: ModelConfig, depth: Tensor, token_mask: Tensor | None =
 
 def fixed_depth_inference_flops(cfg: ModelConfig, seq_len: int, depth: int | None = None) -> Flops:
     """Inference FLOPs with every token at one depth (default: the method's full depth)."""
-    d = cfg.n_latent if depth is None else depth
+    d = cfg.max_depth if depth is None else depth
     return inference_flops(cfg, torch.full((1, seq_len), d))
 
 
 def train_pass_schedule(cfg: ModelConfig, jacobi_iters: int) -> list[int]:
     """Stages (slots per token) of each pass of the soft computation, as the model runs it."""
+    if cfg.n_rounds > 1:
+        return [1] * cfg.n_rounds  # rounds: K+1 exact passes over the tokens
     K = cfg.n_latent
     if K == 0:
         return [1]
+    if not cfg.uses_jacobi:
+        return [K + 1]  # pause: one exact pass over every slot
     warm = list(range(1, K + 1)) if cfg.jacobi_warmup == "staged" else []
     return warm + [K + 1] * (jacobi_iters + 1)
 

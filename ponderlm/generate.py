@@ -86,7 +86,7 @@ def generate(
         prefill: "exact" runs the prompt through the sequential recurrence (the reference);
             "parallel" uses the hard-pruned Jacobi passes and fills the cache from the final
             pass (fast; equal to exact once Jacobi has converged); "auto" is parallel for
-            vanilla (where the two coincide) and exact otherwise.
+            methods without latent feedback (where the two coincide) and exact otherwise.
     """
     cfg = model.cfg
     model._check_ids(input_ids)
@@ -106,7 +106,7 @@ def generate(
         if not bool(mask[:, -1].all()):
             raise ValueError("generate expects left padding: the last prompt column must be real tokens")
     if prefill == "auto":
-        prefill = "parallel" if cfg.n_latent == 0 else "exact"
+        prefill = "exact" if cfg.uses_jacobi else "parallel"
     if prefill not in ("exact", "parallel"):
         raise ValueError(f"prefill must be 'auto', 'exact' or 'parallel', got {prefill!r}")
 

@@ -1,4 +1,11 @@
-"""PonderLM: one forward for every method (vanilla, PonderLM-2, PonderLM-3).
+"""PonderLM: one forward for every method (vanilla, pause, loop, PonderLM-1, -2, -3).
+
+Two layouts share the code. *Slot* methods (pause, ponderlm2, ponderlm3) give each token K extra
+slots interleaved in one sequence at the token's position: pause slots take learned embeddings,
+latent thoughts take the previous slot's final hidden state. *Round* methods (loop, ponderlm1)
+run K+1 full passes over the length-T sequence, each with its own attention context: loop feeds
+the residual stream back through the shared stack, PonderLM-1 feeds ``e_t + softmax(head(h)) @ E``.
+Only latent thoughts need Jacobi iterations; every other method is exact in one parallel forward.
 
 Three explicit modes, never inferred from ``self.training``:
 
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import slots
-from .cache import KVCache
+from .cache import KVCache, RoundCaches
 from .config import ModelConfig, check_tau
 from .layers import Block, RMSNorm, RotaryEmbedding
 
@@ -40,6 +47,7 @@ class PonderOutput:
     router_probs: Tensor | None = None  # (B, T, K+1) s_t over depths 0..K (PonderLM-3)
     log_reach: Tensor | None = None  # (B, T, K+1) log w_{t,k}, clamped at log_floor
     hidden: Tensor | None = None  # (B, T, D) mixed final hidden state fed to the head
+    token_hidden: Tensor | None = None  # (B, T, D) final hidden state of the token slot, h^(0)
     jacobi_residual: Tensor | None = None  # max |change| of the latents in the last refinement
     cache: KVCache | None = None  # exact mode: the filled cache
 
@@ -89,6 +97,8 @@ class PonderLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.router = Router(cfg) if cfg.has_router else None
+        # pause: K learned embeddings, one per pause slot, shared by all tokens
+        self.pause_embed = nn.Embedding(cfg.max_ponder_steps, cfg.d_model) if cfg.method == "pause" else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
 
@@ -136,6 +146,19 @@ class PonderLM(nn.Module):
         e = self.embed_tokens(input_ids)
         return e * self.cfg.embed_scale if self.cfg.scale_embeds else e
 
+    def pause_inputs(self) -> Tensor:
+        """(K, D) inputs of the pause slots, scaled like token embeddings."""
+        assert self.pause_embed is not None
+        w = self.pause_embed.weight
+        return w * self.cfg.embed_scale if self.cfg.scale_embeds else w
+
+    def soft_token_feedback(self, e: Tensor, h: Tensor) -> Tensor:
+        """PonderLM-1's next-pass input: e + softmax(lm_head(h)) @ E (scaled like e). (..., D)."""
+        logits = self.lm_head(h)
+        p = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).to(e.dtype)  # (.., V)
+        soft = p @ self.embed_tokens.weight.to(e.dtype)  # expected embedding (..., D)
+        return e + (soft * self.cfg.embed_scale if self.cfg.scale_embeds else soft)
+
     def stack(
         self,
         x: Tensor,
@@ -143,11 +166,13 @@ class PonderLM(nn.Module):
         key_bias: Tensor | None,
         cache: KVCache | None = None,
         n_new: Tensor | None = None,
+        final_norm: bool = True,
     ) -> Tensor:
         """Run all blocks and the final norm over a slot sequence.
 
         Args: x (B, L, D); positions (B, L); key_bias (B, L) or None; cache and n_new (B,)
-        (real slots per row, the rest is tail padding) when slots should enter a KV cache.
+        (real slots per row, the rest is tail padding) when slots should enter a KV cache;
+        final_norm False returns the raw residual stream (loop's inner rounds).
         Returns the final hidden states (B, L, D) -- also the latent-thought inputs.
         """
         rope = self.rope(positions, x.dtype)
@@ -157,7 +182,7 @@ class PonderLM(nn.Module):
             x = layer(x, rope, key_bias, cache)
         if cache is not None:
             cache.end()
-        return self.norm(x)
+        return self.norm(x) if final_norm else x
 
     def route(self, h0: Tensor) -> tuple[Tensor, Tensor]:
         """h0 (..., D) token-slot hidden -> (s, log w), each (..., K+1)."""
@@ -172,9 +197,7 @@ class PonderLM(nn.Module):
         Returns (B, T, D).
         """
         cfg = self.cfg
-        if cfg.method == "vanilla":
-            return h[:, :, 0]
-        if cfg.method == "ponderlm2":
+        if self.router is None:  # vanilla: the token slot; pause/ponderlm2: the last slot
             return h[:, :, -1]
         c = h.shape[2]
         wts = probs[..., :c]
@@ -191,6 +214,7 @@ class PonderLM(nn.Module):
         log_reach: Tensor | None,
         keep: Tensor | None,
         cache: KVCache | None = None,
+        final_norm: bool = True,
     ) -> Tensor:
         """One pass over the first c stages of every token.
 
@@ -206,14 +230,14 @@ class PonderLM(nn.Module):
         if keep is None or bool(keep.all()):
             n = torch.full((B,), T * c, device=x.device, dtype=torch.long)
             flat_bias = slots.interleave(bias) if bias is not None else None
-            out = self.stack(slots.interleave(x), slots.interleave(pos), flat_bias, cache, n)
+            out = self.stack(slots.interleave(x), slots.interleave(pos), flat_bias, cache, n, final_norm)
             return slots.deinterleave(out, c)
         flat_keep = slots.interleave(keep)  # (B, T*c)
         idx, n = slots.pack_slots(flat_keep)  # (B, L), (B,)
         xs = slots.gather_slots(slots.interleave(x), idx)  # (B, L, D)
         ps = slots.gather_slots(slots.interleave(pos), idx)
         bs = slots.gather_slots(slots.interleave(bias), idx) if bias is not None else None
-        out = self.stack(xs, ps, bs, cache, n)
+        out = self.stack(xs, ps, bs, cache, n, final_norm)
         return slots.deinterleave(slots.scatter_slots(out, idx, flat_keep), c)
 
     # --------------------------------------------------------------- forward
@@ -225,6 +249,7 @@ class PonderLM(nn.Module):
         tau: float | None = None,
         jacobi_iters: int | None = None,
         attention_mask: Tensor | None = None,
+        depth_override: Tensor | None = None,
     ) -> PonderOutput:
         """Next-token logits for every position.
 
@@ -236,6 +261,9 @@ class PonderLM(nn.Module):
             attention_mask: (B, T) 1 for real tokens, 0 for padding (hard/exact only).
                 Padding may sit anywhere (left padding for generation); padded tokens get no
                 slots at all and their logits are zeros.
+            depth_override: (B, T) integer depths in [0, K] that replace the router's pruning
+                (hard mode, slot methods): the ablations (fixed depth, random or
+                entropy-ranked allocation) compute exactly these slots and no others.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -246,6 +274,15 @@ class PonderLM(nn.Module):
             if attention_mask is not None:
                 raise ValueError("soft mode takes packed sequences without padding")
         tau = check_tau(self.cfg.tau if tau is None else tau)
+        if depth_override is not None:
+            K = self.cfg.n_latent
+            if mode != "hard" or K == 0:
+                raise ValueError("depth_override needs mode='hard' and a method with ponder slots")
+            if depth_override.shape != input_ids.shape:
+                raise ValueError(f"depth_override shape {tuple(depth_override.shape)} != {tuple(input_ids.shape)}")
+            if int(depth_override.min()) < 0 or int(depth_override.max()) > K:
+                raise ValueError(f"depth_override values must lie in [0, {K}]")
+            depth_override = depth_override.long()
         if attention_mask is not None:
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(
@@ -257,7 +294,7 @@ class PonderLM(nn.Module):
         J = self.cfg.jacobi_iters if jacobi_iters is None else int(jacobi_iters)
         if J < 1:
             raise ValueError(f"jacobi_iters must be >= 1, got {J}")
-        return self._parallel(input_ids, mode, tau, J, attention_mask)
+        return self._parallel(input_ids, mode, tau, J, attention_mask, depth_override=depth_override)
 
     def _check_ids(self, ids: Tensor) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
@@ -277,6 +314,7 @@ class PonderLM(nn.Module):
         J: int,
         token_mask: Tensor | None,
         cache: KVCache | None = None,
+        depth_override: Tensor | None = None,
     ) -> PonderOutput:
         cfg = self.cfg
         B, T = input_ids.shape
@@ -285,12 +323,17 @@ class PonderLM(nn.Module):
         tok_pos = slots.token_positions(B, T, token_mask, e.device)  # (B, T)
         tok_keep = token_mask.unsqueeze(-1) if (hard and token_mask is not None) else None
         K = cfg.n_latent
+        if cfg.n_rounds > 1:
+            return self._rounds(e, tok_pos, tok_keep, token_mask, cache)
         if K == 0:  # vanilla: one pass over the tokens
             h = self._pass(e.unsqueeze(2), tok_pos, None, tok_keep, cache)  # (B, T, 1, D)
             return self._output(self.mix(h, None, None), torch.zeros(B, T, device=e.device))
 
         # Stage counts per pass: staged warm-up grows 1..K, then J refinements + the final pass.
-        if cfg.jacobi_warmup == "staged":
+        if cfg.method == "pause":  # inputs known up front: one exact pass over all slots
+            schedule = [K + 1]
+            latents = self.pause_inputs().to(e.dtype).expand(B, T, K, e.shape[-1])
+        elif cfg.jacobi_warmup == "staged":
             schedule = list(range(1, K + 1)) + [K + 1] * (J + 1)
             latents = e.new_zeros(B, T, 0, e.shape[-1])  # (B, T, c-1, D): inputs of slots 1..
         else:
@@ -301,11 +344,12 @@ class PonderLM(nn.Module):
             last = p == len(schedule) - 1
             x = torch.cat([e.unsqueeze(2), latents[:, :, : c - 1]], dim=2)  # (B, T, c, D)
             if hard:
-                depth = (
-                    slots.prune_depth(log_w, tau)
-                    if log_w is not None
-                    else torch.full((B, T), K, device=e.device, dtype=torch.long)
-                )
+                if depth_override is not None:
+                    depth = depth_override
+                elif log_w is not None:
+                    depth = slots.prune_depth(log_w, tau)
+                else:
+                    depth = torch.full((B, T), K, device=e.device, dtype=torch.long)
                 keep = slots.depth_keep(depth, c, token_mask)  # (B, T, c)
             h = self._pass(x, tok_pos, log_w, keep, cache if last else None)  # (B, T, c, D)
             if self.router is not None:
@@ -328,6 +372,38 @@ class PonderLM(nn.Module):
         else:
             depth = torch.full((B, T), float(K), device=e.device)
         out = self._output(h_hat, depth, probs, log_w, residual)
+        out.token_hidden = h[:, :, 0]
+        if token_mask is not None:
+            out.logits = out.logits.masked_fill(~token_mask.unsqueeze(-1), 0.0)
+            out.depth = out.depth.masked_fill(~token_mask, 0.0)
+        return out
+
+    def _rounds(
+        self,
+        e: Tensor,
+        tok_pos: Tensor,
+        tok_keep: Tensor | None,
+        token_mask: Tensor | None,
+        cache: RoundCaches | None = None,
+    ) -> PonderOutput:
+        """loop / ponderlm1: K+1 full passes over the tokens, each exact and causal on its own.
+
+        Args: e (B, T, D) token inputs; tok_pos (B, T); tok_keep (B, T, 1) real tokens (hard mode
+        with padding) or None; cache: one KV cache per round. Depth is K for every real token.
+        """
+        cfg = self.cfg
+        R = cfg.n_rounds
+        B, T, _ = e.shape
+        x = e
+        for r in range(R):
+            c = cache[r] if cache is not None else None
+            if cfg.method == "loop":  # the residual stream goes round again; one final norm
+                x = self._pass(x.unsqueeze(2), tok_pos, None, tok_keep, c, final_norm=r == R - 1)[:, :, 0]
+            else:  # ponderlm1: full stack, then soft-token feedback into the next pass
+                h = self._pass(x.unsqueeze(2), tok_pos, None, tok_keep, c)[:, :, 0]  # (B, T, D)
+                x = self.soft_token_feedback(e, h) if r < R - 1 else h
+        depth = torch.full((B, T), float(cfg.max_depth), device=e.device)
+        out = self._output(x, depth)
         if token_mask is not None:
             out.logits = out.logits.masked_fill(~token_mask.unsqueeze(-1), 0.0)
             out.depth = out.depth.masked_fill(~token_mask, 0.0)
@@ -344,15 +420,20 @@ class PonderLM(nn.Module):
         )
 
     # ---------------------------------------------------- exact recurrence
-    def new_cache(self, batch: int, capacity: int = 64, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch: int, capacity: int = 64, dtype: torch.dtype | None = None) -> KVCache | RoundCaches:
+        """An empty KV cache; round methods get one per round (each round attends only to itself)."""
         p = self.embed_tokens.weight
         cfg = self.cfg
         if dtype is None and torch.is_autocast_enabled(p.device.type):
             dtype = torch.get_autocast_dtype(p.device.type)  # store K/V as the matmuls produce them
-        return KVCache(
-            cfg.n_layers, batch, cfg.kv_heads, cfg.head_dim,
-            device=p.device, dtype=dtype or p.dtype, capacity=capacity,
-        )  # fmt: skip
+
+        def one() -> KVCache:
+            return KVCache(
+                cfg.n_layers, batch, cfg.kv_heads, cfg.head_dim,
+                device=p.device, dtype=dtype or p.dtype, capacity=capacity,
+            )  # fmt: skip
+
+        return RoundCaches([one() for _ in range(cfg.n_rounds)]) if cfg.n_rounds > 1 else one()
 
     def ponder_token(
         self, x: Tensor, pos: Tensor, active: Tensor, cache: KVCache, tau: float
@@ -369,6 +450,16 @@ class PonderLM(nn.Module):
         cfg = self.cfg
         B = x.shape[0]
         pos = pos.view(B, 1)
+        if cfg.n_rounds > 1:  # loop / ponderlm1: one slot per round, each round its own cache
+            R, e = cfg.n_rounds, x
+            for r in range(R):
+                last = r == R - 1
+                if cfg.method == "loop":
+                    x = self.stack(x.unsqueeze(1), pos, None, cache[r], active.long(), final_norm=last)[:, 0]
+                else:
+                    h = self.stack(x.unsqueeze(1), pos, None, cache[r], active.long())[:, 0]
+                    x = h if last else self.soft_token_feedback(e, h)
+            return x, cfg.max_depth * active.long(), None, None
         h = self.stack(x.unsqueeze(1), pos, None, cache, active.long())[:, 0]  # (B, D)
         K = cfg.n_latent
         if K == 0:
@@ -381,12 +472,14 @@ class PonderLM(nn.Module):
             depth = torch.full((B,), K, dtype=torch.long, device=x.device)
         depth = depth * active
         hs = [h]
+        pause = self.pause_inputs().to(h.dtype) if self.pause_embed is not None else None
         for k in range(1, K + 1):
             step_active = depth >= k  # (B,)
             if not bool(step_active.any()):
                 break
             bias = log_w[:, k : k + 1] if log_w is not None else None  # (B, 1)
-            h = self.stack(h.unsqueeze(1), pos, bias, cache, step_active.long())[:, 0]
+            inp = pause[k - 1].expand(B, -1) if pause is not None else h  # pause slot or latent thought
+            h = self.stack(inp.unsqueeze(1), pos, bias, cache, step_active.long())[:, 0]
             hs.append(h)
         hs = torch.stack(hs, dim=1).unsqueeze(1)  # (B, 1, c, D)
         keep = slots.depth_keep(depth.unsqueeze(1), hs.shape[2])  # (B, 1, c)

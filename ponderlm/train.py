@@ -319,7 +319,7 @@ class Trainer:
         modes = ["soft"] + (["hard"] if mc.has_router else [])
         accs = []
         for mode in modes:
-            acc = torch.zeros(HIST + mc.n_latent + 1, dtype=torch.float64)
+            acc = torch.zeros(HIST + mc.max_depth + 1, dtype=torch.float64)
             for i in range(0, len(rows), self.micro):
                 w = rows[i : i + self.micro].to(self.env.device)
                 with self._autocast():
@@ -356,7 +356,7 @@ class Trainer:
             n = self.model.num_parameters()
             fl = flops_mod.training_flops_per_token(self.cfg.model, tc.seq_len)
             self.log(
-                f"{self.cfg.model.method}: {n:,} parameters, K={self.cfg.model.n_latent}, "
+                f"{self.cfg.model.method}: {n:,} parameters, K={self.cfg.model.max_depth}, "
                 f"{tc.max_steps} steps x {tokens_per_step:,} tokens, {self.env.world} process(es) on "
                 f"{self.env.device}, {fl / 1e6:.1f} MFLOPs/token (train)"
             )

@@ -7,7 +7,7 @@ import torch
 
 from ponderlm import ModelConfig, PonderLM
 
-METHODS = ["vanilla", "ponderlm2", "ponderlm3"]
+METHODS = ["vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3"]
 
 
 def tiny_config(method: str = "ponderlm3", **overrides) -> ModelConfig:

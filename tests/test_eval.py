@@ -120,3 +120,15 @@ def test_eval_cli_end_to_end(tmp_path, olmo_cache):
     base = [sys.executable, "-m", "ponderlm", "eval", "--checkpoint", str(run), "--cache-dir", str(olmo_cache)]
     bad = subprocess.run([*base, "--tasks", "piqa,mmlu", "--out", str(tmp_path / "e2")], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown task(s) mmlu" in bad.stderr
+    abl = [*base, "--tasks", "val", "--ppl-windows", "4", "--tau", "0.3", "--out", str(tmp_path / "e3")]
+    r = subprocess.run([*abl, "--ablation", "random"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "e3" / "eval.json").read_text())
+    assert res["ablation"] == "random" and res["rows"][0]["task"] == "val"
+    assert "Ablation: **random**" in (tmp_path / "e3" / "eval.md").read_text()
+    for flag, needle in (("fixed:5", "fixed depth must lie in [0, 2]"), ("oracle", "--ablation must be fixed:D")):
+        r = subprocess.run([*abl, "--ablation", flag, "--overwrite"], capture_output=True, text=True)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([*base, "--tasks", "piqa", "--ablation", "entropy", "--out", str(tmp_path / "e4")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "ablations apply to the perplexity sets" in r.stderr

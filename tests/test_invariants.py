@@ -124,7 +124,7 @@ def test_hard_with_tiny_tau_equals_soft(method):
     hard = model(ids, mode="hard", tau=1e-20, jacobi_iters=2)
     torch.testing.assert_close(soft.logits, hard.logits, atol=1e-12, rtol=0)
     exact = model(ids, mode="exact", tau=1e-20)
-    assert (exact.depth == model.cfg.n_latent).all()
+    assert (exact.depth == model.cfg.max_depth).all()
 
 
 def test_hard_tau_to_zero_with_padding_equals_soft_on_unpadded():

@@ -30,14 +30,16 @@ def test_collect_points_averages_seeds():
     assert pts[0]["pareto"]
 
 
-@pytest.mark.parametrize("name", ["cpu", "gpu_70m", "gpu_410m"])
+@pytest.mark.parametrize("name", ["cpu", "cpu_baselines", "gpu_70m", "gpu_410m"])
 def test_experiment_presets_load(name):
     cfg = ExperimentConfig.load(REPO / "configs" / "experiments" / f"{name}.yaml")
     for run in cfg.runs:
         rc = cfg.run_config(run, cfg.seeds[0])
         assert Path(rc.train.out_dir).parent == Path(cfg.out_dir)
     methods = {cfg.run_config(r, 0).model.method for r in cfg.runs}
-    assert methods == {"vanilla", "ponderlm2", "ponderlm3"}
+    assert {"vanilla", "ponderlm2", "ponderlm3"} <= methods
+    if name == "cpu_baselines":
+        assert methods == {"vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3"}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +49,8 @@ def test_experiment_presets_load(name):
         ({"runs": [{"name": "a"}, {"name": "a"}]}, "duplicate run names"),
         ({"runs": [{"name": "a", "set": ["model.d_modle=3"]}]}, "d_modle"),
         ({"taus": [2.0]}, "tau must be in the open interval"),
+        ({"ablations": ["oracle"]}, "unknown ablation(s) oracle"),
+        ({"runs": [{"name": "a", "seeds": []}]}, "seeds must be a non-empty list"),
     ],
 )
 def test_experiment_config_errors(tmp_path, patch, needle):
@@ -74,20 +78,30 @@ def test_tiny_experiment_end_to_end_and_reuse(tmp_path):
                 "log_interval": 1,
             },
         },
-        "runs": [{"name": "v", "set": ["model.method=vanilla"]}, {"name": "p3", "set": ["model.method=ponderlm3"]}],
+        "runs": [
+            {"name": "v", "set": ["model.method=vanilla"], "seeds": [0, 1]},
+            {"name": "p3", "set": ["model.method=ponderlm3"]},
+        ],
         "taus": [1e-4, 0.4],
         "eval_windows": 4,
+        "ablations": ["fixed", "random"],
     }
     p = tmp_path / "e.yaml"
     p.write_text(yaml.safe_dump(raw))
     logs: list[str] = []
     out = run_experiment(ExperimentConfig.load(p), tmp_path / "cache", log=logs.append)
-    assert len(out["points"]) == 1 + 2  # vanilla once, PonderLM-3 at each tau
-    assert any(pt["pareto"] for pt in out["points"])
+    main = [pt for pt in out["points"] if pt["ablation"] is None]
+    assert len(main) == 1 + 2  # vanilla once (2 seeds), PonderLM-3 at each tau
+    assert [pt["seeds"] for pt in main if pt["run"] == "v"] == [2]
+    assert (tmp_path / "exp" / "v").is_dir() and (tmp_path / "exp" / "v-s1").is_dir()
+    abl = sorted(pt["run"] for pt in out["points"] if pt["ablation"] is not None)
+    assert abl == ["p3 [fixed d=0]", "p3 [fixed d=1]", "p3 [fixed d=2]", "p3 [random]", "p3 [random]"]
+    assert not any(pt["pareto"] for pt in out["points"] if pt["ablation"])
+    assert any(pt["pareto"] for pt in main)
     for f in ("pareto.md", "pareto.json", "pareto.png"):
         assert (tmp_path / "exp" / f).is_file()
     saved = json.loads((tmp_path / "exp" / "pareto.json").read_text())
-    assert {pt["run"] for pt in saved["points"]} == {"v", "p3"}
+    assert {pt["run"] for pt in saved["points"] if pt["ablation"] is None} == {"v", "p3"}
     logs.clear()
     run_experiment(ExperimentConfig.load(p), tmp_path / "cache", log=logs.append)
-    assert sum("reusing it" in line for line in logs) == 2
+    assert sum("reusing it" in line for line in logs) == 3

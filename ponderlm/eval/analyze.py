@@ -389,9 +389,9 @@ def analyze(
         if len(ids) > cfg.max_seq_len:
             log(f"note: the text has {len(ids)} tokens; showing the first {cfg.max_seq_len} (max_seq_len)")
     data_dir, val = _val_windows(ck_dir, data_dir, cfg.max_seq_len, windows)
-    meta = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.n_latent, "tau": tau}
-    log(f"analyze: {cfg.method} K={cfg.n_latent} tau={tau:g} on {len(val)} validation windows of {data_dir}")
-    stats = depth_summary(collect(model, val, tau, batch_size), cfg.n_latent, tok)
+    meta = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "tau": tau}
+    log(f"analyze: {cfg.method} K={cfg.max_depth} tau={tau:g} on {len(val)} validation windows of {data_dir}")
+    stats = depth_summary(collect(model, val, tau, batch_size), cfg.max_depth, tok)
 
     if text is None:
         ids, source = val[0].tolist(), "first validation window"  # L+1 tokens: every position has a target

@@ -8,17 +8,19 @@ An experiment file (``configs/experiments/*.yaml``)::
     base:            # a RunConfig shared by every run (model: ..., train: ...)
       model: {d_model: 64, ...}
       train: {data_dir: data/default, max_steps: 800, ...}
-    runs:            # each: a name and dotted overrides of base
-      - {name: vanilla, set: [model.method=vanilla]}
+    runs:            # each: a name, dotted overrides of base, optionally its own seeds
+      - {name: vanilla, set: [model.method=vanilla], seeds: [0, 1]}
       - {name: p3-l0.05, set: [model.method=ponderlm3, model.penalty_weight=0.05]}
     taus: [1.0e-4, 0.05, 0.2]   # PonderLM-3 runs are evaluated at each; others once
-    seeds: [0]                  # every run is trained once per seed
+    seeds: [0]                  # every run is trained once per seed (unless it lists its own)
     eval_windows: 128           # validation windows for perplexity
     tasks: []                   # zero-shot tasks for an average accuracy (optional)
     task_limit: null
+    ablations: []               # on PonderLM-3 runs: fixed, random, entropy (eval.ablations)
 
-Finished runs (a checkpoint at train.max_steps) are reused, so an interrupted experiment
-continues where it stopped.
+A run trained with the first seed lives in ``out_dir/<name>``, other seeds in
+``out_dir/<name>-s<seed>``. Finished runs (a checkpoint at train.max_steps) are reused, so an
+interrupted experiment continues where it stopped.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class ExperimentConfig:
     eval_windows: int = 128
     tasks: list[str] = field(default_factory=list)
     task_limit: int | None = None
+    ablations: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -67,19 +70,32 @@ class ExperimentConfig:
     def validate(self) -> None:
         for t in self.taus:
             check_tau(t)
+        from .ablations import ABLATIONS
+
+        bad = sorted(set(self.ablations) - set(ABLATIONS))
+        if bad:
+            raise ConfigError(f"unknown ablation(s) {', '.join(bad)}; known: {', '.join(ABLATIONS)}")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")
         names = [r.get("name") for r in self.runs]
         if not self.runs or any(not isinstance(n, str) or not n for n in names):
             raise ConfigError("every experiment run needs a non-empty name")
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate run names in the experiment: {names}")
         for r in self.runs:
-            self.run_config(r, self.seeds[0])  # fail early on bad overrides
+            seeds = self.run_seeds(r)
+            if not seeds or not all(isinstance(x, int) for x in seeds):
+                raise ConfigError(f"run {r['name']!r}: seeds must be a non-empty list of integers")
+            self.run_config(r, seeds[0])  # fail early on bad overrides
+
+    def run_seeds(self, run: dict[str, Any]) -> list[int]:
+        return list(run.get("seeds", self.seeds))
 
     def run_config(self, run: dict[str, Any], seed: int) -> RunConfig:
-        unknown = sorted(set(run) - {"name", "set"})
+        unknown = sorted(set(run) - {"name", "set", "seeds"})
         if unknown:
-            raise ConfigError(f"run {run.get('name')!r}: unknown key(s) {', '.join(unknown)} (use name and set)")
-        out = Path(self.out_dir) / (run["name"] if len(self.seeds) == 1 else f"{run['name']}-s{seed}")
+            raise ConfigError(f"run {run.get('name')!r}: unknown key(s) {', '.join(unknown)} (use name, set, seeds)")
+        out = Path(self.out_dir) / (run["name"] if seed == self.seeds[0] else f"{run['name']}-s{seed}")
         overrides = [*run.get("set", []), f"train.out_dir={out}", f"train.seed={seed}"]
         cfg, _ = load_run_config(self.base, overrides)
         return cfg
@@ -96,9 +112,12 @@ def evaluate_run(
     taus: list[float],
     windows: int,
     tasks: dict | None = None,
+    ablations: list[str] = (),
 ) -> dict[str, Any]:
     """Validation loss (hard mode) at each tau (one tau for methods without a router), with mean
-    depth and inference FLOPs/token; zero-shot average accuracy when tasks are given."""
+    depth and inference FLOPs/token; zero-shot average accuracy when tasks are given; for
+    PonderLM-3 the requested ablations (fixed depths 0..K; random/entropy at every tau)."""
+    from .ablations import Ablation
     from .zeroshot import score_task
 
     model, tok, ck = load_model(run_dir)
@@ -113,17 +132,29 @@ def evaluate_run(
             row["zeroshot"] = accs
             row["zeroshot_avg"] = sum(accs.values()) / len(accs)
         rows.append(row)
+    abl = []
+    if cfg.has_router:
+        for policy in ablations:
+            if policy == "fixed":
+                for d in range(cfg.max_depth + 1):
+                    r = perplexity(model, val, mode="hard", batch_size=16, ablation=Ablation("fixed", depth=d))
+                    abl.append({"policy": "fixed", "depth": d, "tau": None, **r})
+            else:
+                for tau in taus:
+                    r = perplexity(model, val, mode="hard", tau=tau, batch_size=16, ablation=Ablation(policy))
+                    abl.append({"policy": policy, "depth": None, "tau": tau, **r})
     soft = perplexity(model, val, mode="soft", batch_size=16)
     state = json.loads((ck / "trainer_state.json").read_text())
     return {
         "method": cfg.method,
-        "K": cfg.n_latent,
+        "K": cfg.max_depth,
         "penalty_weight": cfg.penalty_weight if cfg.has_router else None,
         "params": model.num_parameters(),
         "steps": state["step"],
         "tokens": state.get("tokens_seen", 0),
         "soft_loss": soft["loss"],
         "evals": rows,
+        "ablations": abl,
     }
 
 
@@ -140,22 +171,26 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def collect_points(results: list[dict]) -> list[dict]:
     """One point per (run, tau), averaged over seeds: cost, loss (mean, std) and depth."""
-    groups: dict[tuple[str, float], list[tuple[dict, dict]]] = {}
+    groups: dict[tuple[str, float, str | None], list[tuple[dict, dict]]] = {}
     for r in results:
         for e in r["evals"]:
-            groups.setdefault((r["run"], e["tau"]), []).append((r, e))
+            groups.setdefault((r["run"], e["tau"], None), []).append((r, e))
+        for a in r.get("ablations", []):
+            label = f"fixed d={a['depth']}" if a["policy"] == "fixed" else a["policy"]
+            groups.setdefault((r["run"], a["tau"], label), []).append((r, a))
     points = []
-    for (run, tau), items in groups.items():
+    for (run, tau, ablation), items in groups.items():
         losses = [e["loss"] for _, e in items]
         mean = sum(losses) / len(losses)
         std = (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) ** 0.5 if len(losses) > 1 else 0.0
         r0, e0 = items[0]
         p = {
-            "run": run,
+            "run": run if ablation is None else f"{run} [{ablation}]",
+            "ablation": ablation,
             "method": r0["method"],
             "K": r0["K"],
             "penalty_weight": r0["penalty_weight"],
-            "tau": tau if r0["method"] == "ponderlm3" else None,
+            "tau": tau if r0["method"] == "ponderlm3" and tau is not None else None,
             "seeds": len(items),
             "loss": mean,
             "loss_std": std,
@@ -166,7 +201,9 @@ def collect_points(results: list[dict]) -> list[dict]:
         if "zeroshot_avg" in e0:
             p["zeroshot_avg"] = sum(e["zeroshot_avg"] for _, e in items) / len(items)
         points.append(p)
-    front = set(pareto_front([(p["flops_per_token"], p["loss"]) for p in points]))
+    # the frontier is over trained configurations; ablations are diagnostics of one of them
+    main = [i for i, p in enumerate(points) if p["ablation"] is None]
+    front = {main[j] for j in pareto_front([(points[i]["flops_per_token"], points[i]["loss"]) for i in main])}
     for i, p in enumerate(points):
         p["pareto"] = i in front
     return points
@@ -178,7 +215,8 @@ def markdown(title: str, points: list[dict], minutes: float | None = None) -> st
         lines += [f"{minutes:.1f} min in all.", ""]
     lines += [
         "Validation loss in the hard-pruned inference computation; cost is inference FLOPs per token at the",
-        "realised depths. `*` marks the Pareto frontier (no other point has both lower cost and lower loss).",
+        "realised depths. `*` marks the Pareto frontier (no other point has both lower cost and lower loss);",
+        "rows with [brackets] are inference-time ablations of a PonderLM-3 run, not on the frontier by design.",
         "",
         "| run | method | K | λ | tau | seeds | val loss | ± std | ppl | mean depth | MFLOPs/token | frontier |"
         + (" zero-shot avg |" if any("zeroshot_avg" in p for p in points) else ""),
@@ -205,7 +243,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
     has_zs = any("zeroshot_avg" in p for p in points)
     fig, axes = plt.subplots(1, 2 if has_zs else 1, figsize=(12 if has_zs else 7, 4.5), squeeze=False)
-    markers = {"vanilla": "o", "ponderlm2": "s", "ponderlm3": "^"}
+    markers = {"vanilla": "o", "pause": "P", "loop": "D", "ponderlm1": "v", "ponderlm2": "s", "ponderlm3": "^"}
+    abl_markers = {"random": "x", "entropy": "+"}
     palette = plt.get_cmap("tab10").colors
     panels = [("loss", "validation loss (hard mode)")]
     if has_zs:
@@ -213,13 +252,27 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         runs: dict[str, list[dict]] = {}
         for p in points:
-            runs.setdefault(p["run"], []).append(p)
-        for n, (run, ps) in enumerate(runs.items()):
+            if key in p:
+                abl = p["ablation"]
+                name = (
+                    p["run"]
+                    if abl is None
+                    else p["run"].rsplit(" [", 1)[0] + (" [fixed d]" if abl.startswith("fixed") else f" [{abl}]")
+                )
+                runs.setdefault(name, []).append(p)
+        colours: dict[str, Any] = {}
+        for run, ps in runs.items():
             ps = sorted(ps, key=lambda q: q["flops_per_token"])
             xs = [q["flops_per_token"] / 1e6 for q in ps]
             ys = [q[key] for q in ps]
-            c = palette[n % len(palette)]
-            ax.plot(xs, ys, marker=markers.get(ps[0]["method"], "o"), color=c, alpha=0.85, label=run)
+            abl = ps[0]["ablation"]
+            base = run.rsplit(" [", 1)[0]
+            c = colours.setdefault(base, palette[len(colours) % len(palette)])
+            if abl is None:
+                ax.plot(xs, ys, marker=markers.get(ps[0]["method"], "o"), color=c, alpha=0.85, label=run)
+            else:
+                m = abl_markers.get(abl, "|")
+                ax.plot(xs, ys, marker=m, color=c, alpha=0.6, ls=":", lw=0.8, ms=7, label=run)
             if key == "loss" and any(q["loss_std"] > 0 for q in ps):
                 ax.errorbar(xs, ys, yerr=[q["loss_std"] for q in ps], fmt="none", color=c, alpha=0.5)
             for q, x, y in zip(ps, xs, ys, strict=True):
@@ -253,20 +306,23 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     tasks = load_tasks(cfg.tasks, cache_dir, limit=cfg.task_limit, log=log) if cfg.tasks else None
     results = []
-    total = len(cfg.runs) * len(cfg.seeds)
-    n = 0
-    for seed in cfg.seeds:
-        for run in cfg.runs:
-            n += 1
-            rc = cfg.run_config(run, seed)
-            run_dir = Path(rc.train.out_dir)
-            if not overwrite and finished(run_dir, rc.train.max_steps):
-                log(f"\n== [{n}/{total}] {run_dir.name}: finished run found, reusing it")
-            else:
-                log(f"\n== [{n}/{total}] training {run_dir.name} ({rc.model.method})")
-                train(rc, set(), overwrite=True, log=log)
-            r = evaluate_run(run_dir, Path(rc.train.data_dir), list(cfg.taus), cfg.eval_windows, tasks)
-            results.append({"run": run["name"], "seed": seed, **r})
+    jobs = [
+        (seed, run)
+        for seed in dict.fromkeys(s for r in cfg.runs for s in cfg.run_seeds(r))
+        for run in cfg.runs
+        if seed in cfg.run_seeds(run)
+    ]  # first seed of every run first
+    total = len(jobs)
+    for n, (seed, run) in enumerate(jobs, 1):
+        rc = cfg.run_config(run, seed)
+        run_dir = Path(rc.train.out_dir)
+        if not overwrite and finished(run_dir, rc.train.max_steps):
+            log(f"\n== [{n}/{total}] {run_dir.name}: finished run found, reusing it")
+        else:
+            log(f"\n== [{n}/{total}] training {run_dir.name} ({rc.model.method})")
+            train(rc, set(), overwrite=True, log=log)
+        r = evaluate_run(run_dir, Path(rc.train.data_dir), list(cfg.taus), cfg.eval_windows, tasks, cfg.ablations)
+        results.append({"run": run["name"], "seed": seed, **r})
     points = collect_points(results)
     minutes = (time.time() - t0) / 60
     md = markdown(f"Pareto experiment `{cfg.name}`", points, minutes)

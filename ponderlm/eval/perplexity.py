@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .. import flops as flops_mod
 from ..model import PonderLM
+from .ablations import ablation_depths
 
 # layout of the accumulator returned by score_batch
 CE, TOKENS, FLOPS, DEPTH, HIST = 0, 1, 2, 3, 4
@@ -29,6 +30,8 @@ def score_batch(
     mode: str,
     tau: float | None = None,
     jacobi_iters: int | None = None,
+    ablation=None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sums over one batch: [ce_sum, tokens, flops_sum, depth_sum, hist_0..hist_K] (float64).
 
@@ -36,11 +39,17 @@ def score_batch(
     the expected depth for soft PonderLM-3 (no FLOPs/histogram: nothing is pruned there) and
     the realised depth otherwise.
     """
-    K = cfg.n_latent
+    K = cfg.max_depth
     acc = torch.zeros(HIST + K + 1, dtype=torch.float64)
     kw = {"tau": tau} if mode != "soft" else {}
     if mode != "exact":
         kw["jacobi_iters"] = jacobi_iters
+    if ablation is not None:  # the same computation with the ablation's depths (hard mode)
+        if mode != "hard":
+            raise ValueError("ablations run in hard mode")
+        kw["depth_override"] = ablation_depths(
+            model, x, ablation, tau=tau, jacobi_iters=jacobi_iters, generator=generator
+        )
     out = model(x, mode=mode, **kw)
     acc[CE] = float(F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
     acc[TOKENS] = y.numel()
@@ -75,15 +84,30 @@ def perplexity(
     jacobi_iters: int | None = None,
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
+    ablation=None,
 ) -> dict[str, float | list[float]]:
-    """Loss/perplexity of (N, L+1) token windows, with mean depth, FLOPs/token and histogram."""
+    """Loss/perplexity of (N, L+1) token windows, with mean depth, FLOPs/token and histogram.
+
+    ``ablation`` (:class:`ponderlm.eval.ablations.Ablation`) replaces the router's depths.
+    """
     device = next(model.parameters()).device
     acc = None
     model.eval()
+    gen = torch.Generator().manual_seed(ablation.seed) if ablation is not None else None
     for i in range(0, len(windows), batch_size):
         w = windows[i : i + batch_size].to(device)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
         with ctx:
-            a = score_batch(model, model.cfg, w[:, :-1], w[:, 1:], mode=mode, tau=tau, jacobi_iters=jacobi_iters)
+            a = score_batch(
+                model,
+                model.cfg,
+                w[:, :-1],
+                w[:, 1:],
+                mode=mode,
+                tau=tau,
+                jacobi_iters=jacobi_iters,
+                ablation=ablation,
+                generator=gen,
+            )
         acc = a if acc is None else acc + a
     return summarize(acc)

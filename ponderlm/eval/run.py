@@ -64,7 +64,10 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     device: str = "cpu",
     log=print,
+    ablation=None,
 ) -> dict:
+    """Hard-mode scores of a checkpoint per tau; ``ablation`` (PonderLM-3, perplexity sets only)
+    replaces the router's depths (:mod:`ponderlm.eval.ablations`)."""
     model, tok, ck_dir = load_model(checkpoint, device)
     cfg = model.cfg
     for t in taus:
@@ -84,12 +87,23 @@ def evaluate_checkpoint(
                 windows[s] = eval_windows(TokenShards(data_dir, s), cfg.max_seq_len, ppl_windows)
             else:
                 log(f"note: {data_dir} has no {s!r} split; skipped")
+    if ablation is not None:
+        if not cfg.has_router:
+            raise DataError(f"--ablation needs a PonderLM-3 checkpoint; {ck_dir} is method={cfg.method}")
+        if zs:
+            raise DataError(f"ablations apply to the perplexity sets ({', '.join(PPL_SETS)}), not to {', '.join(zs)}")
+        if ablation.policy == "fixed" and not 0 <= ablation.depth <= cfg.max_depth:
+            raise DataError(f"fixed depth must lie in [0, {cfg.max_depth}] for this checkpoint, got {ablation.depth}")
+        if ablation.policy == "fixed":
+            taus = taus[:1]  # the router's threshold plays no part
     docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
-    results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.n_latent, "taus": taus, "rows": []}
+    results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": []}
+    if ablation is not None:
+        results["ablation"] = ablation.label
     for tau in taus:
         for s, w in windows.items():
             t0 = time.time()
-            r = perplexity(model, w, mode="hard", tau=tau, batch_size=batch_size)
+            r = perplexity(model, w, mode="hard", tau=tau, batch_size=batch_size, ablation=ablation)
             results["rows"].append({"tau": tau, "task": s, "n": len(w), **r, "seconds": time.time() - t0})
             log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f}")
         for name, ds in docs.items():
@@ -106,6 +120,11 @@ def markdown(results: dict) -> str:
         "",
         f"method {results['method']}, K={results['K']}; hard-pruned inference computation at each tau.",
         "",
+        *(
+            [f"Ablation: **{results['ablation']}** depths instead of the router's.", ""]
+            if "ablation" in results
+            else []
+        ),
         "| tau | task | n | metric | value | acc_norm | mean depth | MFLOPs/token |",
         "|---:|---|---:|---|---:|---:|---:|---:|",
     ]

@@ -79,7 +79,7 @@ def loglikelihoods(
         res = model(ids.to(device), mode=mode, **kw)
         logits = res.logits.to(torch.promote_types(res.logits.dtype, torch.float32))
         logp = logits.log_softmax(-1).cpu()  # (B, T, V), at least float32
-        realised = res.depth.round().long().cpu() if mode != "soft" else torch.full((len(idx), T), cfg.n_latent)
+        realised = res.depth.round().long().cpu() if mode != "soft" else torch.full((len(idx), T), cfg.max_depth)
         depth = realised * mask
         n_tok += float(mask.sum())
         depth_sum += float(depth.sum())
