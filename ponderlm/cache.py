@@ -44,6 +44,7 @@ class KVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
         self._rows = torch.arange(batch, device=device).unsqueeze(1)  # (B, 1)
         self._step: tuple[Tensor, Tensor, int, Tensor | None] | None = None
+        self.next_pos: Tensor | None = None  # (B,) position of each row's next token (transformers wrapper)
 
     @property
     def capacity(self) -> int:
@@ -123,6 +124,7 @@ class RoundCaches:
 
     def __init__(self, caches: list[KVCache]) -> None:
         self.rounds = caches
+        self.next_pos: Tensor | None = None  # (B,) position of each row's next token (transformers wrapper)
 
     def __getitem__(self, r: int) -> KVCache:
         return self.rounds[r]

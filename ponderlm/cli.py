@@ -47,6 +47,13 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     p.add_argument("--set", dest="set_", nargs="+", default=[], metavar="KEY=VALUE", help="more overrides")
     p.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its last checkpoint")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start from this run/checkpoint's weights (e.g. `ponderlm convert` output); its backbone sizes are "
+        "adopted, a router or pause embeddings are freshly initialised (same as train.init_from=DIR)",
+    )
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
 
 
@@ -162,6 +169,41 @@ def _add_analyze(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _add_hf(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a transformers model directory (AutoModelForCausalLM, no remote code)",
+    )
+    p.add_argument("checkpoint", type=Path, help="run or checkpoint directory")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--tau", type=float, default=None, help="pruning threshold stored in the config")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser(
+        "convert",
+        help="convert a transformers Llama (directory or GGUF file) into a ponderlm vanilla run",
+        description="The result is a run directory with a step-0 checkpoint and the source tokenizer: "
+        "evaluate or generate from it, or continue pretraining with ponderlm train train.init_from=OUT.",
+    )
+    p.add_argument("--from-hf", dest="src", type=Path, required=True, help="model directory or .gguf file")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --from-hf")
+    p.add_argument("--out", type=Path, required=True, help="output run directory")
+    p.add_argument("--max-seq-len", type=int, default=None, help="cap the context (default: the model's)")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("generate", help="stream a completion from a checkpoint or export, with ponder depths")
+    p.add_argument("--checkpoint", type=Path, required=True, help="run, checkpoint or exported directory")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--interactive", action="store_true", help="then read prompts until EOF or an empty line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--show-depth", action="store_true", help="colour (terminal) or [d] markers per token")
+    p.add_argument("--no-colour", action="store_true", help="plain [d] markers even on a terminal")
+    p.add_argument("--device", default="cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ponderlm", description="Adaptive-pondering language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lm_eval(sub)
     _add_experiment(sub)
     _add_analyze(sub)
+    _add_hf(sub)
     demo = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     demo.add_argument("--steps", type=int, default=300, help="training steps per method")
     demo.add_argument("--seed", type=int, default=0)
@@ -188,6 +231,7 @@ def _default_cache() -> Path:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import check_tau
     from .data import DataError
 
     if args.command == "data":
@@ -216,7 +260,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from .config import load_run_config
         from .train import train
 
-        cfg, explicit = load_run_config(args.config, list(args.overrides) + list(args.set_))
+        extra = [f"train.init_from={args.init_from}"] if args.init_from else []
+        cfg, explicit = load_run_config(args.config, list(args.overrides) + list(args.set_) + extra)
         result = train(cfg, explicit, resume=args.resume, overwrite=args.overwrite)
         val = result["val"]
         if val and os.environ.get("RANK", "0") == "0":
@@ -295,6 +340,41 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             smoke=args.smoke,
             overwrite=args.overwrite,
         )
+    if args.command == "export":
+        from .hf import export
+
+        if args.tau is not None:
+            check_tau(args.tau)
+        export(args.checkpoint, args.out, overwrite=args.overwrite, tau=args.tau)
+        return 0
+    if args.command == "convert":
+        from .convert import convert_from_hf
+
+        convert_from_hf(args.src, args.out, gguf_file=args.gguf_file, max_seq_len=args.max_seq_len,
+                        overwrite=args.overwrite)  # fmt: skip
+        return 0
+    if args.command == "generate":
+        from .serve import Settings
+        from .serve import main as serve_main
+
+        if args.prompt is None and not args.interactive:
+            parser.error("give --prompt TEXT, --interactive, or both")
+        if args.max_new_tokens < 1:
+            parser.error("--max-new-tokens must be >= 1")
+        if args.tau is not None:
+            check_tau(args.tau)
+        if args.temperature < 0:
+            parser.error("--temperature must be >= 0")
+        if args.top_k is not None and args.top_k < 1:
+            parser.error("--top-k must be >= 1")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            parser.error("--top-p must be in (0, 1]")
+        settings = Settings(
+            max_new_tokens=args.max_new_tokens, tau=args.tau, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, seed=args.seed, show_depth=args.show_depth,
+            colour=sys.stdout.isatty() and not args.no_colour and not os.environ.get("NO_COLOR"),
+        )  # fmt: skip
+        return serve_main(args.checkpoint, args.prompt, settings, args.interactive, args.device)
     if args.command == "demo":
         if args.steps < 1:
             parser.error("--steps must be >= 1")

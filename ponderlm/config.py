@@ -57,7 +57,8 @@ class ModelConfig:
     # --- PonderLM-3 router ---
     router: str = "linear"  # "linear" or "mlp" (2 layers, SiLU)
     router_hidden: int = 0  # MLP hidden width; 0 means d_model // 4
-    router_init_bias: float = 4.0  # logit bias on depth K at init (inferred): start near PonderLM-2
+    router_init_bias: float = 4.0  # logit bias on one depth at init (inferred): start near PonderLM-2
+    router_init_depth: int | None = None  # the depth that gets the bias; None = K (full depth)
 
     # --- compute penalty (form inferred) ---
     penalty: str = "expected_depth"  # "expected_depth": lam*E[d]/K; "target_budget": lam*relu(E[d]-target)/K
@@ -166,6 +167,11 @@ class ModelConfig:
         need(self.jacobi_warmup in WARMUPS, f"jacobi_warmup must be one of {WARMUPS}")
         need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
         need(self.router_hidden >= 0, "router_hidden must be >= 0")
+        rid = self.router_init_depth
+        need(
+            rid is None or (isinstance(rid, int) and 0 <= rid <= self.max_ponder_steps),
+            f"router_init_depth must be None or in [0, K={self.max_ponder_steps}], got {rid!r}",
+        )
         need(self.penalty in PENALTIES, f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         need(self.penalty_weight >= 0, f"penalty_weight must be >= 0, got {self.penalty_weight}")
         need(self.target_depth >= 0, f"target_depth must be >= 0, got {self.target_depth}")
@@ -254,6 +260,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     dist: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard), when launched with torchrun
     threads: int = 0  # torch CPU threads; 0 = PyTorch's default
+    init_from: str = ""  # run/checkpoint (e.g. from `ponderlm convert`) whose weights start this run
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:

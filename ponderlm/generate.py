@@ -7,6 +7,7 @@ actually computed (see ``ponderlm.cache``). Prompts of different lengths are lef
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -74,6 +75,7 @@ def generate(
     seed: int | None = None,
     prefill: Literal["auto", "exact", "parallel"] = "auto",
     jacobi_iters: int | None = None,
+    on_token: Callable[[Tensor, Tensor], None] | None = None,
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens per row.
 
@@ -87,6 +89,7 @@ def generate(
             "parallel" uses the hard-pruned Jacobi passes and fills the cache from the final
             pass (fast; equal to exact once Jacobi has converged); "auto" is parallel for
             methods without latent feedback (where the two coincide) and exact otherwise.
+        on_token: called with (tokens (B,), depths (B,)) as each token is chosen (streaming).
     """
     cfg = model.cfg
     model._check_ids(input_ids)
@@ -142,6 +145,8 @@ def generate(
             nxt = nxt.masked_fill(finished, eos_token_id)
         tokens.append(nxt)
         depths.append(depth_last.masked_fill(finished, 0))
+        if on_token is not None:
+            on_token(nxt, depths[-1])
         if eos_token_id is not None:
             finished = finished | (nxt == eos_token_id)
         if i == max_new_tokens - 1 or bool(finished.all()):

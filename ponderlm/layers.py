@@ -42,16 +42,20 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
-        self.max_seq_len = max_seq_len
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (P, hd/2)
-        emb = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
-        self._tables = {torch.float64: (emb.cos(), emb.sin())}
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        self._tables: dict = {}  # built on first use, on the CPU even when the module is built on "meta"
 
     def _table(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         key = (device, dtype)
         if key not in self._tables:
+            if torch.float64 not in self._tables:
+                hd, cpu = self.head_dim, torch.device("cpu")
+                inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, dtype=torch.float64, device=cpu) / hd))
+                pos = torch.arange(self.max_seq_len, dtype=torch.float64, device=cpu)
+                freqs = torch.outer(pos, inv_freq)  # (P, hd/2)
+                emb = torch.cat([freqs, freqs], dim=-1)  # (P, hd)
+                self._tables[torch.float64] = (emb.cos(), emb.sin())
             cos, sin = self._tables[torch.float64]
             self._tables[key] = (cos.to(device, dtype), sin.to(device, dtype))
         return self._tables[key]

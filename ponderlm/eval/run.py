@@ -22,7 +22,25 @@ from .zeroshot import score_task
 PPL_SETS = ("val", "ptb_test")
 
 
+def is_hf_export(path: str | Path) -> bool:
+    """A directory written by ``ponderlm export`` / ``save_pretrained`` (config.json of model_type ponderlm)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "ponderlm"
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+
+
 def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[PonderLM, Tokenizer, Path]:
+    """A trainer run/checkpoint directory or a transformers export -> (model, tokenizer, directory)."""
+    if is_hf_export(checkpoint):
+        from ..hf import PonderLMForCausalLM
+
+        path = Path(checkpoint)
+        model = PonderLMForCausalLM.from_pretrained(path).model
+        return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json"), path
     ck_dir = resolve_checkpoint(checkpoint)
     ck = load_checkpoint(ck_dir, with_optimizer=False)
     model = PonderLM(ck["model_config"])

@@ -1,0 +1,255 @@
+"""transformers integration: ``PonderLMConfig`` and ``PonderLMForCausalLM``.
+
+After ``import ponderlm`` (in either order with ``import transformers``) the classes are
+registered with ``AutoConfig`` / ``AutoModelForCausalLM``, so a directory written by
+``save_pretrained`` or ``ponderlm export`` loads with ``AutoModelForCausalLM.from_pretrained(dir)``
+and no ``trust_remote_code``. The wrapper holds a :class:`ponderlm.PonderLM` as ``.model``; its
+forward is the hard-pruned inference computation and ``generate`` decodes through ponderlm's own
+KV cache, which holds only the slots that were computed.
+
+Inference knobs live in the config (``tau``, ``prefill``, ``jacobi_iters``) and can be overridden
+per call: ``model.generate(ids, tau=0.05)`` or ``model(ids, tau=0.05)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import KVCache, RoundCaches
+from .config import ModelConfig, check_tau
+from .model import PonderLM
+
+MODEL_TYPE = "ponderlm"
+
+
+class PonderLMConfig(PretrainedConfig):
+    """A transformers config that carries a :class:`ponderlm.ModelConfig` under ``ponder``."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        ponder: dict[str, Any] | None = None,
+        tau: float | None = None,
+        prefill: str = "auto",
+        jacobi_iters: int | None = None,
+        **kwargs,
+    ) -> None:
+        self.ponder = dict(ponder) if ponder else ModelConfig().to_dict()
+        mc = ModelConfig.from_dict(self.ponder)  # validates
+        self.tau = check_tau(mc.tau if tau is None else tau)
+        if prefill not in ("auto", "exact", "parallel"):
+            raise ValueError(f"prefill must be 'auto', 'exact' or 'parallel', got {prefill!r}")
+        self.prefill = prefill
+        self.jacobi_iters = jacobi_iters
+        # the names generic transformers code looks for
+        self.vocab_size = mc.vocab_size
+        self.hidden_size = mc.d_model
+        self.num_hidden_layers = mc.n_layers
+        self.num_attention_heads = mc.n_heads
+        self.max_position_embeddings = mc.max_seq_len
+        kwargs.setdefault("tie_word_embeddings", mc.tie_embeddings)
+        super().__init__(**kwargs)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.ponder)
+
+
+@dataclass
+class PonderCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the realised ponder depth of every input position (B, T)."""
+
+    depth: Tensor | None = None
+
+
+class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = PonderLMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules: ClassVar[list[str]] = ["Block"]
+
+    def __init__(self, config: PonderLMConfig) -> None:
+        super().__init__(config)
+        self.model = PonderLM(config.model_config())
+        if config.tie_word_embeddings:
+            self._tied_weights_keys = {"model.lm_head.weight": "model.embed_tokens.weight"}
+        self.post_init()
+
+    @classmethod
+    def from_ponderlm(cls, model: PonderLM, **config_kwargs) -> PonderLMForCausalLM:
+        """Wrap a trained PonderLM (weights shared, not copied)."""
+        cfg = PonderLMConfig(ponder=model.cfg.to_dict(), **config_kwargs)
+        wrapper = cls(cfg)
+        wrapper.model = model
+        return wrapper.to(next(model.parameters()).dtype)
+
+    def _init_weights(self, module) -> None:  # PonderLM initialises itself; loading fills the rest
+        pass
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # ponderlm's own cache: variable slots per token and per row
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: KVCache | RoundCaches | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        tau: float | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> PonderCausalLMOutput:
+        """Logits of the inference computation (hard pruning at ``tau``).
+
+        Without ``cache``: the whole (left-padded) batch; with ``use_cache`` the prompt runs
+        through the recurrence (``prefill``) and the filled cache is returned. With ``cache``:
+        ``input_ids`` are new tokens appended to it, ``attention_mask`` covers all tokens so far.
+        ``position_ids`` are ignored: positions follow from the attention mask.
+        """
+        if input_ids is None:
+            raise ValueError("PonderLMForCausalLM needs input_ids (inputs_embeds are not supported)")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("inputs_embeds are not supported; pass input_ids")
+        cfg = self.config
+        tau = check_tau(cfg.tau if tau is None else tau)
+        use_cache = cfg.use_cache if use_cache is None else use_cache
+        mask = attention_mask.bool() if attention_mask is not None else None
+        m = self.model
+        if cache is None:
+            if use_cache:
+                out, cache = self._ponder_prefill(input_ids, mask, tau)
+                n = mask.sum(-1) if mask is not None else torch.full_like(input_ids[:, 0], input_ids.shape[1])
+                cache.next_pos = n.long()  # (B,) position of each row's next token
+            else:
+                out = m(input_ids, mode="exact" if self._exact_prefill() else "hard", tau=tau,
+                        jacobi_iters=cfg.jacobi_iters, attention_mask=mask)  # fmt: skip
+            logits, depth = out.logits, out.depth
+        else:
+            logits, depth = self._ponder_decode(input_ids, mask, cache, tau)
+        loss = None
+        if labels is not None:
+            shift = labels[:, 1:].reshape(-1)
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift, ignore_index=-100
+            )
+        return PonderCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None, depth=depth)
+
+    def _exact_prefill(self) -> bool:
+        p = self.config.prefill
+        return p == "exact" or (p == "auto" and self.model.cfg.uses_jacobi)
+
+    def _ponder_prefill(self, input_ids: Tensor, mask: Tensor | None, tau: float):
+        m = self.model
+        if self._exact_prefill():
+            out = m(input_ids, mode="exact", tau=tau, attention_mask=mask)
+            return out, out.cache
+        B, T = input_ids.shape
+        cache = m.new_cache(B, capacity=2 * T * m.cfg.slots_per_token)
+        J = self.config.jacobi_iters or m.cfg.jacobi_iters
+        out = m._parallel(input_ids, "hard", tau, J, mask, cache)
+        return out, cache
+
+    def _ponder_decode(self, input_ids: Tensor, mask: Tensor | None, cache, tau: float) -> tuple[Tensor, Tensor]:
+        m = self.model
+        B, L = input_ids.shape
+        if getattr(cache, "next_pos", None) is None:
+            raise ValueError("this cache was not filled by PonderLMForCausalLM (no next_pos)")
+        active = mask[:, -L:] if mask is not None else torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+        m._check_ids(input_ids)
+        e = m.embed(input_ids)
+        pos = cache.next_pos.view(B, 1) + (active.long().cumsum(-1) - active.long())  # (B, L)
+        if int(pos.max()) >= m.cfg.max_seq_len:
+            raise ValueError(f"sequence exceeds max_seq_len {m.cfg.max_seq_len}")
+        cache.next_pos = cache.next_pos + active.long().sum(-1)
+        hs, depths = [], []
+        for i in range(L):
+            h, d, _, _ = m.ponder_token(e[:, i], pos[:, i], active[:, i], cache, tau)
+            hs.append(h)
+            depths.append(d)
+        logits = m.lm_head(torch.stack(hs, dim=1))
+        return logits, torch.stack(depths, dim=1).float()
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+        if cache is not None:
+            input_ids = input_ids[:, -1:]  # one new token per step
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache}
+        for k in ("tau", "use_cache"):
+            if k in kwargs:
+                out[k] = kwargs[k]
+        return out
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the classes with transformers' Auto* factories (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    AutoConfig.register(MODEL_TYPE, PonderLMConfig, exist_ok=True)
+    AutoModelForCausalLM.register(PonderLMConfig, PonderLMForCausalLM, exist_ok=True)
+    _registered = True
+
+
+register()
+
+
+def hf_tokenizer(tok):
+    """A ``PreTrainedTokenizerFast`` over ponderlm's tokenizer (end-of-text as eos and pad)."""
+    from transformers import PreTrainedTokenizerFast
+
+    eot = tok.tk.id_to_token(tok.eot_id)
+    return PreTrainedTokenizerFast(tokenizer_object=tok.tk, eos_token=eot, bos_token=eot, pad_token=eot)
+
+
+def export(checkpoint, out, *, overwrite: bool = False, tau: float | None = None, log=print):
+    """Write a trainer checkpoint (or run) as a transformers directory: safetensors weights,
+    config.json, generation_config.json, tokenizer files. Built in a temporary directory and
+    renamed into place; an existing ``out`` is replaced only with ``overwrite``."""
+    import shutil
+    from pathlib import Path
+
+    from .data import DataError
+    from .eval.run import load_model
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} exists; pass --overwrite to replace it or choose another output directory")
+    model, tok, src = load_model(checkpoint)
+    wrapper = PonderLMForCausalLM.from_ponderlm(model, tau=tau)
+    wrapper.generation_config.eos_token_id = tok.eot_id
+    wrapper.generation_config.pad_token_id = tok.eot_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    wrapper.save_pretrained(tmp)
+    hf_tokenizer(tok).save_pretrained(tmp)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    log(f"exported {src} ({model.cfg.method}, tau {wrapper.config.tau:g}) to {out}")
+    return out

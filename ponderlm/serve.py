@@ -1,0 +1,123 @@
+"""``ponderlm generate``: stream text from a checkpoint, optionally showing each token's realised
+ponder depth (ANSI colours on a terminal, ``[d]`` markers otherwise), one prompt or a loop."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TextIO
+
+import torch
+
+from .data import DataError
+from .eval.run import load_model
+
+# depth 0 .. 3+ : plain, green, yellow, red (bold)
+COLOURS = ("", "\033[32m", "\033[33m", "\033[1;31m")
+RESET = "\033[0m"
+
+
+@dataclass
+class Settings:
+    max_new_tokens: int = 64
+    tau: float | None = None
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    show_depth: bool = False
+    colour: bool = False
+
+
+class TextStream:
+    """Prints decoded text as tokens arrive; holds back an incomplete UTF-8 sequence."""
+
+    def __init__(self, decode: Callable[[list[int]], str], out: TextIO, settings: Settings, max_depth: int) -> None:
+        self.decode, self.out, self.s, self.K = decode, out, settings, max_depth
+        self.ids: list[int] = []
+        self.shown = ""
+        self.pending_depths: list[int] = []
+
+    def __call__(self, token: torch.Tensor, depth: torch.Tensor) -> None:
+        self.ids.append(int(token[0]))
+        self.pending_depths.append(int(depth[0]))
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return
+        new, self.shown = text[len(self.shown) :], text
+        d = max(self.pending_depths)
+        self.pending_depths = []
+        if self.s.show_depth and new:
+            if self.s.colour:
+                c = COLOURS[min(d, len(COLOURS) - 1)]
+                new = f"{c}{new}{RESET}" if c else new
+            else:
+                new = f"{new}[{d}]"
+        self.out.write(new)
+        self.out.flush()
+
+
+def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO) -> dict:
+    """Stream one completion of ``prompt`` to ``out``; returns tokens and depth statistics."""
+    if not prompt:
+        raise DataError("the prompt is empty")
+    ids = tok.encode(prompt)
+    if not ids:
+        raise DataError("the prompt encodes to no tokens")
+    ctx = model.cfg.max_seq_len
+    if len(ids) + settings.max_new_tokens > ctx:
+        raise DataError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens ({settings.max_new_tokens}) exceeds the model's "
+            f"context of {ctx} tokens; shorten the prompt or ask for fewer tokens"
+        )
+    device = next(model.parameters()).device
+    stream = TextStream(tok.decode, out, settings, model.cfg.max_depth)
+    res = model.generate(
+        torch.tensor([ids], device=device),
+        settings.max_new_tokens,
+        tau=settings.tau,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        seed=settings.seed,
+        eos_token_id=tok.eot_id,
+        on_token=stream,
+    )
+    out.write("\n")
+    depth = res.depth[0].tolist()
+    return {"tokens": len(depth), "mean_depth": sum(depth) / max(len(depth), 1), "max_depth": model.cfg.max_depth}
+
+
+def main(checkpoint, prompt: str | None, settings: Settings, interactive: bool, device: str = "cpu") -> int:
+    model, tok, _ = load_model(checkpoint, device)
+    out = sys.stdout
+    if settings.show_depth:
+        K = model.cfg.max_depth
+        legend = " ".join(
+            (f"{COLOURS[min(d, 3)]}depth {d}{RESET}" if settings.colour else f"[{d}]=depth {d}") for d in range(K + 1)
+        )
+        print(f"({model.cfg.method}, tau {settings.tau if settings.tau is not None else model.cfg.tau:g}; {legend})")
+
+    def one(p: str) -> None:
+        out.write(p)
+        out.flush()
+        st = generate_text(model, tok, p, settings, out)
+        print(f"-- {st['tokens']} tokens, mean depth {st['mean_depth']:.2f} of {st['max_depth']}", file=sys.stderr)
+
+    if prompt is not None:
+        one(prompt)
+    if interactive:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print()
+                break
+            if line.strip() in ("", "exit", "quit"):
+                break
+            try:
+                one(line)
+            except DataError as e:  # a bad prompt is not the end of the session
+                print(f"error: {e}", file=sys.stderr)
+    return 0
