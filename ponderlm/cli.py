@@ -147,6 +147,11 @@ def _add_experiment(sub) -> None:
     par.add_argument("--config", type=Path, required=True)
     par.add_argument("--cache-dir", type=Path, default=None, help="package cache (zero-shot task data)")
     par.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
+    par.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="train nothing: evaluate the finished runs and report without the others",
+    )
 
 
 def _add_analyze(sub) -> None:
@@ -314,7 +319,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "experiment":
         from .eval.pareto import ExperimentConfig, run_experiment
 
-        run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite)
+        run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite,
+                       eval_only=args.eval_only)  # fmt: skip
         return 0
     if args.command == "lm-eval-tasks":
         from .eval.lm_eval_adapter import write_tasks

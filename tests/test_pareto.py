@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from ponderlm.config import ConfigError
+from ponderlm.eval import pareto
 from ponderlm.eval.pareto import ExperimentConfig, collect_points, pareto_front, run_experiment
 
 from fakepkgs import build_fake_dataset
@@ -61,7 +62,7 @@ def test_experiment_config_errors(tmp_path, patch, needle):
         ExperimentConfig.load(p)
 
 
-def test_tiny_experiment_end_to_end_and_reuse(tmp_path):
+def test_tiny_experiment_end_to_end_and_reuse(tmp_path, monkeypatch):
     data = build_fake_dataset(tmp_path / "d")
     raw = {
         "name": "tiny",
@@ -103,5 +104,18 @@ def test_tiny_experiment_end_to_end_and_reuse(tmp_path):
     saved = json.loads((tmp_path / "exp" / "pareto.json").read_text())
     assert {pt["run"] for pt in saved["points"] if pt["ablation"] is None} == {"v", "p3"}
     logs.clear()
-    run_experiment(ExperimentConfig.load(p), tmp_path / "cache", log=logs.append)
+
+    def no_eval(*a, **k):
+        raise AssertionError("evaluation should come from experiment_eval.json")
+
+    monkeypatch.setattr(pareto, "evaluate_run", no_eval)
+    again = run_experiment(ExperimentConfig.load(p), tmp_path / "cache", log=logs.append)
     assert sum("reusing it" in line for line in logs) == 3
+    assert again["points"] == out["points"]
+    # --eval-only reports the finished runs and leaves the others out, training nothing
+    raw["runs"].append({"name": "new", "set": ["model.method=ponderlm2"]})
+    p.write_text(yaml.safe_dump(raw))
+    part = run_experiment(ExperimentConfig.load(p), tmp_path / "cache", log=logs.append, eval_only=True)
+    assert not (tmp_path / "exp" / "new").exists()
+    assert "Not finished, left out: new." in (tmp_path / "exp" / "pareto.md").read_text()
+    assert len(part["points"]) == len(out["points"])

@@ -20,11 +20,13 @@ An experiment file (``configs/experiments/*.yaml``)::
 
 A run trained with the first seed lives in ``out_dir/<name>``, other seeds in
 ``out_dir/<name>-s<seed>``. Finished runs (a checkpoint at train.max_steps) are reused, so an
-interrupted experiment continues where it stopped.
+interrupted experiment continues where it stopped, and so are their evaluations
+(``<run>/experiment_eval.json``, keyed by the checkpoint and every evaluation setting).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -295,8 +297,41 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     tmp.replace(path)
 
 
+def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str, Any]:
+    """The run's evaluation under this experiment's settings, computed once per checkpoint."""
+    ck = latest_checkpoint(run_dir)
+    key = {
+        "checkpoint": ck.name if ck else None,
+        "manifest_sha": hashlib.sha256((ck / "manifest.json").read_bytes()).hexdigest() if ck else None,
+        "taus": list(cfg.taus),
+        "eval_windows": cfg.eval_windows,
+        "tasks": list(cfg.tasks),
+        "task_limit": cfg.task_limit,
+        "ablations": list(cfg.ablations),
+    }
+    path = run_dir / "experiment_eval.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return saved["result"]
+        except (json.JSONDecodeError, KeyError):
+            pass
+    result = compute()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
+    tmp.replace(path)
+    return result
+
+
 def run_experiment(
-    cfg: ExperimentConfig, cache_dir: Path, *, overwrite: bool = False, log=print, stem: str = "pareto"
+    cfg: ExperimentConfig,
+    cache_dir: Path,
+    *,
+    overwrite: bool = False,
+    eval_only: bool = False,
+    log=print,
+    stem: str = "pareto",
 ) -> dict[str, Any]:
     from ..train import train
     from .tasks import load_tasks
@@ -313,19 +348,34 @@ def run_experiment(
         if seed in cfg.run_seeds(run)
     ]  # first seed of every run first
     total = len(jobs)
+    missing = []
     for n, (seed, run) in enumerate(jobs, 1):
         rc = cfg.run_config(run, seed)
         run_dir = Path(rc.train.out_dir)
         if not overwrite and finished(run_dir, rc.train.max_steps):
             log(f"\n== [{n}/{total}] {run_dir.name}: finished run found, reusing it")
+        elif eval_only:
+            log(f"\n== [{n}/{total}] {run_dir.name}: not finished, left out (--eval-only)")
+            missing.append(run_dir.name)
+            continue
         else:
             log(f"\n== [{n}/{total}] training {run_dir.name} ({rc.model.method})")
             train(rc, set(), overwrite=True, log=log)
-        r = evaluate_run(run_dir, Path(rc.train.data_dir), list(cfg.taus), cfg.eval_windows, tasks, cfg.ablations)
+        r = cached_evaluation(
+            run_dir,
+            cfg,
+            lambda rc=rc, run_dir=run_dir: evaluate_run(
+                run_dir, Path(rc.train.data_dir), list(cfg.taus), cfg.eval_windows, tasks, cfg.ablations
+            ),
+        )
         results.append({"run": run["name"], "seed": seed, **r})
+    if not results:
+        raise ConfigError("no finished run to report (--eval-only trains nothing)")
     points = collect_points(results)
     minutes = (time.time() - t0) / 60
     md = markdown(f"Pareto experiment `{cfg.name}`", points, minutes)
+    if missing:
+        md += f"\nNot finished, left out: {', '.join(missing)}.\n"
     payload = {"name": cfg.name, "taus": cfg.taus, "seeds": cfg.seeds, "results": results, "points": points}
     for name, text in ((f"{stem}.md", md), (f"{stem}.json", json.dumps(payload, indent=2) + "\n")):
         tmp = out / f".{name}.tmp"
