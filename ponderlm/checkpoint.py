@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -155,7 +156,10 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> dict[st
         model_cfg = ModelConfig.load(path / "model_config.json")
     except (ConfigError, json.JSONDecodeError, OSError) as e:
         raise CheckpointError(f"{path}: invalid model_config.json ({e})") from None
-    state = load_file(str(path / "model.safetensors"))
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for truncated/foreign files
+        raise CheckpointError(f"{path}: model.safetensors is not a readable safetensors file ({e})") from None
     out: dict[str, Any] = {
         "path": path,
         "model_config": model_cfg,
@@ -164,7 +168,11 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> dict[st
         "optim_state": None,
     }
     if with_optimizer and (path / "optimizer.pt").is_file():
-        out["optim_state"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        try:  # weights_only: tensors and plain containers only, never arbitrary pickled objects
+            out["optim_state"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: refusing optimizer.pt, not a plain tensor file ({first[:200]})") from None
     return out
 
 

@@ -242,6 +242,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    max_bad_steps: int = 5  # non-finite loss/gradient: skip the step; stop after this many in a row
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = 200  # steps between validations (and at the end); 0 = only at the end
     eval_windows: int = 64  # validation sequences (fixed windows of the val split)
@@ -269,7 +270,8 @@ class TrainConfig:
 
         for name in ("seq_len", "batch_size", "max_steps", "eval_windows", "keep_last"):
             need(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("micro_batch_size", "warmup_steps", "eval_interval", "log_interval", "ckpt_interval", "threads"):
+        for name in ("micro_batch_size", "warmup_steps", "eval_interval", "log_interval", "ckpt_interval", "threads",
+                     "max_bad_steps"):  # fmt: skip
             need(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")

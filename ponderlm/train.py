@@ -149,6 +149,7 @@ class Trainer:
             self.init_state = None
         self.step = 0
         self.tokens_seen = 0
+        self.bad_in_row = self.bad_total = 0  # non-finite steps skipped: current streak, whole run
         start = None
         if resume:
             start = latest_checkpoint(self.out)
@@ -161,6 +162,7 @@ class Trainer:
             load_model_weights(self.model, ck["model_state"])
             self.step = int(ck["trainer_state"]["step"])
             self.tokens_seen = int(ck["trainer_state"].get("tokens_seen", 0))
+            self.bad_total = int(ck["trainer_state"].get("skipped_steps", 0))
         self.model.to(self.env.device)
         self.autocast_dtype = None
         if tc.dtype == "bf16" or (tc.dtype == "auto" and self.env.device.type == "cuda"):
@@ -296,9 +298,12 @@ class Trainer:
     def _record(self, row: dict[str, Any]) -> None:
         if not self.env.is_main:
             return
+        row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}  # strict JSON
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         scalars = {f"{row['split']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if row.get("skipped"):
+            scalars = {f"{row['split']}/skipped": 1}
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, row["step"])
@@ -335,15 +340,17 @@ class Trainer:
                 (loss / self.accum).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.float() / self.accum
-        grad_norm = torch.tensor(0.0)
-        if tc.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        # the global gradient norm (clipping when asked); inf/nan when any gradient is not finite
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
         keys = sorted(sums)
-        vec = self.env.all_sum(torch.stack([sums[k].detach().to(self.env.device) for k in keys])) / self.env.world
-        row = {k: float(v) for k, v in zip(keys, vec.cpu(), strict=True)}
-        row.update(lr=lr, jacobi_iters=J, grad_norm=float(grad_norm))
+        vec = torch.stack([sums[k].detach().to(self.env.device) for k in keys] + [grad_norm.detach().float()])
+        vec = self.env.all_sum(vec.to(self.env.device)) / self.env.world  # non-finite anywhere -> everywhere
+        finite = bool(torch.isfinite(vec).all())
+        if finite:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # a bad step leaves weights and optimizer state untouched
+        row = {k: float(v) for k, v in zip(keys, vec[:-1].cpu(), strict=True)}
+        row.update(lr=lr, jacobi_iters=J, grad_norm=float(vec[-1]), skipped=0 if finite else 1)
         return row
 
     @torch.no_grad()
@@ -378,7 +385,8 @@ class Trainer:
     def save(self) -> None:
         model_state, optim_state = self._full_state()
         if self.env.is_main:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.cfg.train.seed}
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.cfg.train.seed,
+                     "skipped_steps": self.bad_total}  # fmt: skip
             save_checkpoint(
                 self.out, self.step, model_state, optim_state, state, self.cfg, self.tokenizer_file,
                 self.cfg.train.keep_last,
@@ -415,12 +423,26 @@ class Trainer:
             self.tokens_seen += tokens_per_step
             now = time.perf_counter()
             tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
-            if not math.isfinite(row["loss"]):
-                raise FloatingPointError(f"non-finite loss at step {step}")
+            if row["skipped"]:
+                self.bad_in_row += 1
+                self.bad_total += 1
+                if self.env.is_main:
+                    self.log(f"step {step}: non-finite loss or gradient; step skipped ({self.bad_in_row} in a row, "
+                             f"{self.bad_total} in all)")  # fmt: skip
+                self._record({"split": "train", "step": step, "tokens": self.tokens_seen, **row})
+                if self.bad_in_row > tc.max_bad_steps:
+                    raise TrainingStopped(
+                        f"{self.bad_in_row} non-finite steps in a row at step {step} (train.max_bad_steps="
+                        f"{tc.max_bad_steps}); stopped, the last good checkpoint in {self.out / 'checkpoints'} is "
+                        "intact: lower train.lr or check the data, then --resume"
+                    )
+            else:
+                self.bad_in_row = 0
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", depth=f"{row['mean_depth']:.2f}")
-            if tc.log_interval and (step % tc.log_interval == 0 or step == tc.max_steps):
+                if not row["skipped"]:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", depth=f"{row['mean_depth']:.2f}")
+            if not row["skipped"] and tc.log_interval and (step % tc.log_interval == 0 or step == tc.max_steps):
                 self._record({"split": "train", "step": step, "tokens": self.tokens_seen, "tokens_per_s": tps, **row})
                 if self.env.is_main and (bar is None or bar.disable):
                     eta = (tc.max_steps - step) * (now - t_start) / max(step - first_step, 1)
@@ -451,6 +473,10 @@ class Trainer:
 
     def close(self) -> None:
         self.env.close()
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps in a row); checkpoints are intact."""
 
 
 # the fields that fix the shapes and the computation of the shared backbone

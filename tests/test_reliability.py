@@ -1,0 +1,125 @@
+"""Failure behaviour as a tested property: non-finite steps are skipped and counted, a streak of
+them stops the run cleanly with its checkpoints intact, and loading never unpickles objects."""
+
+import hashlib
+import json
+import pickle
+
+import pytest
+import torch
+
+from ponderlm import train as train_mod
+from ponderlm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, verify_checkpoint
+from ponderlm.config import load_run_config
+from ponderlm.train import Trainer, TrainingStopped, train
+
+from fakepkgs import build_fake_dataset
+
+TINY = [
+    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.max_ponder_steps=2",
+    "train.seq_len=32", "train.batch_size=4", "train.eval_windows=4", "train.log_interval=1", "train.progress=false",
+    "train.warmup_steps=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_fake_dataset(tmp_path_factory.mktemp("rel_data"))
+
+
+def config(data, out, *extra):
+    return load_run_config(None, [*TINY, f"train.data_dir={data}", f"train.out_dir={out}", *extra])
+
+
+def poison_loss(monkeypatch, bad_steps, where="loss"):
+    """Make the loss (or one gradient) non-finite at the given steps of Trainer.train_step."""
+    real_loss, real_step = train_mod.ponder_loss, Trainer.train_step
+    current = {"step": 0}
+
+    def step(self, s):
+        current["step"] = s
+        return real_step(self, s)
+
+    def loss_fn(out, y, cfg):
+        loss, metrics = real_loss(out, y, cfg)
+        if current["step"] in bad_steps:
+            if where == "loss":
+                return loss * float("nan"), {**metrics, "loss": metrics["loss"] * float("nan")}
+            out.logits.register_hook(lambda g: g * float("inf"))  # finite loss, non-finite gradient
+        return loss, metrics
+
+    monkeypatch.setattr(train_mod, "ponder_loss", loss_fn)
+    monkeypatch.setattr(Trainer, "train_step", step)
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_non_finite_step_is_skipped_and_leaves_the_state_untouched(tmp_path, data, monkeypatch, where):
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=4")
+    poison_loss(monkeypatch, {2}, where)
+    tr = Trainer(cfg, explicit, log=lambda *_: None)
+    tr.train_step(1)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    opt_steps = [int(s["step"]) for s in tr.opt.state_dict()["state"].values()]
+    row = tr.train_step(2)
+    assert row["skipped"] == 1
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert [int(s["step"]) for s in tr.opt.state_dict()["state"].values()] == opt_steps
+    assert all(p.grad is None for p in tr.model.parameters())
+    assert tr.train_step(3)["skipped"] == 0
+    assert any(not torch.equal(v, before[k]) for k, v in tr.model.state_dict().items())
+    tr.close()
+
+
+def test_skipped_steps_are_logged_and_counted(tmp_path, data, monkeypatch):
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=5")
+    poison_loss(monkeypatch, {2, 3})
+    logs = []
+    train(cfg, explicit, log=logs.append)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in rows if r["split"] == "train" and r.get("skipped")]
+    assert skipped == [2, 3]
+    assert any("step 3: non-finite loss or gradient; step skipped (2 in a row, 2 in all)" in x for x in logs)
+    bad = [r for r in rows if r.get("skipped")]
+    assert all(r["loss"] is None and r["grad_norm"] is None for r in bad)  # strict JSON, no NaN literal
+    ck = latest_checkpoint(tmp_path / "run")
+    assert json.loads((ck / "trainer_state.json").read_text())["skipped_steps"] == 2
+
+
+def test_a_streak_of_bad_steps_stops_cleanly_with_the_last_checkpoint_intact(tmp_path, data, monkeypatch):
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=20", "train.ckpt_interval=2",
+                           "train.max_bad_steps=2")  # fmt: skip
+    poison_loss(monkeypatch, set(range(4, 100)))
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row at step 6"):
+        train(cfg, explicit, log=lambda *_: None)
+    ck = latest_checkpoint(tmp_path / "run")
+    # steps 4 and 5 were skipped (weights untouched, so the step-4 checkpoint holds step 3's good
+    # weights); step 6 stopped the run before anything else was written
+    assert ck.name == "step_00000004"
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    verify_checkpoint(ck)
+    good = load_checkpoint(ck)["model_state"]
+    assert all(torch.isfinite(v).all() for v in good.values())
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickled_objects_in_a_checkpoint_are_refused(tmp_path, data):
+    """An attacker who rewrites optimizer.pt and its manifest entry still cannot run code."""
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=1")
+    train(cfg, explicit, log=lambda *_: None)
+    ck = latest_checkpoint(tmp_path / "run")
+    torch.save({"state": Boom()}, ck / "optimizer.pt", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["files"]["optimizer.pt"] = hashlib.sha256((ck / "optimizer.pt").read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"refusing optimizer\.pt"):
+        load_checkpoint(ck)
+    (ck / "model.safetensors").write_bytes(b"\x80\x04not safetensors")
+    manifest["files"]["model.safetensors"] = hashlib.sha256((ck / "model.safetensors").read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(ck, with_optimizer=False)
