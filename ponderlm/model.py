@@ -234,6 +234,8 @@ class PonderLM(nn.Module):
             out = self.stack(slots.interleave(x), slots.interleave(pos), flat_bias, cache, n, final_norm)
             return slots.deinterleave(out, c)
         flat_keep = slots.interleave(keep)  # (B, T*c)
+        if not bool(flat_keep.any()):  # nothing to compute (an all-padding batch)
+            return x.new_zeros(x.shape)
         idx, n = slots.pack_slots(flat_keep)  # (B, L), (B,)
         xs = slots.gather_slots(slots.interleave(x), idx)  # (B, L, D)
         ps = slots.gather_slots(slots.interleave(pos), idx)
@@ -277,8 +279,9 @@ class PonderLM(nn.Module):
         tau = check_tau(self.cfg.tau if tau is None else tau)
         if depth_override is not None:
             K = self.cfg.n_latent
-            if mode != "hard" or K == 0:
-                raise ValueError("depth_override needs mode='hard' and a method with ponder slots")
+            if mode != "hard" or not self.cfg.has_router:
+                # pause/ponderlm2 read the last slot, which a shallower depth would leave uncomputed
+                raise ValueError("depth_override needs mode='hard' and a PonderLM-3 model")
             if depth_override.shape != input_ids.shape:
                 raise ValueError(f"depth_override shape {tuple(depth_override.shape)} != {tuple(input_ids.shape)}")
             if int(depth_override.min()) < 0 or int(depth_override.max()) > K:

@@ -342,6 +342,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.float() / self.accum
         # the global gradient norm (clipping when asked); inf/nan when any gradient is not finite
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip or math.inf)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         keys = sorted(sums)
         vec = torch.stack([sums[k].detach().to(self.env.device) for k in keys] + [grad_norm.detach().float()])
         vec = self.env.all_sum(vec.to(self.env.device)) / self.env.world  # non-finite anywhere -> everywhere

@@ -67,3 +67,19 @@ def test_ablated_perplexity_is_iso_flops_and_changes_the_loss():
     fixed = [perplexity(model, windows, batch_size=4, ablation=Ablation("fixed", depth=d)) for d in range(3)]
     assert [f["mean_depth"] for f in fixed] == [0.0, 1.0, 2.0]
     assert fixed[0]["flops_per_token"] < fixed[1]["flops_per_token"] < fixed[2]["flops_per_token"]
+
+
+@pytest.mark.parametrize("method", ["pause", "ponderlm2", "loop"])
+def test_override_is_refused_where_the_output_slot_could_go_uncomputed(method):
+    model = tiny_model(method)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, T))
+    with pytest.raises(ValueError, match="PonderLM-3"):
+        model(ids, mode="hard", depth_override=torch.zeros_like(ids))
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pause", "loop", "ponderlm2", "ponderlm3"])
+def test_all_padding_batch_gives_zeros(method):
+    model = tiny_model(method)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, T))
+    out = model(ids, mode="hard", attention_mask=torch.zeros_like(ids))
+    assert (out.logits == 0).all() and (out.depth == 0).all()
