@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,21 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     save_file(out, str(path))
 
 
+def fault_point(name: str, step: int) -> None:
+    """Fault injection for the crash tests: ``PONDERLM_FAULT=name:step`` SIGKILLs this process here."""
+    if os.environ.get("PONDERLM_FAULT") == f"{name}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete checkpoint directories a killed writer left half-built (hidden ``.step_*.tmp``)."""
+    root = Path(run_dir) / "checkpoints"
+    stale = sorted(root.glob(f".{PREFIX}*.tmp")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -76,6 +93,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_weights(model_state, tmp / "model.safetensors")
+    fault_point("checkpoint", step)  # tests: die half-way through writing
     if optim_state is not None:
         torch.save(optim_state, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")

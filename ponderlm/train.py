@@ -29,6 +29,7 @@ from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    remove_stale_temporaries,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -152,6 +153,9 @@ class Trainer:
         self.bad_in_row = self.bad_total = 0  # non-finite steps skipped: current streak, whole run
         start = None
         if resume:
+            if self.env.is_main:
+                for p in remove_stale_temporaries(self.out):
+                    self.log(f"removed {p.name}, a checkpoint whose writing was interrupted")
             start = latest_checkpoint(self.out)
             if start is None:
                 self.log(f"{self.out}: no checkpoint to resume from; starting from step 0")
