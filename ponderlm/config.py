@@ -260,6 +260,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False  # torch.compile the model
     dist: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard), when launched with torchrun
+    dist_timeout_s: int = 600  # a collective waiting longer (a peer process died) fails instead of hanging
     threads: int = 0  # torch CPU threads; 0 = PyTorch's default
     init_from: str = ""  # run/checkpoint (e.g. from `ponderlm convert`) whose weights start this run
 
@@ -271,7 +272,7 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "max_steps", "eval_windows", "keep_last"):
             need(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("micro_batch_size", "warmup_steps", "eval_interval", "log_interval", "ckpt_interval", "threads",
-                     "max_bad_steps"):  # fmt: skip
+                     "max_bad_steps", "dist_timeout_s"):  # fmt: skip
             need(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")

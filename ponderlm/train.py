@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from . import flops as flops_mod
 from .checkpoint import (
     CheckpointError,
+    fault_point,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -66,7 +68,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class DistEnv:
     """World size / rank from torchrun's environment; a no-op in a single process."""
 
-    def __init__(self, device_pref: str) -> None:
+    def __init__(self, device_pref: str, timeout_s: float = 600.0) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -76,7 +78,10 @@ class DistEnv:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            # a collective that waits longer than this (a peer died) raises instead of hanging forever
+            dist.init_process_group(
+                backend="nccl" if self.device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+            )
 
     @property
     def is_main(self) -> bool:
@@ -105,7 +110,7 @@ class Trainer:
     ) -> None:
         self.cfg, self.log = cfg, log
         tc = cfg.train
-        self.env = DistEnv(tc.device)
+        self.env = DistEnv(tc.device, tc.dist_timeout_s)
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.out = Path(tc.out_dir)
@@ -424,6 +429,7 @@ class Trainer:
         t_start, first_step = time.perf_counter(), self.step
         while self.step < tc.max_steps:
             step = self.step + 1
+            fault_point(f"rank{self.env.rank}", step)  # tests: a rank dies here
             row = self.train_step(step)
             self.step = step
             self.tokens_seen += tokens_per_step
