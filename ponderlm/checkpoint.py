@@ -142,28 +142,44 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; incomplete or corrupt ones are skipped with a warning."""
+def _newest_verified(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that verifies (or None), and why each newer one did not."""
+    problems = []
     for p in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(p)
-            return p
+            return p, problems
         except CheckpointError as e:
-            warnings.warn(f"skipping {e}", stacklevel=2)
-    return None
+            problems.append(str(e))
+    return None, problems
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; incomplete or corrupt ones are skipped with a warning."""
+    ck, problems = _newest_verified(run_dir)
+    for e in problems:
+        warnings.warn(f"skipping {e}", stacklevel=2)
+    return ck
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory (its latest checkpoint) or a checkpoint directory -> checkpoint directory."""
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or run directory")
     if (p / "manifest.json").is_file() or (p / "model.safetensors").is_file():
         return p
     if (p / "checkpoints").is_dir():
-        ck = latest_checkpoint(p)
-        if ck is None:
-            raise CheckpointError(f"{p}: no complete checkpoint in this run")
+        ck, problems = _newest_verified(p)
+        if ck is None:  # one line, naming what is wrong with the newest checkpoint
+            why = f" (newest: {problems[0]})" if problems else ""
+            raise CheckpointError(f"{p}: no complete checkpoint in this run{why}")
+        for e in problems:
+            warnings.warn(f"skipping {e}", stacklevel=2)
         return ck
-    raise CheckpointError(f"{p}: not a checkpoint or run directory")
+    raise CheckpointError(
+        f"{p}: not a ponderlm checkpoint or run directory (no manifest.json, model.safetensors or checkpoints/)"
+    )
 
 
 def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> dict[str, Any]:

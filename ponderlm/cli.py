@@ -279,10 +279,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.limit is not None and args.limit < 1:
             parser.error("--limit must be >= 1")
         ablation = _parse_ablation(args.ablation) if args.ablation else None
+        for t in args.tau:
+            check_tau(t)
         ck = resolve_checkpoint(args.checkpoint)
         out = args.out or _run_subdir(ck, "eval")
-        if (out / "eval.json").exists() and not args.overwrite:
-            raise DataError(f"{out / 'eval.json'} exists; pass --overwrite to replace it or choose another --out")
+        for name in ("eval.json", "eval.md"):  # checked before the (long) evaluation, not after it
+            if (out / name).exists() and not args.overwrite:
+                raise DataError(f"{out / name} exists; pass --overwrite to replace it or choose another --out")
         results = evaluate_checkpoint(
             ck,
             tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
@@ -347,10 +350,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             overwrite=args.overwrite,
         )
     if args.command == "export":
-        from .hf import export
-
         if args.tau is not None:
             check_tau(args.tau)
+        if args.out.exists() and not args.overwrite:  # refused before transformers is imported
+            raise DataError(f"{args.out} exists; pass --overwrite to replace it or choose another output directory")
+        from .hf import export
+
         export(args.checkpoint, args.out, overwrite=args.overwrite, tau=args.tau)
         return 0
     if args.command == "convert":

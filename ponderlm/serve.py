@@ -58,8 +58,9 @@ class TextStream:
         self.out.flush()
 
 
-def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO) -> dict:
-    """Stream one completion of ``prompt`` to ``out``; returns tokens and depth statistics."""
+def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO, echo: bool = False) -> dict:
+    """Stream one completion of ``prompt`` to ``out`` (after the prompt itself with ``echo``, once the
+    prompt is known to fit); returns tokens and depth statistics."""
     if not prompt:
         raise DataError("the prompt is empty")
     ids = tok.encode(prompt)
@@ -71,6 +72,9 @@ def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO) -> d
             f"prompt ({len(ids)} tokens) + --max-new-tokens ({settings.max_new_tokens}) exceeds the model's "
             f"context of {ctx} tokens; shorten the prompt or ask for fewer tokens"
         )
+    if echo:
+        out.write(prompt)
+        out.flush()
     device = next(model.parameters()).device
     stream = TextStream(tok.decode, out, settings, model.cfg.max_depth)
     res = model.generate(
@@ -100,9 +104,7 @@ def main(checkpoint, prompt: str | None, settings: Settings, interactive: bool, 
         print(f"({model.cfg.method}, tau {settings.tau if settings.tau is not None else model.cfg.tau:g}; {legend})")
 
     def one(p: str) -> None:
-        out.write(p)
-        out.flush()
-        st = generate_text(model, tok, p, settings, out)
+        st = generate_text(model, tok, p, settings, out, echo=True)
         print(f"-- {st['tokens']} tokens, mean depth {st['mean_depth']:.2f} of {st['max_depth']}", file=sys.stderr)
 
     if prompt is not None:

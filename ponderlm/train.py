@@ -36,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import ConfigError, RunConfig, save_run_config
-from .data import TokenShards, TrainBatches, eval_windows, load_meta
+from .data import DataError, TokenShards, TrainBatches, eval_windows, load_meta
 from .data.tokenizer import same_tokenizer
 from .eval.perplexity import HIST, score_batch, summarize
 from .losses import ponder_loss
@@ -114,7 +114,7 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.out = Path(tc.out_dir)
-        self._prepare_run_dir(resume, overwrite)
+        self._check_run_dir(resume, overwrite)  # nothing is created or deleted before the config is checked
 
         # data and tokenizer decide the vocabulary unless the user set it
         meta = load_meta(Path(tc.data_dir))
@@ -145,6 +145,8 @@ class Trainer:
 
         self.train_data = TrainBatches(TokenShards(tc.data_dir, "train"), tc.seq_len, tc.seed)
         self.val = eval_windows(TokenShards(tc.data_dir, "val"), tc.seq_len, tc.eval_windows)
+        self.tok_vocab = tok_vocab
+        self._check_ids(self.val)
 
         # model, optimizer, precision, distribution
         torch.manual_seed(tc.seed)
@@ -167,7 +169,14 @@ class Trainer:
         ck = load_checkpoint(start) if start is not None else None
         if ck is not None:
             if ck["model_config"] != cfg.model:
-                raise ConfigError(f"{start}: the checkpoint's model config differs from this run's")
+                theirs, mine = ck["model_config"].to_dict(), cfg.model.to_dict()
+                diff = ", ".join(
+                    f"model.{k}={mine[k]!r} (checkpoint: {theirs[k]!r})" for k in sorted(mine) if mine[k] != theirs[k]
+                )
+                raise ConfigError(
+                    f"--resume with another model config than {start}: {diff}; drop those overrides or "
+                    "choose another train.out_dir"
+                )
             load_model_weights(self.model, ck["model_state"])
             self.step = int(ck["trainer_state"]["step"])
             self.tokens_seen = int(ck["trainer_state"].get("tokens_seen", 0))
@@ -183,6 +192,7 @@ class Trainer:
         )
         if ck is not None and ck["optim_state"] is not None:
             self._load_optimizer(ck["optim_state"])
+        self._prepare_run_dir(resume, overwrite)
         if ck is not None:
             self.log(f"resumed from {start} at step {self.step}")
             self._truncate_metrics(self.step)
@@ -216,15 +226,36 @@ class Trainer:
             )
         return ck["model_state"], explicit | {"model.vocab_size"}
 
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Refuse an output directory that holds something other than a run, or a run that
+        neither --resume nor --overwrite is asked for."""
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"train.out_dir {self.out} is a file; choose a directory")
+        if not (self.out.exists() and any(self.out.iterdir())):
+            return
+        if not any((self.out / name).exists() for name in ("config.yaml", "checkpoints", "metrics.jsonl")):
+            raise ConfigError(
+                f"{self.out} is not empty and is not a ponderlm run (no config.yaml or checkpoints/); "
+                "choose another train.out_dir"
+            )
+        if not resume and not overwrite:
+            raise ConfigError(
+                f"{self.out} already holds a run; pass --resume to continue it or --overwrite to start over"
+            )
+
+    def _check_ids(self, tokens: torch.Tensor) -> None:
+        """Token ids beyond the tokenizer's entries: the dataset does not match its tokenizer.json."""
+        top = int(tokens.max()) if tokens.numel() else 0
+        if top >= self.tok_vocab:
+            raise DataError(
+                f"{self.cfg.train.data_dir}: token id {top} is outside the tokenizer's {self.tok_vocab} entries "
+                "(the dataset does not match its tokenizer.json); rebuild it with `ponderlm data prepare --overwrite`"
+            )
+
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         has_run = self.out.exists() and any(self.out.iterdir())
-        if has_run and not resume:
-            if not overwrite:
-                raise ConfigError(
-                    f"{self.out} already holds a run; pass --resume to continue it or --overwrite to start over"
-                )
-            if self.env.is_main:
-                shutil.rmtree(self.out)
+        if has_run and not resume and self.env.is_main:  # --overwrite, checked in _check_run_dir
+            shutil.rmtree(self.out)
         if self.env.world > 1:
             dist.barrier()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -337,6 +368,8 @@ class Trainer:
         for m in range(self.accum):
             a = lo + m * self.micro
             x, y = self.train_data.batch(step, tc.batch_size, a, a + self.micro)
+            self._check_ids(y)  # y is x shifted by one token plus the window's last token
+            self._check_ids(x[:, :1])
             x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
             sync = m == self.accum - 1
             ctx = contextlib.nullcontext()

@@ -50,7 +50,10 @@ class TrainBatches:
         self.shards, self.seq_len, self.seed = shards, seq_len, seed
         usable = shards.sizes - (seq_len + 1)
         if (usable < 0).all():
-            raise DataError(f"the training split ({shards.n_tokens:,} tokens) is too small for seq_len {seq_len}")
+            raise DataError(
+                f"the training split of {shards.data_dir} ({shards.n_tokens:,} tokens) is too small for seq_len "
+                f"{seq_len} (a shard needs at least {seq_len + 1}); lower train.seq_len or prepare more text"
+            )
         self.usable = np.maximum(usable, -1) + 1  # window starts per shard
         self.p = self.usable / self.usable.sum()
 

@@ -129,6 +129,20 @@ def _collect(cfg: PrepareConfig, log) -> tuple[list[Document], list[Path], dict]
     return docs, bins, fetched
 
 
+def _check_bin(path: Path, vocab_size: int) -> None:
+    """A pre-tokenised input must be non-empty and hold only ids the tokenizer has (checked before
+    anything is written)."""
+    arr = np.memmap(path, dtype=np.uint16, mode="r") if path.stat().st_size >= 2 else np.zeros(0, np.uint16)
+    if arr.size == 0:
+        raise DataError(f"{path} is empty")
+    top = int(arr.max())
+    if top >= vocab_size:
+        raise DataError(
+            f"{path}: token id {top} is outside the tokenizer's {vocab_size} entries; pass the tokenizer it was "
+            "made with (--tokenizer FILE.json)"
+        )
+
+
 def _split_bin(path: Path, eot: int, val_fraction: float) -> dict[str, np.ndarray]:
     """Pre-tokenised uint16 file (documents separated by EOT) -> train/val tokens, split by a
     seeded per-document draw (stable for a given file name)."""
@@ -181,6 +195,8 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     if bins and dtype != np.uint16:
         raise DataError(".bin inputs are uint16 token files; they need a tokenizer of at most 65,536 entries")
+    for b in bins:
+        _check_bin(b, tok.vocab_size)
 
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

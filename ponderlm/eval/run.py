@@ -169,10 +169,11 @@ def markdown(results: dict) -> str:
 
 
 def write_results(results: dict, out: Path, overwrite: bool) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
     jp, mp = out / "eval.json", out / "eval.md"
-    if (jp.exists() or mp.exists()) and not overwrite:
-        raise DataError(f"{jp} exists; pass --overwrite to replace it or choose another --out")
+    for p in (jp, mp):
+        if p.exists() and not overwrite:
+            raise DataError(f"{p} exists; pass --overwrite to replace it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
     for p, text in ((jp, json.dumps(results, indent=2) + "\n"), (mp, markdown(results))):
         tmp = p.with_name(f".{p.name}.tmp")
         tmp.write_text(text)
