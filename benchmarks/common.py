@@ -1,0 +1,130 @@
+"""Shared helpers for the benchmarks: device/dtype choice, timing, peak memory, output.
+
+Every benchmark prints a readable table and ends with ONE line of JSON (the machine-readable
+result); ``--out FILE`` also writes that JSON. Ratios are always measured side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: PyTorch's default)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    return p
+
+
+def setup(args) -> tuple[torch.device, torch.dtype]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[
+            args.dtype
+        ]
+    return device, dtype
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall seconds of fn() over ``repeats`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
+    """Achieved FLOP/s of a large square torch.mm in ``dtype``: the machine's practical matmul peak."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    s = timeit(lambda: a @ b, device, repeats)
+    return 2 * n**3 / s
+
+
+def machine() -> dict:
+    info = {"date": date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}  # fmt: skip
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _status_kb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> float:
+    """Reset the peak-RSS mark (Linux: ``5 > /proc/self/clear_refs``); returns the current RSS in MB."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    cur = _status_kb("VmRSS")
+    return cur / 1024 if cur is not None else max_rss_mb()
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process since start or the last reset_peak_rss, in MB."""
+    hwm = _status_kb("VmHWM")
+    return hwm / 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def isolated_peak_mb(script: str, args: list[str]) -> dict:
+    """Run ``script --probe ...`` in a fresh interpreter and return its JSON (peak memory of one
+    configuration alone: CPU peak RSS cannot be reset inside one process)."""
+    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """Markdown table; cols are (key, header, format)."""
+    out = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(format(r[k], f) if r.get(k) is not None else "" for k, _, f in cols) + " |")
+    return "\n".join(out)
+
+
+def finish(result: dict, out: Path | None) -> None:
+    line = json.dumps(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+    print(line)
