@@ -401,17 +401,26 @@ class PonderLM(nn.Module):
         x = e
         for r in range(R):
             c = cache[r] if cache is not None else None
-            if cfg.method == "loop":  # the residual stream goes round again; one final norm
-                x = self._pass(x.unsqueeze(2), tok_pos, None, tok_keep, c, final_norm=r == R - 1)[:, :, 0]
-            else:  # ponderlm1: full stack, then soft-token feedback into the next pass
-                h = self._pass(x.unsqueeze(2), tok_pos, None, tok_keep, c)[:, :, 0]  # (B, T, D)
-                x = self.soft_token_feedback(e, h) if r < R - 1 else h
+            last = r == R - 1
+            h = self._pass(x.unsqueeze(2), tok_pos, None, tok_keep, c, self._round_norm(last))[:, :, 0]  # (B, T, D)
+            x = self._next_round_input(e, h, last)
         depth = torch.full((B, T), float(cfg.max_depth), device=e.device)
         out = self._output(x, depth)
         if token_mask is not None:
             out.logits = out.logits.masked_fill(~token_mask.unsqueeze(-1), 0.0)
             out.depth = out.depth.masked_fill(~token_mask, 0.0)
         return out
+
+    def _round_norm(self, last: bool) -> bool:
+        """Whether a round ends in the final norm: always for PonderLM-1, only the last for loop."""
+        return last or self.cfg.method == "ponderlm1"
+
+    def _next_round_input(self, e: Tensor, h: Tensor, last: bool) -> Tensor:
+        """Round output -> next round's input: loop keeps the residual stream, PonderLM-1 feeds back
+        the expected embedding. The last round's output is the model's hidden state."""
+        if last or self.cfg.method == "loop":
+            return h
+        return self.soft_token_feedback(e, h)
 
     def _output(self, h_hat: Tensor, depth: Tensor, probs=None, log_w=None, residual=None) -> PonderOutput:
         return PonderOutput(
@@ -458,11 +467,8 @@ class PonderLM(nn.Module):
             R, e = cfg.n_rounds, x
             for r in range(R):
                 last = r == R - 1
-                if cfg.method == "loop":
-                    x = self.stack(x.unsqueeze(1), pos, None, cache[r], active.long(), final_norm=last)[:, 0]
-                else:
-                    h = self.stack(x.unsqueeze(1), pos, None, cache[r], active.long())[:, 0]
-                    x = h if last else self.soft_token_feedback(e, h)
+                h = self.stack(x.unsqueeze(1), pos, None, cache[r], active.long(), self._round_norm(last))[:, 0]
+                x = self._next_round_input(e, h, last)
             return x, cfg.max_depth * active.long(), None, None
         h = self.stack(x.unsqueeze(1), pos, None, cache, active.long())[:, 0]  # (B, D)
         K = cfg.n_latent

@@ -33,8 +33,8 @@ class Settings:
 class TextStream:
     """Prints decoded text as tokens arrive; holds back an incomplete UTF-8 sequence."""
 
-    def __init__(self, decode: Callable[[list[int]], str], out: TextIO, settings: Settings, max_depth: int) -> None:
-        self.decode, self.out, self.s, self.K = decode, out, settings, max_depth
+    def __init__(self, decode: Callable[[list[int]], str], out: TextIO, settings: Settings) -> None:
+        self.decode, self.out, self.s = decode, out, settings
         self.ids: list[int] = []
         self.shown = ""
         self.pending_depths: list[int] = []
@@ -76,7 +76,7 @@ def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO, echo
         out.write(prompt)
         out.flush()
     device = next(model.parameters()).device
-    stream = TextStream(tok.decode, out, settings, model.cfg.max_depth)
+    stream = TextStream(tok.decode, out, settings)
     res = model.generate(
         torch.tensor([ids], device=device),
         settings.max_new_tokens,
