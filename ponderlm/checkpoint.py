@@ -67,12 +67,23 @@ def fault_point(name: str, step: int) -> None:
 
 
 def remove_stale_temporaries(run_dir: Path) -> list[Path]:
-    """Delete checkpoint directories a killed writer left half-built (hidden ``.step_*.tmp``)."""
+    """Delete what a killed writer left behind: half-built (``.step_*.tmp``) or half-deleted
+    (``.step_*.del``) checkpoint directories, both hidden from ``list_checkpoints``."""
     root = Path(run_dir) / "checkpoints"
-    stale = sorted(root.glob(f".{PREFIX}*.tmp")) if root.is_dir() else []
+    stale = sorted([*root.glob(f".{PREFIX}*.tmp"), *root.glob(f".{PREFIX}*.del")]) if root.is_dir() else []
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
+
+
+def _discard(ck: Path) -> None:
+    """Delete a checkpoint directory without ever exposing a half-deleted one: hide it with an
+    atomic rename first, then remove it (a kill in between leaves only a hidden ``.del``)."""
+    hidden = ck.with_name(f".{ck.name}.del")
+    if hidden.exists():
+        shutil.rmtree(hidden)
+    ck.rename(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -105,10 +116,10 @@ def save_checkpoint(
     manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if final.exists():
-        shutil.rmtree(final)
+        _discard(final)
     tmp.rename(final)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
 
 

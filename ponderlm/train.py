@@ -162,7 +162,7 @@ class Trainer:
         if resume:
             if self.env.is_main:
                 for p in remove_stale_temporaries(self.out):
-                    self.log(f"removed {p.name}, a checkpoint whose writing was interrupted")
+                    self.log(f"removed {p.name}, a checkpoint whose writing or deletion was interrupted")
             start = latest_checkpoint(self.out)
             if start is None:
                 self.log(f"{self.out}: no checkpoint to resume from; starting from step 0")

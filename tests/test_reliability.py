@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,7 +186,7 @@ def test_random_sigkills_and_a_kill_inside_a_checkpoint_write_lose_nothing(tmp_p
     (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:100])
     p = _launch([*common, f"train.out_dir={run}", "--resume"])
     assert p.wait() == 0, p.stderr.read()
-    assert not list((run / "checkpoints").glob(".step_*.tmp"))
+    assert not list((run / "checkpoints").glob(".step_*"))  # no half-built or half-deleted leftovers
     assert _losses(run) == _losses(ref)
     a = load_checkpoint(latest_checkpoint(run))["model_state"]
     b = load_checkpoint(latest_checkpoint(ref))["model_state"]
@@ -214,3 +215,30 @@ def test_when_one_rank_dies_the_others_exit_promptly_and_the_run_resumes_on_one(
     a, b = _losses(tmp_path / "run"), _losses(tmp_path / "ref")
     assert a.keys() == b.keys() == set(range(1, 7))
     assert all(abs(a[s] - b[s]) < 1e-4 for s in a)
+
+
+def test_pruning_old_checkpoints_never_exposes_a_half_deleted_one(tmp_path, data, monkeypatch):
+    """keep_last deletes old checkpoints; a kill half-way through that deletion (simulated by a
+    failing rmtree) leaves only a hidden .del directory, which resume removes."""
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=3", "train.ckpt_interval=1", "train.keep_last=1")
+    import ponderlm.checkpoint as ck_mod
+
+    real = ck_mod.shutil.rmtree
+
+    def dies_half_way(path, *a, **k):
+        if str(path).endswith(".del"):
+            (Path(path) / "model.safetensors").unlink()  # part of it is gone, then "the process dies"
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(ck_mod.shutil, "rmtree", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, explicit, log=lambda *_: None)
+    monkeypatch.setattr(ck_mod.shutil, "rmtree", real)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in root.glob(".step_*.del")] == [".step_00000001.del"]
+    for ck in list_checkpoints(tmp_path / "run"):
+        verify_checkpoint(ck)  # every visible checkpoint is whole
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=3", "train.ckpt_interval=1", "train.keep_last=1")
+    train(cfg, explicit, resume=True, log=lambda *_: None)
+    assert not list(root.glob(".step_*")) and [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000003"]
