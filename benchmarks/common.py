@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import resource
 import statistics
@@ -107,8 +108,14 @@ def max_rss_mb() -> float:
 
 def isolated_peak_mb(script: str, args: list[str]) -> dict:
     """Run ``script --probe ...`` in a fresh interpreter and return its JSON (peak memory of one
-    configuration alone: CPU peak RSS cannot be reset inside one process)."""
-    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+    configuration alone: CPU peak RSS cannot be reset inside one process).
+
+    glibc's malloc keeps freed memory and raises its mmap threshold as it goes, so a freed tensor
+    can stay resident and the peak RSS depends on allocation history; a fixed 64 KiB threshold
+    gives every tensor of note its own mapping, returned to the OS when freed, so the peak RSS
+    follows the peak of live tensors (other allocators ignore the variable)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True, env=env)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 

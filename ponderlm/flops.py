@@ -7,7 +7,10 @@ are needed (once per token; PonderLM-1 also needs them after every inner pass, p
 ``softmax(.) @ E`` of its soft-token feedback). Round methods (loop, PonderLM-1) compute K+1
 slots per token, one per round, each attending to the same round of earlier tokens.
 Not counted: norms, RoPE, softmax, activations, embedding lookups, the slot mixture -- all
-elementwise and O(D) per slot, under 1% at any realistic size.
+elementwise and O(D) per slot, under 1% at any realistic size. Nor the implementation's
+padding: the biased attention carries the bias in an extra head column (rounded up to 4 on
+CPU, 8 on CUDA), so its scores, weighted values and output projection run on hd + 4 (or 8)
+columns where the model needs hd; those are executed, not model, FLOPs (MFU counts model FLOPs).
 
 Inference is the exact recurrence (what decoding executes); training is the soft Jacobi
 computation (warm-up passes, J refinements and the final pass, every slot computed), forward and

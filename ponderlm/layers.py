@@ -77,29 +77,83 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + _rotate_half(x) * sin
 
 
-def biased_causal_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None) -> Tensor:
+def augmented_head_dim(head_dim: int, device: torch.device) -> int:
+    """Head dimension that carries the bias column: hd + 1 rounded up to a multiple of 8 on CUDA
+    (the fused kernels' requirement) and of 4 on CPU. The CPU flash kernel takes any size, but
+    with an odd one its float64 results change in the last bit with the sequence length (seen in
+    the bitwise causality test of hard mode); multiples of 4 keep them exact, at 68/64 the
+    memory for hd = 64 where 72/64 would be needed for 8."""
+    return head_dim + 1 + (-(head_dim + 1)) % (8 if device.type == "cuda" else 4)
+
+
+def _augment(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q' = [q, sqrt(hd), 0..], k' = [k, bias, 0..], v' = [v, 0..], each (., ., L, width), so that
+    hd**-0.5 * q'.k' = hd**-0.5 * q.k + bias_j. Written into fresh buffers (one copy each)."""
+    B, H, L, hd = q.shape
+    qa = q.new_zeros(B, L, H, width).transpose(1, 2)  # (B, L, H, .) in memory, as the projections
+    qa[..., :hd] = q
+    qa[..., hd] = hd**0.5
+    ka = k.new_zeros(B, L, k.shape[1], width).transpose(1, 2)
+    ka[..., :hd] = k
+    ka[..., hd] = key_bias.to(k.dtype)[:, None, :]
+    va = v.new_zeros(B, L, v.shape[1], width).transpose(1, 2)
+    va[..., :hd] = v
+    return qa, ka, va
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """Fused causal SDPA on the augmented q', k', v'; keeps only the augmented tensors for backward.
+
+    Autograd through the plain-op version would keep both q, k, v and their augmented copies alive
+    (and allocate a scaled copy of dq); here the un-augmented inputs are released after forward, the
+    bias gradient is the bias column of dk', and dq, dk, dv are views of the augmented gradients.
+    The output is the kernel's whole (B, H, L, width) tensor, so the gradient arrives in that shape
+    with no zero-padded copy (its columns past hd are zero: the output does not depend on them).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, width: int) -> Tensor:
+        hd = q.shape[-1]
+        gqa = q.shape[1] != k.shape[1]
+        qa, ka, va = _augment(q.detach(), k.detach(), v.detach(), key_bias.detach(), width)
+        if not any(ctx.needs_input_grad[:4]):
+            return F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=hd**-0.5, enable_gqa=gqa)
+        with torch.enable_grad():
+            qa.requires_grad_(), ka.requires_grad_(), va.requires_grad_()
+            out = F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=hd**-0.5, enable_gqa=gqa)
+        ctx.save_for_backward(qa, ka, va, out)
+        ctx.hd = hd
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        qa, ka, va, out = ctx.saved_tensors
+        hd = ctx.hd
+        if grad.stride() != out.stride():  # the kernel wants grad laid out as out, or it copies
+            grad = torch.empty_like(out).copy_(grad)
+        dq, dk, dv = torch.autograd.grad(out, (qa, ka, va), grad)
+        dbias = dk[..., hd].sum(1) if ctx.needs_input_grad[3] else None  # (B, L): summed over kv heads
+        return dq[..., :hd], dk[..., :hd], dv[..., :hd], dbias, None
+
+
+def biased_causal_attention(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, padded: bool = False) -> Tensor:
     """Causal attention with an additive per-key bias, inside fused SDPA.
 
-    The bias rides in an extra head dimension: q' = [q * scale, 1], k' = [k, bias], so
-    q'.k' = scale * q.k + bias_j. Dims are padded to a multiple of 8 (v with zeros) and SDPA
-    runs with scale 1 and is_causal=True; no (L, L) mask is ever built.
+    The bias rides in an extra head dimension: q' = [q, sqrt(hd)], k' = [k, bias], v' = [v, 0],
+    so hd**-0.5 * q'.k' = hd**-0.5 * q.k + bias_j, and SDPA runs with is_causal=True: no (L, L)
+    mask is ever built. See ``_BiasedAttention`` for what is kept for backward.
 
-    Args: q (B, H, L, hd); k, v (B, Hkv, L, hd); key_bias (B, L) or None.
-    Returns: (B, H, L, hd).
+    Args: q (B, H, L, hd); k, v (B, Hkv, L, hd); key_bias (B, L) or None. ``padded``: return the
+      kernel's (B, H, L, width) output as is (its columns past hd are exactly zero, since v' is
+      zero there), so a caller can read it without the copy a slice would cost; see
+      ``Attention.forward``.
+    Returns: (B, H, L, hd), or (B, H, L, width) with ``padded`` and a bias.
     """
     gqa = q.shape[1] != k.shape[1]
     if key_bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    B, H, L, hd = q.shape
-    pad = (-(hd + 1)) % 8
-    scale = hd**-0.5
-    one = q.new_ones(B, H, L, 1)
-    qa = F.pad(torch.cat([q * scale, one], dim=-1), (0, pad))  # (B, H, L, hd+1+pad)
-    kb = key_bias.to(k.dtype)[:, None, :, None].expand(B, k.shape[1], L, 1)
-    ka = F.pad(torch.cat([k, kb], dim=-1), (0, pad))  # (B, Hkv, L, hd+1+pad)
-    va = F.pad(v, (0, 1 + pad))  # (B, Hkv, L, hd+1+pad)
-    out = F.scaled_dot_product_attention(qa, ka, va, is_causal=True, scale=1.0, enable_gqa=gqa)
-    return out[..., :hd]
+    out = _BiasedAttention.apply(q, k, v, key_bias, augmented_head_dim(q.shape[-1], q.device))
+    return out if padded else out[..., : q.shape[-1]]
 
 
 class Attention(nn.Module):
@@ -128,8 +182,12 @@ class Attention(nn.Module):
         cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = cache.update(self.layer_idx, k, v) if cache is not None else None
-        if past is None:  # no cache, or an empty one: plain causal attention over the new slots
-            out = biased_causal_attention(q, k, v, key_bias)
+        if past is None:  # no cache, or an empty one: causal attention over the new slots
+            out = biased_causal_attention(q, k, v, key_bias, padded=True)  # (B, H, L, >= hd)
+            if out.shape[-1] != self.head_dim:  # padded heads: zero columns meet zero weights
+                pad = out.shape[-1] - self.head_dim
+                w = F.pad(self.o_proj.weight.view(-1, self.n_heads, self.head_dim), (0, pad)).flatten(1)
+                return F.linear(out.transpose(1, 2).reshape(B, L, -1), w)
         else:  # attend to the cached prefix of each row: small (B, 1, L, used) mask
             k_all, v_all, mask = past
             out = F.scaled_dot_product_attention(
