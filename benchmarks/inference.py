@@ -1,7 +1,10 @@
 """Inference: does pruning turn saved FLOPs into saved time? A PonderLM-3 model at a realised mean
 depth against the same weights forced to full depth K (PonderLM-2's cost) and against vanilla
 (the same backbone, no pondering): decode tokens/s at batch 1 and 16, and scoring (the hard-pruned
-parallel forward used for log-likelihoods).
+parallel forward used for log-likelihoods). Decoding at batch 16 is timed with both schedules of
+ponderlm.generate: "token" (all rows advance a token per step, so a step costs its deepest row)
+and "slot" (each row advances one slot per call). A decode case is prefill (exact, slot by slot
+for PonderLM-3) plus --new-tokens tokens.
 
     python benchmarks/inference.py                                  # a random model, tau chosen for depth 1.5
     python benchmarks/inference.py --checkpoint runs/pareto_cpu/p3-k3-l0.05 --tau 0.05
@@ -115,14 +118,15 @@ def main() -> None:
             hard.depth,
             full.depth,
         )
-        for B in (1, 16):
+        for B, schedule in ((1, "token"), (16, "token"), (16, "slot")):
             prompt = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
-            ref = model.generate(prompt, args.new_tokens, tau=tau)
-            ref_full = model.generate(prompt, args.new_tokens, tau=FULL_TAU)
+            kw = {"schedule": schedule}
+            ref = model.generate(prompt, args.new_tokens, tau=tau, **kw)
+            ref_full = model.generate(prompt, args.new_tokens, tau=FULL_TAU, **kw)
             case(
-                f"decode batch {B}",
-                lambda prompt=prompt: model.generate(prompt, args.new_tokens, tau=tau),
-                lambda prompt=prompt: model.generate(prompt, args.new_tokens, tau=FULL_TAU),
+                f"decode batch {B}" + (f", {schedule} schedule" if B > 1 else ""),
+                lambda prompt=prompt, kw=kw: model.generate(prompt, args.new_tokens, tau=tau, **kw),
+                lambda prompt=prompt, kw=kw: model.generate(prompt, args.new_tokens, tau=FULL_TAU, **kw),
                 lambda prompt=prompt: twin.generate(prompt, args.new_tokens),
                 torch.cat([ref.prompt_depth, ref.depth], 1),
                 torch.cat([ref_full.prompt_depth, ref_full.depth], 1),

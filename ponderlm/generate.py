@@ -1,8 +1,17 @@
-"""Batched generation: prefill, then decode token by token with hard pruning and a KV cache.
+"""Batched generation: prefill, then decode with hard pruning and a KV cache.
 
-Rows may take different depths at the same step; each row's cache holds only the slots it
-actually computed (see ``ponderlm.cache``). Prompts of different lengths are left-padded with an
-``attention_mask``.
+Rows may take different depths; each row's cache holds only the slots it actually computed (see
+``ponderlm.cache``). Prompts of different lengths are left-padded with an ``attention_mask``.
+
+Two schedules give the same tokens (greedy; sampling draws in another order):
+
+* ``token``: all rows advance one token per step; a step runs latent slot k for the whole batch
+  while any row needs it (rows that stopped earlier are masked), so a batch pays for its deepest
+  token at every step.
+* ``slot``: every model call advances each row by one slot of its own -- the next latent slot of
+  its current token, or the token slot of its next token (from the prompt, or sampled as soon as
+  the row's pondering ends). No row waits for another, so the number of calls follows the
+  realised depths: about N * (1 + mean depth) instead of N * (1 + deepest depth per step).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .config import check_tau
-from .slots import token_positions
+from .slots import depth_keep, prune_depth, token_positions
 
 if TYPE_CHECKING:
     from .model import PonderLM
@@ -76,6 +85,7 @@ def generate(
     prefill: Literal["auto", "exact", "parallel"] = "auto",
     jacobi_iters: int | None = None,
     on_token: Callable[[Tensor, Tensor], None] | None = None,
+    schedule: Literal["auto", "token", "slot"] = "auto",
 ) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` tokens per row.
 
@@ -89,7 +99,11 @@ def generate(
             "parallel" uses the hard-pruned Jacobi passes and fills the cache from the final
             pass (fast; equal to exact once Jacobi has converged); "auto" is parallel for
             methods without latent feedback (where the two coincide) and exact otherwise.
-        on_token: called with (tokens (B,), depths (B,)) as each token is chosen (streaming).
+        on_token: called with (tokens (B,), depths (B,)) as each token is chosen (streaming;
+            token schedule only).
+        schedule: "token" or "slot" (see the module docstring); "auto" is slot for a router
+            model (PonderLM-3) with more than one row and no on_token, else token. Round
+            methods (loop, PonderLM-1) always use the token schedule.
     """
     cfg = model.cfg
     model._check_ids(input_ids)
@@ -113,8 +127,31 @@ def generate(
     if prefill not in ("exact", "parallel"):
         raise ValueError(f"prefill must be 'auto', 'exact' or 'parallel', got {prefill!r}")
 
+    if schedule == "auto":
+        schedule = "slot" if cfg.has_router and B > 1 and on_token is None else "token"
+    if schedule not in ("token", "slot"):
+        raise ValueError(f"schedule must be 'auto', 'token' or 'slot', got {schedule!r}")
+    if schedule == "slot" and (on_token is not None or cfg.n_rounds > 1):
+        why = "streaming (on_token)" if on_token is not None else f"method {cfg.method!r} (one cache per round)"
+        raise ValueError(f"schedule='slot' does not support {why}; use schedule='token'")
+
     S = cfg.slots_per_token
     cache = model.new_cache(B, capacity=(T + max_new_tokens) * S)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+
+    def pick(logits: Tensor) -> Tensor:
+        return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+
+    if schedule == "slot":
+        last = None
+        if prefill == "parallel":
+            J = cfg.jacobi_iters if jacobi_iters is None else jacobi_iters
+            out = model._parallel(input_ids, "hard", tau, J, mask, cache)
+            last = (out.hidden[:, -1], out.depth.long())
+        return _generate_by_slot(model, cache, input_ids, mask, max_new_tokens, tau, pick, eos_token_id, last)
+
     if prefill == "exact":
         e = model.embed(input_ids)
         pos = token_positions(B, T, mask, e.device)
@@ -132,15 +169,12 @@ def generate(
         prompt_depth = out.depth.long()
         depth_last = prompt_depth[:, -1]
 
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     next_pos = (mask.sum(-1) if mask is not None else torch.full((B,), T, device=input_ids.device)).long()
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens, depths = [], []
     for i in range(max_new_tokens):
         logits = model.lm_head(h_last)  # (B, V)
-        nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        nxt = pick(logits)
         if eos_token_id is not None:
             nxt = nxt.masked_fill(finished, eos_token_id)
         tokens.append(nxt)
@@ -160,5 +194,114 @@ def generate(
         tokens=torch.cat([input_ids, new], dim=1),
         depth=dep,
         prompt_depth=prompt_depth,
+        cache_entries=cache.num_entries(),
+    )
+
+
+def _generate_by_slot(
+    model: PonderLM,
+    cache,
+    input_ids: Tensor,
+    mask: Tensor | None,
+    max_new_tokens: int,
+    tau: float,
+    pick: Callable[[Tensor], Tensor],
+    eos_token_id: int | None,
+    prefilled: tuple[Tensor, Tensor] | None,
+) -> GenerateOutput:
+    """The slot schedule: each call of the stack advances every running row by one slot.
+
+    A row walks through its prompt's real tokens (teacher-forced, unless ``prefilled`` holds the
+    last prompt hidden state and the prompt depths from a parallel prefill), then through the
+    tokens it samples. Per row the slots, their inputs, positions, key biases and cache entries
+    are those of ``PonderLM.ponder_token`` in the same order, so its results are the exact
+    recurrence's. Per-row state: ``col`` (prompt column of the token being pondered; >= T once
+    generating), ``stage`` (the slot it computes next: 0 token slot, k latent slot k),
+    ``depth`` (its token's realised depth, known after the token slot) and the token's slot
+    hidden states ``hs`` and router outputs.
+    """
+    cfg = model.cfg
+    K, N = cfg.n_latent, max_new_tokens
+    B, T = input_ids.shape
+    dev = input_ids.device
+    rows = torch.arange(B, device=dev)
+    real = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+    fill = eos_token_id if eos_token_id is not None else 0
+    tokens = torch.full((B, N), fill, dtype=input_ids.dtype, device=dev)  # filler after EOS
+    depths = torch.zeros(B, N, dtype=torch.long, device=dev)
+    n_gen = torch.zeros(B, dtype=torch.long, device=dev)  # tokens emitted per row
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)  # emitted EOS
+    D = model.cfg.d_model
+    dtype = model.embed_tokens.weight.dtype
+    hs = torch.zeros(B, K + 1, D, dtype=dtype, device=dev)  # slot hiddens of each row's current token
+    probs = torch.zeros(B, K + 1, dtype=dtype, device=dev)
+    log_w = torch.zeros(B, K + 1, dtype=dtype, device=dev)  # log w_0 = 0: the token slot's bias
+    depth = torch.full((B,), K, dtype=torch.long, device=dev)  # router-free methods: always K
+    stage = torch.zeros(B, dtype=torch.long, device=dev)
+    pause = model.pause_inputs().to(dtype) if model.pause_embed is not None else None
+
+    def emit(idx: Tensor, h_hat: Tensor, d: Tensor) -> Tensor:
+        """Rows idx finished pondering the token that produces output n_gen: sample it. -> (n,)."""
+        j = n_gen[idx]
+        nxt = pick(model.lm_head(h_hat))
+        tokens[idx, j] = nxt
+        depths[idx, j] = d
+        if eos_token_id is not None:
+            finished[idx] |= nxt == eos_token_id
+        n_gen[idx] += 1
+        return nxt
+
+    if prefilled is not None:  # the cache holds the prompt; its last hidden state gives token 0
+        h_last, prompt_depth = prefilled
+        col = torch.full((B,), T, dtype=torch.long, device=dev)
+        pos = real.sum(-1).long()
+        nxt = emit(rows, h_last, prompt_depth[:, -1]) if N > 0 else input_ids[:, -1]
+        running = ~finished & (n_gen < N)
+    else:
+        prompt_depth = torch.zeros(B, T, dtype=torch.long, device=dev)
+        col = (~real).sum(-1).long()  # first real column (left padding)
+        pos = torch.zeros(B, dtype=torch.long, device=dev)
+        nxt = input_ids[rows, col]
+        running = torch.ones(B, dtype=torch.bool, device=dev)
+    x = model.embed(nxt)  # (B, D) next slot input of each row
+    while bool(running.any()):
+        bias = log_w.gather(1, stage.unsqueeze(1)) if model.router is not None else None  # (B, 1)
+        h = model.stack(x.unsqueeze(1), pos.unsqueeze(1), bias, cache, running.long())[:, 0]  # (B, D)
+        first = stage == 0
+        if model.router is not None and bool((first & running).any()):
+            p, lw = model.route(h)  # (B, K+1) each
+            probs = torch.where(first.unsqueeze(1), p, probs)
+            log_w = torch.where(first.unsqueeze(1), lw, log_w)
+            depth = torch.where(first, prune_depth(lw.unsqueeze(1), tau)[:, 0], depth)
+        hs[rows, stage] = h
+        done = running & (stage == depth)  # rows whose token's pondering ends with this slot
+        # the rest go on to their next latent slot
+        stage = torch.where(running & ~done, stage + 1, stage)
+        if pause is not None:
+            x = torch.where((running & ~done).unsqueeze(1), pause[(stage - 1).clamp_min(0)], x)
+        else:
+            x = torch.where((running & ~done).unsqueeze(1), h, x)
+        if not bool(done.any()):
+            continue
+        idx = done.nonzero().squeeze(1)  # (n,)
+        keep = depth_keep(depth[idx].unsqueeze(1), K + 1)  # (n, 1, K+1)
+        wts = probs[idx].unsqueeze(1) if model.router is not None else None
+        h_hat = model.mix(hs[idx].unsqueeze(1), wts, keep)[:, 0]  # (n, D)
+        d, c = depth[idx], col[idx]
+        in_prompt = c < T
+        prompt_depth[idx[in_prompt], c[in_prompt]] = d[in_prompt]
+        c = c + 1
+        col[idx], stage[idx], pos[idx] = c, 0, pos[idx] + 1
+        new = input_ids[idx, c.clamp(max=T - 1)]  # teacher-forced: the next prompt token
+        sample = (c >= T) & (n_gen[idx] < N)  # pondered the last prompt token or a generated one
+        if bool(sample.any()):
+            new[sample] = emit(idx[sample], h_hat[sample], d[sample])
+        x[idx] = model.embed(new)
+        running = running & ~finished & ~((col >= T) & (n_gen >= N))
+    width = int(n_gen.max()) if N > 0 else 0
+    return GenerateOutput(
+        tokens=torch.cat([input_ids, tokens[:, :width]], dim=1),
+        depth=depths[:, :width],
+        prompt_depth=prompt_depth if prefilled is None else prefilled[1],
         cache_entries=cache.num_entries(),
     )

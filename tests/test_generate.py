@@ -11,11 +11,14 @@ from conftest import METHODS, converged_iters, tiny_model
 TAU = 0.4
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_greedy_generate_equals_repeated_exact(method):
+SCHEDULES = [(m, s) for m in METHODS for s in ("token", "slot") if s == "token" or m not in ("loop", "ponderlm1")]
+
+
+@pytest.mark.parametrize("method, schedule", SCHEDULES)
+def test_greedy_generate_equals_repeated_exact(method, schedule):
     model = tiny_model(method)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 5))
-    out = model.generate(prompt, 6, tau=TAU)
+    out = model.generate(prompt, 6, tau=TAU, schedule=schedule)
     assert out.tokens.shape == (2, 11) and out.depth.shape == (2, 6)
     seq = prompt
     for i in range(6):
@@ -31,8 +34,8 @@ def test_greedy_generate_equals_repeated_exact(method):
         assert len(out.depth.unique()) >= 2, "rows/steps should take different depths"
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_batched_left_padded_generate_equals_single_rows(method):
+@pytest.mark.parametrize("method, schedule", SCHEDULES)
+def test_batched_left_padded_generate_equals_single_rows(method, schedule):
     model = tiny_model(method)
     V = model.cfg.vocab_size
     prompts = [torch.randint(0, V, (n,)) for n in (3, 6, 1)]
@@ -42,40 +45,84 @@ def test_batched_left_padded_generate_equals_single_rows(method):
     for b, p in enumerate(prompts):
         ids[b, T - len(p) :] = p
         mask[b, T - len(p) :] = 1
-    batched = model.generate(ids, 5, tau=TAU, attention_mask=mask)
+    batched = model.generate(ids, 5, tau=TAU, attention_mask=mask, schedule=schedule)
     for b, p in enumerate(prompts):
-        single = model.generate(p[None], 5, tau=TAU)
+        single = model.generate(p[None], 5, tau=TAU, schedule="token")
         assert torch.equal(batched.tokens[b, T:], single.tokens[0, len(p) :])
         assert torch.equal(batched.depth[b], single.depth[0])
+        assert torch.equal(batched.prompt_depth[b, T - len(p) :], single.prompt_depth[0])
+        assert (batched.prompt_depth[b, : T - len(p)] == 0).all()
         assert batched.cache_entries[b] == single.cache_entries[0]
 
 
 @pytest.mark.parametrize("method", ["ponderlm2", "ponderlm3"])
-def test_parallel_prefill_equals_exact_prefill(method):
+@pytest.mark.parametrize("schedule", ["token", "slot"])
+def test_parallel_prefill_equals_exact_prefill(method, schedule):
     model = tiny_model(method)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 6))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    a = model.generate(ids, 4, tau=TAU, attention_mask=mask, prefill="exact")
-    b = model.generate(ids, 4, tau=TAU, attention_mask=mask, prefill="parallel", jacobi_iters=converged_iters(6, 2))
+    a = model.generate(ids, 4, tau=TAU, attention_mask=mask, prefill="exact", schedule="token")
+    b = model.generate(ids, 4, tau=TAU, attention_mask=mask, prefill="parallel", jacobi_iters=converged_iters(6, 2),
+                       schedule=schedule)  # fmt: skip
     assert torch.equal(a.tokens, b.tokens)
     assert torch.equal(a.depth, b.depth) and torch.equal(a.prompt_depth, b.prompt_depth)
     assert torch.equal(a.cache_entries, b.cache_entries)
 
 
-def test_sampling_is_seeded_and_eos_stops_rows():
+@pytest.mark.parametrize("schedule", ["token", "slot"])
+def test_sampling_is_seeded_and_eos_stops_rows(schedule):
     model = tiny_model("ponderlm3")
     ids = torch.randint(0, model.cfg.vocab_size, (3, 4))
-    a = model.generate(ids, 8, temperature=1.0, top_k=10, top_p=0.9, seed=7)
-    b = model.generate(ids, 8, temperature=1.0, top_k=10, top_p=0.9, seed=7)
-    c = model.generate(ids, 8, temperature=1.0, top_k=10, top_p=0.9, seed=8)
+    kw = dict(temperature=1.0, top_k=10, top_p=0.9, schedule=schedule)
+    a = model.generate(ids, 8, seed=7, **kw)
+    b = model.generate(ids, 8, seed=7, **kw)
+    c = model.generate(ids, 8, seed=8, **kw)
     assert torch.equal(a.tokens, b.tokens) and not torch.equal(a.tokens, c.tokens)
     eos = int(a.tokens[0, 5])  # a token row 0 emits at step 1
-    d = model.generate(ids, 8, temperature=1.0, top_k=10, top_p=0.9, seed=7, eos_token_id=eos)
+    d = model.generate(ids, 8, seed=7, eos_token_id=eos, **kw)
     row = d.tokens[0, 4:]
     first = int((row == eos).nonzero()[0])
     assert (row[first:] == eos).all()
     assert (d.depth[0, first + 1 :] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pause", "ponderlm2", "ponderlm3"])
+def test_slot_schedule_equals_token_schedule_and_runs_one_call_per_slot(method, monkeypatch):
+    """The slot schedule gives the token schedule's tokens, depths and cache, with EOS and left
+    padding; and it calls the stack once per slot of the row with the most slots, where the token
+    schedule pays for the deepest row at every token."""
+    model = tiny_model(method)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.cfg.vocab_size, (4, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[3, :5] = 0
+    kw = dict(tau=TAU, attention_mask=mask, prefill="exact")  # the prompt slot by slot too
+    ref = model.generate(ids, 7, schedule="token", **kw)
+    eos = int(ref.tokens[2, 8])  # row 2 stops early; others may too
+    calls = {"n": 0}
+    real_stack = model.stack
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real_stack(*a, **kw)
+
+    outs = {}
+    for schedule in ("token", "slot"):
+        calls["n"] = 0
+        monkeypatch.setattr(model, "stack", counting)
+        outs[schedule] = (model.generate(ids, 7, eos_token_id=eos, schedule=schedule, **kw), calls["n"])
+    (a, n_token), (b, n_slot) = outs["token"], outs["slot"]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.depth, b.depth)
+    assert torch.equal(a.prompt_depth, b.prompt_depth) and torch.equal(a.cache_entries, b.cache_entries)
+    assert (b.tokens[2, 9:] == eos).all()
+    # every running row computes one slot per call: calls = the largest number of slots a row
+    # computes = its prompt slots plus the slots of the generated tokens it pondered
+    assert n_slot == int(b.cache_entries.max())
+    assert n_slot <= n_token
+    if method == "ponderlm3":
+        assert n_slot < n_token, "with different depths per row the slot schedule should need fewer calls"
 
 
 def test_sample_next_filters():
