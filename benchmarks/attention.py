@@ -29,7 +29,7 @@ from common import (
     setup,
     sync,
     table,
-    timeit,
+    timeit_interleaved,
 )
 
 from ponderlm import layers
@@ -60,7 +60,7 @@ def inputs(form: str, L: int, heads: int, head_dim: int, device, dtype, grad: bo
     return x
 
 
-def dense_mask_attention(q, k, v, bias):
+def dense_mask_attention(q, k, v, bias, padded: bool = False):
     L = q.shape[2]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     mask = bias[:, None, None, :].expand(1, 1, L, L).masked_fill(~causal, float("-inf"))
@@ -123,8 +123,10 @@ def main() -> None:
     for form, L in [(f, n) for f in ([args.form] if args.form else FORMS) for n in lengths]:
         x = inputs(form, L, args.heads, args.head_dim, device, dtype, args.backward)
         row = {"form": form, "L": L}
+        fns = {var: (lambda var=var, x=x: step(var, x, args.backward)) for var in VARIANTS}
+        for var, sec in timeit_interleaved(fns, device, args.repeats).items():
+            row[f"{var}_ms"] = 1e3 * sec
         for var in VARIANTS:
-            row[f"{var}_ms"] = 1e3 * timeit(lambda var=var, x=x: step(var, x, args.backward), device, args.repeats)
             common = ["--device", args.device, "--variant", var, "--form", form, "--length", str(L), "--heads",
                       str(args.heads), "--head-dim", str(args.head_dim), "--threads", str(args.threads)]  # fmt: skip
             if args.dtype:
@@ -137,8 +139,10 @@ def main() -> None:
         rows.append(row)
     what = "forward+backward" if args.backward else "forward"
     dt = str(dtype).removeprefix("torch.")
-    print(f"Soft-mask attention, {what}, {device} {dt}, B=1, H={args.heads}, head_dim={args.head_dim}; "
-          f"median of {args.repeats}; peak memory of each alone, above baseline\n")  # fmt: skip
+    print(
+        f"Soft-mask attention, {what}, {device} {dt}, B=1, H={args.heads}, head_dim={args.head_dim}; "
+        f"median of {args.repeats}, variants timed in turns; peak memory of each alone, above baseline\n"
+    )
     print(table(rows, [("form", "form", "s"), ("L", "L", "d"), ("plain_ms", "plain ms", ".2f"),
                        ("biased_ms", "biased ms", ".2f"),
                        ("dense_ms", "dense-mask ms", ".2f"), ("time_ratio", "biased/plain time", ".3f"),

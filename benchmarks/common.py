@@ -65,6 +65,26 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup:
     return statistics.median(times)
 
 
+def timeit_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall seconds of each fn, timed in turns (a, b, c, a, b, c, ...) so that drift in
+    the machine's speed (a shared or throttled CPU) falls on every variant alike; the ratios of
+    these medians are the side-by-side figures the benchmarks report."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
     """Achieved FLOP/s of a large square torch.mm in ``dtype``: the machine's practical matmul peak."""
     n = n or (8192 if device.type == "cuda" else 2048)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import base_parser, finish, machine, setup, table, timeit
+from common import base_parser, finish, machine, setup, table, timeit_interleaved
 
 from ponderlm import ModelConfig, PonderLM
 from ponderlm.flops import inference_flops
@@ -92,7 +92,8 @@ def main() -> None:
     rows = []
 
     def case(name, fn_p3, fn_full, fn_van, depth_p3, depth_full):
-        t3, tf, tv = (timeit(f, device, args.repeats) for f in (fn_p3, fn_full, fn_van))
+        t = timeit_interleaved({"p3": fn_p3, "full": fn_full, "vanilla": fn_van}, device, args.repeats)
+        t3, tf, tv = t["p3"], t["full"], t["vanilla"]
         ideal = inference_flops(cfg, depth_full).total / inference_flops(cfg, depth_p3).total
         rows.append(
             {
@@ -133,7 +134,8 @@ def main() -> None:
             )
     src = str(args.checkpoint) if args.checkpoint else f"random d={args.d_model} L={args.layers} K={args.K}"
     print(f"Inference, {device} {str(dtype).removeprefix('torch.')}, {src}, tau={tau:.3g}; median of "
-          f"{args.repeats}; full = same weights at depth K, vanilla = same backbone without pondering\n")  # fmt: skip
+          f"{args.repeats}, timed in turns; full = same weights at depth K, "
+          f"vanilla = same backbone without pondering\n")  # fmt: skip
     print(table(rows, [("case", "case", "s"), ("mean_depth", "mean depth", ".2f"), ("p3_s", "PonderLM-3 s", ".4f"),
                        ("full_s", "full depth s", ".4f"), ("vanilla_s", "vanilla s", ".4f"),
                        ("speedup", "speedup vs full", ".3f"), ("ideal", "ideal (FLOPs)", ".3f"),

@@ -29,7 +29,7 @@ from common import (
     setup,
     sync,
     table,
-    timeit,
+    timeit_interleaved,
 )
 
 from ponderlm import ModelConfig, PonderLM, ponder_loss
@@ -94,9 +94,10 @@ def main() -> None:
     peak = matmul_peak_flops(device, dtype)
     rows = []
     tokens = args.batch * args.seq_len
+    built = {method: build(args, method, device, dtype) for method in METHODS}
+    secs = timeit_interleaved({m: step for m, (_, step) in built.items()}, device, args.repeats)
     for method in METHODS:
-        cfg, step = build(args, method, device, dtype)
-        s = timeit(step, device, args.repeats)
+        cfg, s = built[method][0], secs[method]
         flops = training_flops_per_token(cfg, args.seq_len, args.jacobi) * tokens
         sub = ["--probe", "--method", method, "--device", args.device, "--threads", str(args.threads)]
         for k in ("d_model", "layers", "heads", "d_ff", "vocab", "K", "seq_len", "batch", "jacobi"):
@@ -108,7 +109,8 @@ def main() -> None:
     by = {r["method"]: r for r in rows}
     ratio = by["ponderlm3"]["step_s"] / by["ponderlm2"]["step_s"]
     print(f"Training step, {device} {str(dtype).removeprefix('torch.')}: d={args.d_model}, {args.layers} layers, "
-          f"K={args.K}, J={args.jacobi}, batch {args.batch} x {args.seq_len} tokens; median of {args.repeats}; "
+          f"K={args.K}, J={args.jacobi}, batch {args.batch} x {args.seq_len} tokens; median of {args.repeats} "
+          f"(methods timed in turns); "
           f"matmul peak {peak / 1e12:.3f} TFLOP/s (torch.mm, same run)\n")  # fmt: skip
     print(table(rows, [("method", "method", "s"), ("step_s", "step s", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
                        ("model_tflops", "model TFLOP/s", ".4f"), ("mfu", "MFU", ".3f"),

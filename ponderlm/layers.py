@@ -89,15 +89,21 @@ def augmented_head_dim(head_dim: int, device: torch.device) -> int:
 def _augment(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
     """q' = [q, sqrt(hd), 0..], k' = [k, bias, 0..], v' = [v, 0..], each (., ., L, width), so that
     hd**-0.5 * q'.k' = hd**-0.5 * q.k + bias_j. Written into fresh buffers (one copy each)."""
-    B, H, L, hd = q.shape
-    qa = q.new_zeros(B, L, H, width).transpose(1, 2)  # (B, L, H, .) in memory, as the projections
-    qa[..., :hd] = q
-    qa[..., hd] = hd**0.5
-    ka = k.new_zeros(B, L, k.shape[1], width).transpose(1, 2)
-    ka[..., :hd] = k
-    ka[..., hd] = key_bias.to(k.dtype)[:, None, :]
-    va = v.new_zeros(B, L, v.shape[1], width).transpose(1, 2)
-    va[..., :hd] = v
+    B, _, L, hd = q.shape
+
+    def buffer(x: Tensor, extra: Tensor | float | None) -> Tensor:  # each element written once
+        out = x.new_empty(B, L, x.shape[1], width).transpose(1, 2)  # (B, L, H, .) in memory, as the projections
+        out[..., :hd] = x
+        first_pad = hd
+        if extra is not None:
+            out[..., hd] = extra
+            first_pad += 1
+        out[..., first_pad:] = 0
+        return out
+
+    qa = buffer(q, hd**0.5)
+    ka = buffer(k, key_bias.to(k.dtype)[:, None, :])
+    va = buffer(v, None)
     return qa, ka, va
 
 
