@@ -2,9 +2,10 @@
 depth against the same weights forced to full depth K (PonderLM-2's cost) and against vanilla
 (the same backbone, no pondering): decode tokens/s at batch 1 and 16, and scoring (the hard-pruned
 parallel forward used for log-likelihoods). Decoding at batch 16 is timed with both schedules of
-ponderlm.generate: "token" (all rows advance a token per step, so a step costs its deepest row)
-and "slot" (each row advances one slot per call). A decode case is prefill (exact, slot by slot
-for PonderLM-3) plus --new-tokens tokens.
+ponderlm.generate, in turns with the same baselines: "token" (all rows advance a token per step,
+so a step costs its deepest row) and "slot" (each row advances one slot per call); full depth
+runs with the token schedule, the best one when every row has depth K. A decode case is the
+exact prefill of --prompt-len tokens plus --new-tokens generated tokens.
 
     python benchmarks/inference.py                                  # a random model, tau chosen for depth 1.5
     python benchmarks/inference.py --checkpoint runs/pareto_cpu/p3-k3-l0.05 --tau 0.05
@@ -91,45 +92,43 @@ def main() -> None:
         tau = args.tau if args.tau is not None else calibrate_tau(model, score_ids, args.depth)
     rows = []
 
-    def case(name, fn_p3, fn_full, fn_van, depth_p3, depth_full):
-        t = timeit_interleaved({"p3": fn_p3, "full": fn_full, "vanilla": fn_van}, device, args.repeats)
-        t3, tf, tv = t["p3"], t["full"], t["vanilla"]
-        ideal = inference_flops(cfg, depth_full).total / inference_flops(cfg, depth_p3).total
-        rows.append(
-            {
-                "case": name,
-                "p3_s": t3,
-                "full_s": tf,
-                "vanilla_s": tv,
-                "mean_depth": float(depth_p3.float().mean()),
-                "speedup": tf / t3,
-                "ideal": ideal,
-                "ratio": (tf / t3) / ideal,
-            }
-        )
+    def case(name: str, variants: dict, fn_full, fn_van, depth_full) -> None:
+        """variants: label -> (PonderLM-3 fn, its realised depths); all timed in turns with the
+        full-depth and vanilla fns, so every row of one case shares the same baseline timings."""
+        fns = {label: fn for label, (fn, _) in variants.items()}
+        t = timeit_interleaved({**fns, "full": fn_full, "vanilla": fn_van}, device, args.repeats)
+        for label, (_, depth_p3) in variants.items():
+            ideal = inference_flops(cfg, depth_full).total / inference_flops(cfg, depth_p3).total
+            speedup = t["full"] / t[label]
+            rows.append({"case": name + label, "p3_s": t[label], "full_s": t["full"], "vanilla_s": t["vanilla"],
+                         "mean_depth": float(depth_p3.float().mean()), "speedup": speedup, "ideal": ideal,
+                         "ratio": speedup / ideal})  # fmt: skip
 
     with torch.no_grad():
         hard = model(score_ids, mode="hard", tau=tau)
         full = model(score_ids, mode="hard", tau=FULL_TAU)
         case(
             "scoring",
-            lambda: model(score_ids, mode="hard", tau=tau),
+            {"": (lambda: model(score_ids, mode="hard", tau=tau), hard.depth)},
             lambda: model(score_ids, mode="hard", tau=FULL_TAU),
             lambda: twin(score_ids, mode="hard"),
-            hard.depth,
             full.depth,
         )
-        for B, schedule in ((1, "token"), (16, "token"), (16, "slot")):
+        for B in (1, 16):
             prompt = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), generator=g).to(device)
-            kw = {"schedule": schedule}
-            ref = model.generate(prompt, args.new_tokens, tau=tau, **kw)
-            ref_full = model.generate(prompt, args.new_tokens, tau=FULL_TAU, **kw)
+            # full depth runs as PonderLM-2 would: every row at depth K, the token schedule (the
+            # slot schedule only adds bookkeeping when all depths are equal)
+            ref_full = model.generate(prompt, args.new_tokens, tau=FULL_TAU, schedule="token")
+            variants = {}
+            for schedule in ("token", "slot") if B > 1 else ("token",):
+                ref = model.generate(prompt, args.new_tokens, tau=tau, schedule=schedule)
+                fn = lambda prompt=prompt, s=schedule: model.generate(prompt, args.new_tokens, tau=tau, schedule=s)  # noqa: E731
+                variants[f", {schedule} schedule" if B > 1 else ""] = (fn, torch.cat([ref.prompt_depth, ref.depth], 1))
             case(
-                f"decode batch {B}" + (f", {schedule} schedule" if B > 1 else ""),
-                lambda prompt=prompt, kw=kw: model.generate(prompt, args.new_tokens, tau=tau, **kw),
-                lambda prompt=prompt, kw=kw: model.generate(prompt, args.new_tokens, tau=FULL_TAU, **kw),
+                f"decode batch {B}",
+                variants,
+                lambda prompt=prompt: model.generate(prompt, args.new_tokens, tau=FULL_TAU, schedule="token"),
                 lambda prompt=prompt: twin.generate(prompt, args.new_tokens),
-                torch.cat([ref.prompt_depth, ref.depth], 1),
                 torch.cat([ref_full.prompt_depth, ref_full.depth], 1),
             )
     src = str(args.checkpoint) if args.checkpoint else f"random d={args.d_model} L={args.layers} K={args.K}"
