@@ -191,6 +191,7 @@ class Attention(nn.Module):
         if past is None:  # no cache, or an empty one: causal attention over the new slots
             out = biased_causal_attention(q, k, v, key_bias, padded=True)  # (B, H, L, >= hd)
             if out.shape[-1] != self.head_dim:  # padded heads: zero columns meet zero weights
+                # (o_proj's weight is used directly here, so forward hooks on o_proj do not run)
                 pad = out.shape[-1] - self.head_dim
                 w = F.pad(self.o_proj.weight.view(-1, self.n_heads, self.head_dim), (0, pad)).flatten(1)
                 return F.linear(out.transpose(1, 2).reshape(B, L, -1), w)
