@@ -234,9 +234,8 @@ def _generate_by_slot(
     depths = torch.zeros(B, N, dtype=torch.long, device=dev)
     n_gen = torch.zeros(B, dtype=torch.long, device=dev)  # tokens emitted per row
     finished = torch.zeros(B, dtype=torch.bool, device=dev)  # emitted EOS
-    D = model.cfg.d_model
     dtype = model.embed_tokens.weight.dtype
-    hs = torch.zeros(B, K + 1, D, dtype=dtype, device=dev)  # slot hiddens of each row's current token
+    hs = torch.zeros(B, K + 1, cfg.d_model, dtype=dtype, device=dev)  # slot hiddens of each row's current token
     probs = torch.zeros(B, K + 1, dtype=dtype, device=dev)
     log_w = torch.zeros(B, K + 1, dtype=dtype, device=dev)  # log w_0 = 0: the token slot's bias
     depth = torch.full((B,), K, dtype=torch.long, device=dev)  # router-free methods: always K
@@ -305,6 +304,6 @@ def _generate_by_slot(
     return GenerateOutput(
         tokens=torch.cat([input_ids, tokens[:, :width]], dim=1),
         depth=depths[:, :width],
-        prompt_depth=prompt_depth if prefilled is None else prefilled[1],
+        prompt_depth=prompt_depth,
         cache_entries=cache.num_entries(),
     )
