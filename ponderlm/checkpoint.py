@@ -17,6 +17,7 @@ leaves either a complete checkpoint or an ignorable temporary; loading checks th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,12 +32,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, RunConfig, save_run_config
+from .errors import UserError, describe_os_error
 
 PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not match the request."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, read-only file system); nothing of it was left behind."""
 
 
 def _sha256(path: Path) -> str:
@@ -97,30 +103,53 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_weights(model_state, tmp / "model.safetensors")
-    fault_point("checkpoint", step)  # tests: die half-way through writing
-    if optim_state is not None:
-        torch.save(optim_state, tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-    save_run_config(run_cfg, tmp / "config.yaml")
-    run_cfg.model.save(tmp / "model_config.json")
-    if tokenizer_file is not None and Path(tokenizer_file).is_file():
-        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-    files = sorted(p.name for p in tmp.iterdir())
-    manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_weights(model_state, tmp / "model.safetensors")
+        fault_point("checkpoint", step)  # tests: die half-way through writing
+        if optim_state is not None:
+            with open(tmp / "optimizer.pt", "wb") as f:  # through Python's file: a full disk surfaces as OSError
+                torch.save(optim_state, f)
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        save_run_config(run_cfg, tmp / "config.yaml")
+        run_cfg.model.save(tmp / "model_config.json")
+        if tokenizer_file is not None and Path(tokenizer_file).is_file():
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    except BaseException as e:  # a full disk must not leave a temporary filling it, nor touch older checkpoints
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = _as_os_error(e)
+        if err is None:
+            raise
+        raise CheckpointWriteError(describe_os_error(err, f"writing checkpoint {final}")) from None
     if final.exists():
         _discard(final)
     tmp.rename(final)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         _discard(old)
     return final
+
+
+def _as_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write: Python's own, or the one safetensors and torch.save report
+    in their own exception types ("No space left on device (os error 28)")."""
+    seen = e
+    while seen is not None:  # torch.save reports the OSError of its file object as the context of its own error
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -153,7 +182,7 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
-def _newest_verified(run_dir: Path) -> tuple[Path | None, list[str]]:
+def newest_verified(run_dir: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint that verifies (or None), and why each newer one did not."""
     problems = []
     for p in reversed(list_checkpoints(run_dir)):
@@ -167,7 +196,7 @@ def _newest_verified(run_dir: Path) -> tuple[Path | None, list[str]]:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint that verifies; incomplete or corrupt ones are skipped with a warning."""
-    ck, problems = _newest_verified(run_dir)
+    ck, problems = newest_verified(run_dir)
     for e in problems:
         warnings.warn(f"skipping {e}", stacklevel=2)
     return ck
@@ -181,7 +210,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / "manifest.json").is_file() or (p / "model.safetensors").is_file():
         return p
     if (p / "checkpoints").is_dir():
-        ck, problems = _newest_verified(p)
+        ck, problems = newest_verified(p)
         if ck is None:  # one line, naming what is wrong with the newest checkpoint
             why = f" (newest: {problems[0]})" if problems else ""
             raise CheckpointError(f"{p}: no complete checkpoint in this run{why}")
@@ -209,7 +238,7 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> dict[st
         "path": path,
         "model_config": model_cfg,
         "model_state": state,
-        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+        "trainer_state": _trainer_state(path),
         "optim_state": None,
     }
     if with_optimizer and (path / "optimizer.pt").is_file():
@@ -221,8 +250,25 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> dict[st
     return out
 
 
+def _trainer_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: trainer_state.json is missing or has no step") from None
+    return state
+
+
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load weights saved by save_weights (re-tying a tied head) with a strict key check."""
+    """Load weights saved by save_weights (re-tying a tied head) with a strict key and shape check."""
+    own = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        k, got, want = wrong[0]
+        raise CheckpointError(
+            f"checkpoint does not fit the model: {k} has shape {got}, the model config needs {want}"
+            + (f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else "")
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
     if missing or unexpected:

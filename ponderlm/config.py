@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 METHODS = ("vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3")
 PONDER_METHODS = ("ponderlm2", "ponderlm3")  # latent thoughts: the slot's own hidden state fed back
 SLOT_METHODS = ("pause", "ponderlm2", "ponderlm3")  # K extra slots per token, interleaved
@@ -23,8 +25,17 @@ INITS = ("reference", "normal")
 WARMUPS = ("staged", "zeros")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
+
+
+def check_finite_floats(obj: Any, prefix: str = "") -> None:
+    """Every float field of a config dataclass must be a finite number: ``inf`` or ``nan`` in a
+    learning rate or an epsilon would train a model of NaNs without a word."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{prefix}{f.name} must be a finite number, got {v}")
 
 
 @dataclass
@@ -129,6 +140,7 @@ class ModelConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        check_finite_floats(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
@@ -263,12 +275,14 @@ class TrainConfig:
     dist_timeout_s: int = 600  # a collective waiting longer (a peer process died) fails instead of hanging
     threads: int = 0  # torch CPU threads; 0 = PyTorch's default
     init_from: str = ""  # run/checkpoint (e.g. from `ponderlm convert`) whose weights start this run
+    verify_data: bool = True  # check every shard's sha256 against meta.json at start (cached by mtime)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
+        check_finite_floats(self, "train.")
         for name in ("seq_len", "batch_size", "max_steps", "eval_windows", "keep_last"):
             need(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("micro_batch_size", "warmup_steps", "eval_interval", "log_interval", "ckpt_interval", "threads",
@@ -300,13 +314,20 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{what} file not found: {p}")
+        raise ConfigError(f"{what} file not found: {p}" if not p.exists() else f"{what} file {p} is not a file")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text YAML file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping of {what} sections")
+        raise ConfigError(f"{p}: expected a mapping of {what} sections, got {type(raw).__name__}")
+    bad = [k for k, v in raw.items() if k in ("model", "train") and not isinstance(v, dict)]
+    if bad:
+        raise ConfigError(f"{p}: section {bad[0]!r} must be a mapping of keys to values")
     return raw
 
 

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from datetime import timedelta
@@ -27,20 +26,35 @@ import torch.distributed as dist
 from . import flops as flops_mod
 from .checkpoint import (
     CheckpointError,
+    CheckpointWriteError,
     fault_point,
     latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     load_model_weights,
+    newest_verified,
     remove_stale_temporaries,
     resolve_checkpoint,
     save_checkpoint,
 )
 from .config import ConfigError, RunConfig, save_run_config
-from .data import DataError, TokenShards, TrainBatches, eval_windows, load_meta
+from .data import DataError, TokenShards, TrainBatches, check_dataset, eval_windows, remember_verified
 from .data.tokenizer import same_tokenizer
+from .device import resolve_device
+from .errors import describe_os_error
 from .eval.perplexity import HIST, score_batch, summarize
 from .losses import ponder_loss
 from .model import PonderLM
+from .owned import (
+    DirLock,
+    atomic_write,
+    check_disjoint,
+    check_replaceable,
+    is_empty_dir,
+    is_kind,
+    make_owned_dir,
+    remove_owned,
+)
 
 
 def lr_at(step: int, cfg) -> float:
@@ -72,9 +86,8 @@ class DistEnv:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_pref == "auto":
-            device_pref = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device_pref)
+        # "cuda" means this process's GPU (LOCAL_RANK under torchrun), never an index-less device
+        self.device = resolve_device(device_pref, self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
@@ -99,6 +112,11 @@ class DistEnv:
 
 
 class Trainer:
+    """One training run in ``train.out_dir``. Construction checks everything that can be checked
+    before any file is written (the config, the dataset, the run directory and, with ``resume``,
+    the checkpoint and its tokenizer) while holding the directory's lock; a refusal leaves the disk
+    as it was. The lock is held until :meth:`close`."""
+
     def __init__(
         self,
         cfg: RunConfig,
@@ -114,41 +132,37 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.out = Path(tc.out_dir)
-        self._check_run_dir(resume, overwrite)  # nothing is created or deleted before the config is checked
+        self.lock = DirLock(self.out, "train.out_dir") if self.env.is_main else None
+        self.finished = False  # resumed at train.max_steps: nothing to do
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            self._setup(cfg, set(explicit or ()), resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, cfg: RunConfig, explicit: set[str], resume: bool, overwrite: bool) -> None:
+        tc = cfg.train
+        inputs = [Path(tc.data_dir)] + ([Path(tc.init_from)] if tc.init_from else [])
+        check_disjoint(self.out, inputs, "train.out_dir")
+        self.replace_run = self._check_run_dir(resume, overwrite)  # nothing is created or deleted before this
 
         # data and tokenizer decide the vocabulary unless the user set it
-        meta = load_meta(Path(tc.data_dir))
+        meta = check_dataset(Path(tc.data_dir), verify_hashes=tc.verify_data, remember=False)
         self.tokenizer_file = Path(tc.data_dir) / meta["tokenizer"]["file"]
         tok_vocab = int(meta["tokenizer"]["vocab_size"])
-        explicit = set(explicit or ())
         self.init_state = None
         if tc.init_from:  # continued pretraining: the backbone (sizes and weights) comes from there
             self.init_state, explicit = self._init_source(tc.init_from, cfg, explicit)
-        if "model.vocab_size" not in explicit:
-            cfg.model.vocab_size = -(-tok_vocab // 64) * 64
-        elif cfg.model.vocab_size < tok_vocab:
-            raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} < the tokenizer's {tok_vocab} entries")
-        if "model.max_seq_len" not in explicit:
-            cfg.model.max_seq_len = max(cfg.model.max_seq_len, tc.seq_len)
-        if tc.seq_len > cfg.model.max_seq_len:
-            raise ConfigError(f"train.seq_len {tc.seq_len} > model.max_seq_len {cfg.model.max_seq_len}")
-        cfg.model.validate()
-
-        W = self.env.world
-        if tc.batch_size % W:
-            raise ConfigError(f"train.batch_size {tc.batch_size} is not divisible by the {W} processes")
-        self.per_rank = tc.batch_size // W
-        self.micro = tc.micro_batch_size or self.per_rank
-        if self.per_rank % self.micro:
-            raise ConfigError(f"per-process batch {self.per_rank} is not divisible by micro_batch_size {self.micro}")
-        self.accum = self.per_rank // self.micro
+        resolve_model_config(cfg, explicit, tok_vocab)
+        self._check_batching()
 
         self.train_data = TrainBatches(TokenShards(tc.data_dir, "train"), tc.seq_len, tc.seed)
         self.val = eval_windows(TokenShards(tc.data_dir, "val"), tc.seq_len, tc.eval_windows)
         self.tok_vocab = tok_vocab
         self._check_ids(self.val)
 
-        # model, optimizer, precision, distribution
         torch.manual_seed(tc.seed)
         self.model = PonderLM(cfg.model)
         if self.init_state is not None:
@@ -158,29 +172,82 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.bad_in_row = self.bad_total = 0  # non-finite steps skipped: current streak, whole run
-        start = None
-        if resume:
-            if self.env.is_main:
-                for p in remove_stale_temporaries(self.out):
-                    self.log(f"removed {p.name}, a checkpoint whose writing or deletion was interrupted")
-            start = latest_checkpoint(self.out)
-            if start is None:
-                self.log(f"{self.out}: no checkpoint to resume from; starting from step 0")
-        ck = load_checkpoint(start) if start is not None else None
+        start, ck = self._resume_point() if resume else (None, None)
         if ck is not None:
-            if ck["model_config"] != cfg.model:
-                theirs, mine = ck["model_config"].to_dict(), cfg.model.to_dict()
-                diff = ", ".join(
-                    f"model.{k}={mine[k]!r} (checkpoint: {theirs[k]!r})" for k in sorted(mine) if mine[k] != theirs[k]
-                )
-                raise ConfigError(
-                    f"--resume with another model config than {start}: {diff}; drop those overrides or "
-                    "choose another train.out_dir"
-                )
             load_model_weights(self.model, ck["model_state"])
             self.step = int(ck["trainer_state"]["step"])
             self.tokens_seen = int(ck["trainer_state"].get("tokens_seen", 0))
             self.bad_total = int(ck["trainer_state"].get("skipped_steps", 0))
+            if self.step == tc.max_steps:  # nothing to train: leave the run exactly as it is
+                self.finished = True
+                self.log(f"{self.out} is already at train.max_steps={tc.max_steps}; nothing to do")
+                return
+        self._build_optimizer(ck)
+        self._prepare_run_dir(resume)
+        if ck is not None:
+            self.log(f"resumed from {start} at step {self.step}")
+            self._truncate_metrics(self.step)
+
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if self.env.is_main:
+            save_run_config(cfg, self.out / "config.yaml")
+            self._open_trackers()
+
+    def _check_batching(self) -> None:
+        tc = self.cfg.train
+        W = self.env.world
+        if tc.batch_size % W:
+            raise ConfigError(f"train.batch_size {tc.batch_size} is not divisible by the {W} processes")
+        self.per_rank = tc.batch_size // W
+        self.micro = tc.micro_batch_size or self.per_rank
+        if self.per_rank % self.micro:
+            raise ConfigError(f"per-process batch {self.per_rank} is not divisible by micro_batch_size {self.micro}")
+        self.accum = self.per_rank // self.micro
+
+    def _resume_point(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint --resume continues from, checked against the config and the dataset.
+
+        A run without any checkpoint yet (killed before its first) starts from step 0; a run whose
+        checkpoints all fail to verify is refused: resuming must never silently start over."""
+        if not list_checkpoints(self.out):
+            self.log(f"{self.out}: no checkpoint yet; starting from step 0")
+            return None, None
+        start, problems = newest_verified(self.out)
+        if start is None:
+            raise CheckpointError(
+                f"--resume: no checkpoint in {self.out} verifies (newest: {problems[0]}); nothing was changed. "
+                "Restore the checkpoint, or start over with --overwrite instead of --resume"
+            )
+        for p in problems:
+            warnings.warn(f"skipping {p}", stacklevel=2)
+        ck = load_checkpoint(start)
+        cfg = self.cfg
+        if ck["model_config"] != cfg.model:
+            theirs, mine = ck["model_config"].to_dict(), cfg.model.to_dict()
+            diff = ", ".join(
+                f"model.{k}={mine[k]!r} (checkpoint: {theirs[k]!r})" for k in sorted(mine) if mine[k] != theirs[k]
+            )
+            raise ConfigError(
+                f"--resume with another model config than {start}: {diff}; drop those overrides or "
+                "choose another train.out_dir"
+            )
+        tok = start / "tokenizer.json"
+        if not tok.is_file() or not same_tokenizer(tok, self.tokenizer_file):
+            raise ConfigError(
+                f"--resume with a dataset tokenized differently from {start}: {cfg.train.data_dir} does not use the "
+                "checkpoint's tokenizer.json (its ids would mean other strings); use the run's dataset"
+            )
+        step = int(ck["trainer_state"]["step"])
+        if step > cfg.train.max_steps:
+            raise ConfigError(
+                f"--resume: {start} is at step {step}, beyond train.max_steps={cfg.train.max_steps}; nothing was "
+                f"changed. Set train.max_steps above {step} to train further"
+            )
+        return start, ck
+
+    def _build_optimizer(self, ck: dict | None) -> None:
+        tc = self.cfg.train
         self.model.to(self.env.device)
         self.autocast_dtype = None
         if tc.dtype == "bf16" or (tc.dtype == "auto" and self.env.device.type == "cuda"):
@@ -192,16 +259,6 @@ class Trainer:
         )
         if ck is not None and ck["optim_state"] is not None:
             self._load_optimizer(ck["optim_state"])
-        self._prepare_run_dir(resume, overwrite)
-        if ck is not None:
-            self.log(f"resumed from {start} at step {self.step}")
-            self._truncate_metrics(self.step)
-
-        self.metrics_file = self.out / "metrics.jsonl"
-        self.tb = self.wandb = None
-        if self.env.is_main:
-            save_run_config(cfg, self.out / "config.yaml")
-            self._open_trackers()
 
     # ---------------------------------------------------------------- setup
     def _init_source(self, src: str, cfg: RunConfig, explicit: set[str]):
@@ -226,22 +283,30 @@ class Trainer:
             )
         return ck["model_state"], explicit | {"model.vocab_size"}
 
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
-        """Refuse an output directory that holds something other than a run, or a run that
-        neither --resume nor --overwrite is asked for."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"train.out_dir {self.out} is a file; choose a directory")
-        if not (self.out.exists() and any(self.out.iterdir())):
-            return
-        if not any((self.out / name).exists() for name in ("config.yaml", "checkpoints", "metrics.jsonl")):
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> bool:
+        """Decide what happens to train.out_dir; True when an existing run will be replaced.
+
+        --resume needs a ponderlm run (or nothing yet); --overwrite replaces only a run that is
+        verifiably ponderlm's and holds nothing else; without either, an existing run is refused."""
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"train.out_dir {out} is a file; choose a directory")
+        if not out.exists() or is_empty_dir(out):
+            return False
+        if resume:
+            if not is_kind(out, "run"):
+                raise ConfigError(f"{out} is not a ponderlm run; nothing to resume (choose another train.out_dir)")
+            return False
+        if not overwrite:
+            if is_kind(out, "run"):
+                raise ConfigError(
+                    f"{out} already holds a run; pass --resume to continue it or --overwrite to start over"
+                )
             raise ConfigError(
-                f"{self.out} is not empty and is not a ponderlm run (no config.yaml or checkpoints/); "
+                f"{out} is not empty and is not a ponderlm run (no config.yaml or checkpoints/); "
                 "choose another train.out_dir"
             )
-        if not resume and not overwrite:
-            raise ConfigError(
-                f"{self.out} already holds a run; pass --resume to continue it or --overwrite to start over"
-            )
+        return check_replaceable(out, "run", overwrite=True, exists_hint="", choose="train.out_dir")
 
     def _check_ids(self, tokens: torch.Tensor) -> None:
         """Token ids beyond the tokenizer's entries: the dataset does not match its tokenizer.json."""
@@ -252,10 +317,17 @@ class Trainer:
                 "(the dataset does not match its tokenizer.json); rebuild it with `ponderlm data prepare --overwrite`"
             )
 
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
-        has_run = self.out.exists() and any(self.out.iterdir())
-        if has_run and not resume and self.env.is_main:  # --overwrite, checked in _check_run_dir
-            shutil.rmtree(self.out)
+    def _prepare_run_dir(self, resume: bool) -> None:
+        """The first writes of the run: replace an old run (--overwrite, checked), clear what a
+        killed writer left (--resume), create and mark the directory."""
+        if self.env.is_main:
+            if self.replace_run:
+                remove_owned(self.out, "run")
+            if resume:
+                for p in remove_stale_temporaries(self.out):
+                    self.log(f"removed {p.name}, a checkpoint whose writing or deletion was interrupted")
+            make_owned_dir(self.out, "run")
+            remember_verified(self.cfg.train.data_dir)  # the run goes ahead: its shards need no re-hashing next time
         if self.env.world > 1:
             dist.barrier()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -315,10 +387,18 @@ class Trainer:
         f = self.out / "metrics.jsonl"
         if not self.env.is_main or not f.is_file():
             return
-        keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = f.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        tmp.replace(f)
+        keep, dropped = [], 0
+        for ln in f.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(ln)
+            except ValueError:  # a line cut short by a crash: not a record
+                dropped += int(bool(ln.strip()))
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                keep.append(ln)
+        if dropped:
+            self.log(f"{f}: dropped {dropped} unreadable line(s) (cut short by a crash)")
+        atomic_write(f, "".join(ln + "\n" for ln in keep))
 
     def _open_trackers(self) -> None:
         tc = self.cfg.train
@@ -339,8 +419,13 @@ class Trainer:
         if not self.env.is_main:
             return
         row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}  # strict JSON
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise TrainingStopped(
+                f"{describe_os_error(e, f'writing {self.metrics_file}')}; {self._last_good()}"
+            ) from None
         scalars = {f"{row['split']}/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
         if row.get("skipped"):
             scalars = {f"{row['split']}/skipped": 1}
@@ -426,20 +511,39 @@ class Trainer:
             res[k] = res[f"{main}_{k}"]
         return res
 
+    def _last_good(self) -> str:
+        """Where the run can be resumed from, stated as it is on disk."""
+        ck = latest_checkpoint(self.out)
+        if ck is None:
+            return f"no checkpoint of this run was written yet ({self.out})"
+        return f"the last good checkpoint, {ck}, is intact"
+
     def save(self) -> None:
+        """Write a checkpoint of the current step; never one with non-finite weights."""
         model_state, optim_state = self._full_state()
         if self.env.is_main:
+            bad = [k for k, v in model_state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:
+                raise TrainingStopped(
+                    f"step {self.step}: weights are not finite ({bad[0]}{' and others' if len(bad) > 1 else ''}); "
+                    f"no checkpoint written, {self._last_good()}: lower train.lr or check the data, then --resume"
+                )
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "seed": self.cfg.train.seed,
                      "skipped_steps": self.bad_total}  # fmt: skip
-            save_checkpoint(
-                self.out, self.step, model_state, optim_state, state, self.cfg, self.tokenizer_file,
-                self.cfg.train.keep_last,
-            )  # fmt: skip
+            try:
+                save_checkpoint(
+                    self.out, self.step, model_state, optim_state, state, self.cfg, self.tokenizer_file,
+                    self.cfg.train.keep_last,
+                )  # fmt: skip
+            except CheckpointWriteError as e:
+                raise TrainingStopped(f"{e}; {self._last_good()}") from None
         if self.env.world > 1:
             dist.barrier()
 
     def run(self) -> dict[str, Any]:
         tc = self.cfg.train
+        if self.finished:
+            return {"step": self.step, "seconds": 0.0, "val": {}}
         tokens_per_step = tc.batch_size * tc.seq_len
         if self.env.is_main and self.step == 0:
             n = self.model.num_parameters()
@@ -478,8 +582,8 @@ class Trainer:
                 if self.bad_in_row > tc.max_bad_steps:
                     raise TrainingStopped(
                         f"{self.bad_in_row} non-finite steps in a row at step {step} (train.max_bad_steps="
-                        f"{tc.max_bad_steps}); stopped, the last good checkpoint in {self.out / 'checkpoints'} is "
-                        "intact: lower train.lr or check the data, then --resume"
+                        f"{tc.max_bad_steps}); stopped, {self._last_good()}: lower train.lr or check the data, "
+                        "then --resume"
                     )
             else:
                 self.bad_in_row = 0
@@ -517,7 +621,23 @@ class Trainer:
         return {"step": self.step, "seconds": secs, "val": last_eval}
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         self.env.close()
+
+
+def resolve_model_config(cfg: RunConfig, explicit: set[str], tok_vocab: int) -> None:
+    """Fill in what the data decides unless the user set it: the vocabulary (the tokenizer's size
+    rounded up to a multiple of 64) and a context at least train.seq_len; then validate."""
+    if "model.vocab_size" not in explicit:
+        cfg.model.vocab_size = -(-tok_vocab // 64) * 64
+    elif cfg.model.vocab_size < tok_vocab:
+        raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} < the tokenizer's {tok_vocab} entries")
+    if "model.max_seq_len" not in explicit:
+        cfg.model.max_seq_len = max(cfg.model.max_seq_len, cfg.train.seq_len)
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"train.seq_len {cfg.train.seq_len} > model.max_seq_len {cfg.model.max_seq_len}")
+    cfg.model.validate()
 
 
 class TrainingStopped(RuntimeError):

@@ -242,3 +242,138 @@ def test_pruning_old_checkpoints_never_exposes_a_half_deleted_one(tmp_path, data
     cfg, explicit = config(data, tmp_path / "run", "train.max_steps=3", "train.ckpt_interval=1", "train.keep_last=1")
     train(cfg, explicit, resume=True, log=lambda *_: None)
     assert not list(root.glob(".step_*")) and [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000003"]
+
+
+# ------------------------------------------------------------------ what ponderlm never does
+def test_two_trainers_on_one_out_dir_one_refused(tmp_path, data):
+    """Two `ponderlm train` processes started on the same out_dir: one trains, the other exits with
+    a one-line error naming the holder; the run and its metrics are the first one's alone."""
+    args = [*TINY, f"train.data_dir={data}", "train.max_steps=300", "train.log_interval=50",
+            f"train.out_dir={tmp_path / 'run'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = _launch(args, env)
+    deadline = time.time() + 60
+    while not (tmp_path / "run" / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert first.poll() is None, "the first run should still be training"
+    second = subprocess.run([sys.executable, "-m", "ponderlm", "train", *args], capture_output=True, text=True,
+                            env=env)  # fmt: skip
+    assert first.wait() == 0, first.stderr.read()
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is in use by another ponderlm process (pid " in lines[0], second.stderr
+    assert f"pid {first.pid}" in lines[0]
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "train"]  # fmt: skip
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # one writer: no interleaved or repeated rows
+    assert not (tmp_path / ".run.lock").exists()  # released and removed
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, data, monkeypatch):
+    """Weights that became non-finite (here: forced at step 2) are not written as a checkpoint;
+    the run stops and its message names the checkpoint that really is intact."""
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=3", "train.ckpt_interval=1")
+    real_step = Trainer.train_step
+
+    def step(self, s):
+        row = real_step(self, s)
+        if s == 2:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("inf"))
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(TrainingStopped) as e:
+        train(cfg, explicit, log=lambda *_: None)
+    ck1 = tmp_path / "run" / "checkpoints" / "step_00000001"
+    assert "step 2: weights are not finite" in str(e.value) and f"the last good checkpoint, {ck1}, is intact" in str(
+        e.value
+    )
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000001"]
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(ck1)["model_state"].values())
+
+
+def test_a_stop_before_any_checkpoint_says_so(tmp_path, data, monkeypatch):
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=20", "train.max_bad_steps=1")
+    poison_loss(monkeypatch, set(range(1, 100)))
+    with pytest.raises(TrainingStopped, match="no checkpoint of this run was written yet"):
+        train(cfg, explicit, log=lambda *_: None)
+    assert not list_checkpoints(tmp_path / "run")
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, data):
+    """A real full disk (a small tmpfs): the second checkpoint does not fit. The command stops with
+    one line saying "disk full", exit 3; the first checkpoint verifies and no temporary is left."""
+    from errorcases import try_mount_tmpfs, unmount
+
+    probe = tmp_path / "probe"
+    cfg, explicit = config(data, probe, "train.max_steps=1")
+    train(cfg, explicit, log=lambda *_: None)
+    size = sum(p.stat().st_size for p in probe.rglob("*") if p.is_file())
+    disk = tmp_path / "disk"
+    try_mount_tmpfs(disk, f"size={int(size * 1.6) // 4096 * 4096 + 4096}")
+    try:
+        args = [*TINY, f"train.data_dir={data}", "train.max_steps=3", "train.ckpt_interval=1", "train.keep_last=3",
+                f"train.out_dir={disk / 'run'}"]  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "ponderlm", "train", *args], capture_output=True, text=True)
+        assert r.returncode == 3, r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "disk full while writing checkpoint" in lines[0], r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        cks = list_checkpoints(disk / "run")
+        assert [p.name for p in cks] == ["step_00000001"] and "the last good checkpoint" in lines[0]
+        verify_checkpoint(cks[0])
+        assert not list((disk / "run" / "checkpoints").glob(".*"))  # no temporary filling the disk
+    finally:
+        unmount(disk)
+
+
+def test_resume_tolerates_a_metrics_line_cut_short_by_a_crash(tmp_path, data):
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=2", "train.ckpt_interval=1")
+    train(cfg, explicit, log=lambda *_: None)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"split": "train", "step": 3, "lo')  # the process died mid-write
+    logs = []
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=3", "train.ckpt_interval=1")
+    train(cfg, explicit, resume=True, log=logs.append)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    assert any("dropped 1 unreadable line(s)" in x for x in logs)
+
+
+def test_resume_at_max_steps_changes_nothing(tmp_path, data):
+    from errorcases import snapshot
+
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=2")
+    train(cfg, explicit, log=lambda *_: None)
+    before = snapshot(tmp_path)
+    logs = []
+    cfg, explicit = config(data, tmp_path / "run", "train.max_steps=2", "train.lr=0.5")
+    assert train(cfg, explicit, resume=True, log=logs.append)["step"] == 2
+    assert any("already at train.max_steps=2; nothing to do" in x for x in logs)
+    assert snapshot(tmp_path) == before  # not even config.yaml was rewritten
+
+
+def test_cuda_device_names_resolve_to_this_process_gpu(monkeypatch):
+    """`train.device=cuda` (the documented value) becomes cuda:LOCAL_RANK and is passed to
+    set_device with its index, on a mocked 2-GPU machine; a missing index or GPU is an error."""
+    from ponderlm.config import ConfigError
+    from ponderlm.device import resolve_device
+    from ponderlm.train import DistEnv
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    env = DistEnv("cuda")
+    assert env.device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert DistEnv("auto").device == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="this machine has 2 GPU"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        resolve_device("cuda")

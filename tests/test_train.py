@@ -92,6 +92,7 @@ def test_resume_continues_exactly(data_dir, tmp_path):
         t.step = step
     t.save()
     t._record({"split": "train", "step": 5, "loss": 123.0})  # a line the crashed run wrote late
+    t.close()  # "crash": the process is gone, so is its lock on the run directory
     cfg, ex = tiny_run(data_dir, tmp_path / "b", "train.max_steps=8", "train.ckpt_interval=4")
     train(cfg, ex, resume=True, log=lambda *_: None)
     assert train_losses(tmp_path / "b") == full  # bitwise equal, step for step
@@ -178,6 +179,7 @@ def test_resume_with_a_different_number_of_processes(data_dir, tmp_path):
         t._record({"split": "train", "step": step, **t.train_step(step)})
         t.step = step
     t.save()
+    t.close()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ponderlm",
            "train", *common, f"train.out_dir={tmp_path / 'mixed'}", "--resume"]  # fmt: skip
     two = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -1,7 +1,7 @@
 """Corpus building, tokenizers and token-shard loading."""
 
 from .loader import TokenShards, TrainBatches, eval_windows
-from .prepare import PrepareConfig, load_meta, prepare, verify
+from .prepare import PrepareConfig, check_dataset, load_meta, prepare, remember_verified, verify
 from .sources import DEFAULT_SOURCES, DataError, Document
 from .tokenizer import Tokenizer
 
@@ -13,8 +13,10 @@ __all__ = [
     "TokenShards",
     "Tokenizer",
     "TrainBatches",
+    "check_dataset",
     "eval_windows",
     "load_meta",
     "prepare",
+    "remember_verified",
     "verify",
 ]

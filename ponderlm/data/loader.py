@@ -32,7 +32,8 @@ class TokenShards:
             p = self.data_dir / sh["file"]
             if not p.is_file() or p.stat().st_size != sh["tokens"] * dtype.itemsize:
                 raise DataError(f"{p}: missing or truncated (expected {sh['tokens']} tokens)")
-            self.arrays.append(np.memmap(p, dtype=dtype, mode="r"))
+            # numpy cannot map an empty file; an empty shard (a hand-made meta.json) simply holds nothing
+            self.arrays.append(np.memmap(p, dtype=dtype, mode="r") if sh["tokens"] else np.zeros(0, dtype))
         self.sizes = np.array([len(a) for a in self.arrays], dtype=np.int64)
 
     @property

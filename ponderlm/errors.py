@@ -1,0 +1,30 @@
+"""The one base class of every user-facing error.
+
+The command line turns a :class:`UserError` into one line, ``error: <message>``, and exit status 2;
+anything else is a bug and keeps its traceback. Each module raises its own subclass (config,
+data, checkpoint, ownership) so library callers can tell them apart.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, a path in the way, a full disk): one clear line."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def describe_os_error(e: OSError, doing: str) -> str:
+    """One line for an OSError met while ``doing`` something, naming a full disk as such."""
+    if e.errno in NO_SPACE:
+        return f"disk full while {doing} (no space left on device)"
+    if e.errno == errno.EFBIG:
+        return f"file size limit exceeded while {doing}"
+    if e.errno == errno.EROFS:
+        return f"read-only file system while {doing}"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied while {doing}"
+    return f"{e.strerror or e} while {doing}"
