@@ -1,15 +1,85 @@
 """The ``ponderlm`` command: data preparation, training, the quickstart and the demo.
 
-User mistakes (bad config keys or values, missing data, unusable checkpoints) end with a one-line
-``error: ...`` on stderr and exit status 2, never a traceback.
+User mistakes (bad config keys or values, bad arguments, missing data, unusable checkpoints) end
+with a one-line ``error: ...`` on stderr and exit status 2, never a traceback. A closed standard
+output (``ponderlm generate ... | head``) ends the command quietly with status 141, as the Unix tools
+that die of SIGPIPE do.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
+
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; keep seeds non-negative and signed-safe
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by a closed pipe
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors (``error: ...``, exit 2), not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_at_least(lo: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= lo."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text[:40]!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _number(*, at_least: float | None = None, above: float | None = None, at_most: float | None = None):
+    """An argparse type: a finite number within the bounds given (nan and inf are refused)."""
+    bounds = [f">= {at_least:g}" if at_least is not None else "", f"> {above:g}" if above is not None else "",
+              f"<= {at_most:g}" if at_most is not None else ""]  # fmt: skip
+    want = " and ".join(b for b in bounds if b)
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text[:40]!r}") from None
+        if not (math.isfinite(v) and (at_least is None or v >= at_least) and (above is None or v > above)
+                and (at_most is None or v <= at_most)):  # fmt: skip
+            raise argparse.ArgumentTypeError(f"must be a finite number {want}, got {text[:40]}")
+        return v
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed in [0, 2**63 - 1]."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1], got {text[:40]}")
+    return v
+
+
+def _utf8(text: str) -> str:
+    """An argparse type: text that is valid UTF-8 (undecodable argv bytes arrive as surrogates)."""
+    from .serve import utf8_problem
+
+    why = utf8_problem(text)
+    if why:
+        raise argparse.ArgumentTypeError(why)
+    return text
 
 
 def _add_data(sub) -> None:
@@ -98,8 +168,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="run directory or checkpoint directory")
     p.add_argument("--tasks", default="val,ptb_test,lambada,arc_easy,arc_challenge,piqa,hellaswag,winogrande,sciq")
     p.add_argument("--tau", type=float, nargs="+", default=[1e-4], help="one or more pruning thresholds")
-    p.add_argument("--limit", type=int, default=None, help="first N documents of each zero-shot task")
-    p.add_argument("--ppl-windows", type=int, default=256, help="validation windows for perplexity")
+    p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N documents of each zero-shot task")
+    p.add_argument("--ppl-windows", type=_int_at_least(1), default=256, help="validation windows for perplexity")
     p.add_argument("--data", type=Path, default=None, help="dataset for perplexity (default: the run's)")
     p.add_argument(
         "--ablation",
@@ -109,11 +179,11 @@ def _add_eval(sub) -> None:
         "token at depth D), 'random' or 'entropy' (the router's depths shuffled, or ranked by the "
         "depth-0 predictive entropy: same mean depth)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation ponderlm wrote there")
 
 
 def _add_lm_eval(sub) -> None:
@@ -125,6 +195,7 @@ def _add_lm_eval(sub) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("lm_eval_tasks"))
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace task configs an earlier run wrote there")
     run = sub.add_parser(
         "lm-eval",
         help="run lm-evaluation-harness's command line with the ponderlm model registered",
@@ -164,14 +235,14 @@ def _add_analyze(sub) -> None:
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="run directory or checkpoint directory")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--text", default=None, help="text to visualise (default: a validation window)")
+    src.add_argument("--text", type=_utf8, default=None, help="text to visualise (default: a validation window)")
     src.add_argument("--file", type=Path, default=None, help="UTF-8 text file to visualise")
     p.add_argument("--tau", type=float, default=None, help="pruning threshold (default: the model's)")
-    p.add_argument("--windows", type=int, default=64, help="validation windows for the statistics")
+    p.add_argument("--windows", type=_int_at_least(1), default=64, help="validation windows for the statistics")
     p.add_argument("--data", type=Path, default=None, help="dataset (default: the run's)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis ponderlm wrote there")
 
 
 def _add_hf(sub) -> None:
@@ -182,7 +253,7 @@ def _add_hf(sub) -> None:
     p.add_argument("checkpoint", type=Path, help="run or checkpoint directory")
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--tau", type=float, default=None, help="pruning threshold stored in the config")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export ponderlm wrote there")
     p = sub.add_parser(
         "convert",
         help="convert a transformers Llama (directory or GGUF file) into a ponderlm vanilla run",
@@ -192,25 +263,25 @@ def _add_hf(sub) -> None:
     p.add_argument("--from-hf", dest="src", type=Path, required=True, help="model directory or .gguf file")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --from-hf")
     p.add_argument("--out", type=Path, required=True, help="output run directory")
-    p.add_argument("--max-seq-len", type=int, default=None, help="cap the context (default: the model's)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max-seq-len", type=_int_at_least(1), default=None, help="cap the context (default: the model's)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run an earlier conversion wrote there")
     p = sub.add_parser("generate", help="stream a completion from a checkpoint or export, with ponder depths")
     p.add_argument("--checkpoint", type=Path, required=True, help="run, checkpoint or exported directory")
-    p.add_argument("--prompt", default=None)
+    p.add_argument("--prompt", type=_utf8, default=None)
     p.add_argument("--interactive", action="store_true", help="then read prompts until EOF or an empty line")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=64)
     p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=_number(at_least=0), default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=_int_at_least(1), default=None)
+    p.add_argument("--top-p", type=_number(above=0, at_most=1), default=None)
+    p.add_argument("--seed", type=_seed, default=None)
     p.add_argument("--show-depth", action="store_true", help="colour (terminal) or [d] markers per token")
     p.add_argument("--no-colour", action="store_true", help="plain [d] markers even on a terminal")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ponderlm", description="Adaptive-pondering language models.")
+    parser = _Parser(prog="ponderlm", description="Adaptive-pondering language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_train(sub)
@@ -221,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(sub)
     _add_hf(sub)
     demo = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
-    demo.add_argument("--steps", type=int, default=300, help="training steps per method")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=_int_at_least(1), default=300, help="training steps per method")
+    demo.add_argument("--seed", type=_seed, default=0)
     return parser
 
 
@@ -235,15 +306,54 @@ def _default_cache() -> Path:
     return Path.home() / ".cache" / "ponderlm" / "packages"
 
 
+def _cache_dir(given: Path | None) -> Path:
+    """--cache-dir (or the default), refused when a file is in its place."""
+    from .config import ConfigError
+
+    path = given or _default_cache()
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise ConfigError(f"--cache-dir {path}: {p} is a file, not a directory")
+    return path
+
+
+def _read_text_file(path: Path, option: str) -> str:
+    """A UTF-8 text file named by an option, with one-line errors for every way it can fail."""
+    from .data import DataError
+    from .errors import describe_os_error
+
+    if path.is_dir():
+        raise DataError(f"{option} {path} is a directory, not a text file")
+    if not path.exists():
+        raise DataError(f"{option} {path} not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(describe_os_error(e, f"reading {path}")) from None
+
+
+def _needs(module: str, what: str, install: str) -> None:
+    """A one-line error instead of an ImportError when an optional dependency is missing."""
+    import importlib.util
+
+    from .config import ConfigError
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{what} needs {module}: pip install {install}")
+
+
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .config import check_tau
-    from .data import DataError
 
     if args.command == "data":
         from .data import DEFAULT_SOURCES, PrepareConfig, prepare
 
         names = tuple(s.name for s in DEFAULT_SOURCES)
-        if args.sources:
+        if args.sources is not None:
             names = tuple(s.strip() for s in args.sources.split(",") if s.strip())
         if args.input and not args.with_default and args.sources is None:
             names = ()
@@ -274,50 +384,51 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if args.command == "eval":
         from .checkpoint import resolve_checkpoint
-        from .eval.run import evaluate_checkpoint, markdown, write_results
+        from .device import resolve_device
+        from .eval.run import check_results_dir, evaluate_checkpoint, markdown, parse_tasks, write_results
+        from .owned import DirLock
 
-        if args.limit is not None and args.limit < 1:
-            parser.error("--limit must be >= 1")
+        tasks = parse_tasks(args.tasks)
         ablation = _parse_ablation(args.ablation) if args.ablation else None
         for t in args.tau:
             check_tau(t)
+        device = resolve_device(args.device)
+        cache_dir = _cache_dir(args.cache_dir)
         ck = resolve_checkpoint(args.checkpoint)
         out = args.out or _run_subdir(ck, "eval")
-        for name in ("eval.json", "eval.md"):  # checked before the (long) evaluation, not after it
-            if (out / name).exists() and not args.overwrite:
-                raise DataError(f"{out / name} exists; pass --overwrite to replace it or choose another --out")
-        results = evaluate_checkpoint(
-            ck,
-            tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
-            taus=list(args.tau),
-            cache_dir=args.cache_dir or _default_cache(),
-            data_dir=args.data,
-            limit=args.limit,
-            ppl_windows=args.ppl_windows,
-            batch_size=args.batch_size,
-            device=args.device,
-            ablation=ablation,
-        )
-        jp, mp = write_results(results, out, args.overwrite)
+        with DirLock(out, "--out"):
+            check_results_dir(out, "eval", args.overwrite)  # before the (long) evaluation, not after it
+            results = evaluate_checkpoint(
+                ck,
+                tasks=tasks,
+                taus=list(args.tau),
+                cache_dir=cache_dir,
+                data_dir=args.data,
+                limit=args.limit,
+                ppl_windows=args.ppl_windows,
+                batch_size=args.batch_size,
+                device=device,
+                ablation=ablation,
+            )
+            jp, mp = write_results(results, out, args.overwrite)
         print("\n" + markdown(results))
         print(f"wrote {jp} and {mp}")
         return 0
     if args.command == "analyze":
         from .checkpoint import resolve_checkpoint
+        from .device import resolve_device
         from .eval.analyze import analyze
 
         text = args.text
         if args.file is not None:
-            if not args.file.is_file():
-                raise DataError(f"--file {args.file} not found")
-            try:
-                text = args.file.read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{args.file} is not UTF-8 text (byte {e.start})") from None
+            text = _read_text_file(args.file, "--file")
+        if args.tau is not None:
+            check_tau(args.tau)
+        device = resolve_device(args.device)
         ck = resolve_checkpoint(args.checkpoint)
         out = args.out or _run_subdir(ck, "analysis")
         analyze(ck, text=text, data_dir=args.data, tau=args.tau, out=out, windows=args.windows,
-                overwrite=args.overwrite, device=args.device)  # fmt: skip
+                overwrite=args.overwrite, device=device)  # fmt: skip
         return 0
     if args.command == "experiment":
         from .eval.pareto import ExperimentConfig, run_experiment
@@ -326,12 +437,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                        eval_only=args.eval_only)  # fmt: skip
         return 0
     if args.command == "lm-eval-tasks":
+        _needs("lm_eval", "lm-eval-tasks", "lm-eval")
         from .eval.lm_eval_adapter import write_tasks
 
-        names = write_tasks(args.out, args.cache_dir or _default_cache())
+        names = write_tasks(args.out, _cache_dir(args.cache_dir), overwrite=args.overwrite)
         print(f"wrote {', '.join(names)} to {args.out} (use --include_path {args.out})")
         return 0
     if args.command == "lm-eval":
+        _needs("lm_eval", "lm-eval", "lm-eval")
         import lm_eval.__main__
 
         from .eval import lm_eval_adapter  # noqa: F401 -- registers --model ponderlm
@@ -350,10 +463,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             overwrite=args.overwrite,
         )
     if args.command == "export":
+        from .owned import check_disjoint, check_replaceable
+
         if args.tau is not None:
             check_tau(args.tau)
-        if args.out.exists() and not args.overwrite:  # refused before transformers is imported
-            raise DataError(f"{args.out} exists; pass --overwrite to replace it or choose another output directory")
+        # refused before transformers is imported; export() checks again under the output's lock
+        check_disjoint(args.out, [args.checkpoint], "output directory")
+        check_replaceable(args.out, "export", overwrite=args.overwrite, choose="output directory",
+                          exists_hint="pass --overwrite to replace it or choose another output directory")  # fmt: skip
+        _needs("transformers", "export", "'ponderlm[hf]'")
         from .hf import export
 
         export(args.checkpoint, args.out, overwrite=args.overwrite, tau=args.tau)
@@ -365,30 +483,25 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                         overwrite=args.overwrite)  # fmt: skip
         return 0
     if args.command == "generate":
+        from .config import ConfigError
+        from .device import resolve_device
         from .serve import Settings
         from .serve import main as serve_main
 
         if args.prompt is None and not args.interactive:
-            parser.error("give --prompt TEXT, --interactive, or both")
-        if args.max_new_tokens < 1:
-            parser.error("--max-new-tokens must be >= 1")
+            raise ConfigError("give --prompt TEXT, --interactive, or both")
+        if args.interactive and sys.stdin is None:  # started with stdin closed (`<&-`)
+            raise ConfigError("--interactive reads prompts from standard input, which is closed")
         if args.tau is not None:
             check_tau(args.tau)
-        if args.temperature < 0:
-            parser.error("--temperature must be >= 0")
-        if args.top_k is not None and args.top_k < 1:
-            parser.error("--top-k must be >= 1")
-        if args.top_p is not None and not 0 < args.top_p <= 1:
-            parser.error("--top-p must be in (0, 1]")
+        device = resolve_device(args.device)
         settings = Settings(
             max_new_tokens=args.max_new_tokens, tau=args.tau, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, seed=args.seed, show_depth=args.show_depth,
             colour=sys.stdout.isatty() and not args.no_colour and not os.environ.get("NO_COLOR"),
         )  # fmt: skip
-        return serve_main(args.checkpoint, args.prompt, settings, args.interactive, args.device)
+        return serve_main(args.checkpoint, args.prompt, settings, args.interactive, device)
     if args.command == "demo":
-        if args.steps < 1:
-            parser.error("--steps must be >= 1")
         from .demo import main as demo_main
 
         return demo_main(args.steps, args.seed)
@@ -396,9 +509,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
+    from .errors import UserError
     from .train import TrainingStopped
 
     parser = build_parser()
@@ -407,15 +518,29 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
         return run(args, parser)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _closed_pipe()
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _closed_pipe() -> int:
+    """The reader of our output went away (``| head``): end quietly, as Unix tools do. Standard
+    output is pointed at /dev/null so the interpreter's final flush does not complain again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (tests capture it)
+        pass
+    return EXIT_PIPE
 
 
 if __name__ == "__main__":

@@ -9,14 +9,16 @@ RMSNorm, rotate-half RoPE without scaling, SwiGLU with SiLU, no biases, head_dim
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import contextlib
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from . import owned
 from .checkpoint import CheckpointError, save_checkpoint
-from .config import ModelConfig, RunConfig, TrainConfig
+from .config import ConfigError, ModelConfig, RunConfig, TrainConfig
 from .data import DataError
 
 
@@ -33,8 +35,14 @@ def _rope_theta(hf_cfg) -> float:
     return float(getattr(hf_cfg, "rope_theta", 10000.0))
 
 
+def _check_max_seq_len(max_seq_len: int | None) -> None:
+    if max_seq_len is not None and (type(max_seq_len) is not int or max_seq_len < 1):
+        raise ConfigError(f"--max-seq-len must be an integer >= 1, got {max_seq_len!r}")
+
+
 def llama_model_config(hf_cfg, max_seq_len: int | None = None) -> ModelConfig:
     """The ponderlm ``vanilla`` config that computes what a transformers Llama config describes."""
+    _check_max_seq_len(max_seq_len)
     if getattr(hf_cfg, "model_type", None) != "llama":
         raise DataError(f"only Llama-architecture models convert, got model_type={hf_cfg.model_type!r}")
     act = getattr(hf_cfg, "hidden_act", "silu")
@@ -73,6 +81,40 @@ def llama_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off for a while (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(e: Exception) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _check_model_dir(src: Path) -> None:
+    """The two ways a model directory is most often broken, named plainly (not in transformers' words)."""
+    cfg = src / "config.json"
+    if not cfg.is_file():
+        raise DataError(f"--from-hf {src}: no config.json (not a transformers model directory)")
+    try:
+        json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"{cfg} is not JSON ({_first_line(e)})") from None
+    if not any(p.suffix in (".safetensors", ".bin", ".gguf") for p in src.iterdir()):
+        raise DataError(f"no weights (*.safetensors, *.bin or a .gguf file) in {src}")
+
+
 def load_hf_llama(src: Path, gguf_file: str | None = None):
     """(transformers model in float32, its tokenizer or None) from a directory or a .gguf file."""
     try:
@@ -87,15 +129,23 @@ def load_hf_llama(src: Path, gguf_file: str | None = None):
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     if gguf_file and not (src / gguf_file).is_file():
         raise DataError(f"{src / gguf_file}: no such GGUF file")
+    if not gguf_file:
+        _check_model_dir(src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+        with _quiet_transformers():  # its load report and progress bar would break the one-line error
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
     except ImportError as e:
-        raise DataError(f"cannot read {src}: {e}") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read a transformers model from {src}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"cannot read {src}: {_first_line(e)}") from None
+    except Exception as e:  # transformers, safetensors and gguf each raise their own types for unreadable files
+        what = src / gguf_file if gguf_file else src
+        why = _first_line(e)
+        if "mismatched_sizes" in why:
+            why = "its weights have other shapes than its config.json describes"
+        raise DataError(f"cannot read a transformers model from {what}: {why}") from None
     try:
-        tok = AutoTokenizer.from_pretrained(src, **kw)
-    except (OSError, ValueError):
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(src, **kw)
+    except Exception:  # no usable tokenizer next to the weights: the run is written without one
         tok = None
     return model, tok
 
@@ -109,44 +159,49 @@ def convert_from_hf(
     overwrite: bool = False,
     log=print,
 ) -> Path:
-    """Convert and write a ponderlm run directory (checkpoint at step 0 + tokenizer.json)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} exists; pass --overwrite to replace it or choose another --out")
-    hf_model, hf_tok = load_hf_llama(Path(src), gguf_file)
-    cfg = llama_model_config(hf_model.config, max_seq_len)
-    state = llama_state_dict(hf_model.state_dict())
-    from .model import PonderLM
+    """Convert and write a ponderlm run directory (checkpoint at step 0 + tokenizer.json).
 
-    model = PonderLM(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{src}: weights do not fit a Llama layout: missing {missing[:4]}, extra {unexpected[:4]}"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tok_file = None
-        if hf_tok is not None and getattr(hf_tok, "backend_tokenizer", None) is not None:
-            tok_file = tmp / "source_tokenizer.json"
-            from .data.tokenizer import Tokenizer
+    ``out`` is built aside and renamed into place under its lock (:mod:`ponderlm.owned`): an
+    earlier converted run is replaced only with ``overwrite``; an output that is, contains or lies
+    inside the source, or a directory ponderlm did not make, is refused and never deleted."""
+    out, src = Path(out), Path(src)
+    _check_max_seq_len(max_seq_len)
+    sources = [src] + ([src / gguf_file] if gguf_file else [])
+    owned.check_disjoint(out, sources, "--out")
+    with owned.DirLock(out, "--out"):
+        owned.check_replaceable(out, "run", overwrite=overwrite, choose="--out",
+                                exists_hint="pass --overwrite to replace it or choose another --out")  # fmt: skip
+        hf_model, hf_tok = load_hf_llama(src, gguf_file)
+        cfg = llama_model_config(hf_model.config, max_seq_len)
+        state = llama_state_dict(hf_model.state_dict())
+        from .model import PonderLM
 
-            hf_tok.backend_tokenizer.save(str(tok_file))
-            Tokenizer.load(tok_file)  # checks it is usable (has an end-of-text token)
-            tok_file = tok_file.rename(tmp / "tokenizer.json")
-        else:
-            log("note: no fast tokenizer found next to the model; the checkpoint has no tokenizer.json")
-        run_cfg = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out)))
-        trainer_state = {"step": 0, "tokens_seen": 0, "converted_from": str(Path(src).resolve())}
-        save_checkpoint(tmp, 0, model.state_dict(), None, trainer_state, run_cfg, tok_file, keep_last=1)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        model = PonderLM(cfg)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # tensors of the wrong shape for the config next to them
+            first = str(e).strip().splitlines()
+            raise CheckpointError(f"{src}: weights do not fit its config ({first[-1].strip()[:200]})") from None
+        missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{src}: weights do not fit a Llama layout: missing {missing[:4]}, extra {unexpected[:4]}"
+            )
+        with owned.building(out, "run") as tmp:
+            tok_file = None
+            if hf_tok is not None and getattr(hf_tok, "backend_tokenizer", None) is not None:
+                tok_file = tmp / ".tokenizer.json.tmp"  # copied into the checkpoint, then removed
+                from .data.tokenizer import Tokenizer
+
+                hf_tok.backend_tokenizer.save(str(tok_file))
+                Tokenizer.load(tok_file)  # checks it is usable (has an end-of-text token)
+            else:
+                log("note: no fast tokenizer found next to the model; the checkpoint has no tokenizer.json")
+            run_cfg = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out)))
+            trainer_state = {"step": 0, "tokens_seen": 0, "converted_from": str(src.resolve())}
+            save_checkpoint(tmp, 0, model.state_dict(), None, trainer_state, run_cfg, tok_file, keep_last=1)
+            if tok_file is not None:
+                tok_file.unlink()
     n = sum(p.numel() for p in model.parameters())
     log(f"converted {src} -> {out} (vanilla, {n:,} parameters, {cfg.n_layers} layers, d={cfg.d_model})")
     return out

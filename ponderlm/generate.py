@@ -113,6 +113,8 @@ def generate(
     tau = check_tau(cfg.tau if tau is None else tau)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed}")
     B, T = input_ids.shape
     if T == 0:
         raise ValueError("generate needs a non-empty prompt")

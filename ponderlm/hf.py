@@ -223,33 +223,31 @@ def hf_tokenizer(tok):
 
 def export(checkpoint, out, *, overwrite: bool = False, tau: float | None = None, log=print):
     """Write a trainer checkpoint (or run) as a transformers directory: safetensors weights,
-    config.json, generation_config.json, tokenizer files. Built in a temporary directory and
-    renamed into place; an existing ``out`` is replaced only with ``overwrite``."""
-    import shutil
+    config.json, generation_config.json, tokenizer files. ``out`` is a ponderlm ``export``
+    directory, built aside and renamed into place (:func:`ponderlm.owned.building`) under its
+    lock; an earlier export is replaced only with ``overwrite``, anything else in the way (the
+    checkpoint itself, a directory of the user's files) is refused, never deleted."""
     from pathlib import Path
 
-    from .data import DataError
+    from . import owned
+    from .config import check_tau
+    from .convert import _quiet_transformers
     from .eval.run import load_model
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} exists; pass --overwrite to replace it or choose another output directory")
-    model, tok, src = load_model(checkpoint)
-    wrapper = PonderLMForCausalLM.from_ponderlm(model, tau=tau)
-    wrapper.generation_config.eos_token_id = tok.eot_id
-    wrapper.generation_config.pad_token_id = tok.eot_id
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    wrapper.save_pretrained(tmp)
-    hf_tokenizer(tok).save_pretrained(tmp)
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    if tau is not None:
+        check_tau(tau)
+    owned.check_disjoint(out, [Path(checkpoint)], "output directory")
+    with owned.DirLock(out, "output directory"):
+        hint = "pass --overwrite to replace it or choose another output directory"
+        owned.check_replaceable(out, "export", overwrite=overwrite, exists_hint=hint, choose="output directory")
+        model, tok, src = load_model(checkpoint)
+        owned.check_disjoint(out, [src], "output directory")  # the checkpoint a run directory resolved to
+        wrapper = PonderLMForCausalLM.from_ponderlm(model, tau=tau)
+        wrapper.generation_config.eos_token_id = tok.eot_id
+        wrapper.generation_config.pad_token_id = tok.eot_id
+        with owned.building(out, "export") as tmp, _quiet_transformers():
+            wrapper.save_pretrained(tmp)
+            hf_tokenizer(tok).save_pretrained(tmp)
     log(f"exported {src} ({model.cfg.method}, tau {wrapper.config.tau:g}) to {out}")
     return out

@@ -303,6 +303,8 @@ class PonderLM(nn.Module):
     def _check_ids(self, ids: Tensor) -> None:
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"input_ids must be a (B, T) integer tensor, got {tuple(ids.shape)} {ids.dtype}")
+        if ids.numel() == 0:  # caught here: deeper down an empty batch fails in a reshape or a stack
+            raise ValueError(f"input_ids is empty, shape {tuple(ids.shape)}: need at least one row of one token")
         if ids.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {ids.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):

@@ -11,6 +11,7 @@ from typing import TextIO
 import torch
 
 from .data import DataError
+from .errors import UserError
 from .eval.run import load_model
 
 # depth 0 .. 3+ : plain, green, yellow, red (bold)
@@ -28,6 +29,18 @@ class Settings:
     seed: int | None = None
     show_depth: bool = False
     colour: bool = False
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` is not valid UTF-8, or None. Bytes that do not decode reach Python from argv
+    (and from stdin in the interactive loop) as lone surrogates, which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}, a lone surrogate,"
+        return f"not valid UTF-8 text ({what} at character {e.start})"
+    return None
 
 
 class TextStream:
@@ -63,6 +76,9 @@ def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO, echo
     prompt is known to fit); returns tokens and depth statistics."""
     if not prompt:
         raise DataError("the prompt is empty")
+    why = utf8_problem(prompt)
+    if why:
+        raise DataError(f"the prompt is {why}")
     ids = tok.encode(prompt)
     if not ids:
         raise DataError("the prompt encodes to no tokens")
@@ -93,7 +109,9 @@ def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO, echo
     return {"tokens": len(depth), "mean_depth": sum(depth) / max(len(depth), 1), "max_depth": model.cfg.max_depth}
 
 
-def main(checkpoint, prompt: str | None, settings: Settings, interactive: bool, device: str = "cpu") -> int:
+def main(
+    checkpoint, prompt: str | None, settings: Settings, interactive: bool, device: str | torch.device = "cpu"
+) -> int:
     model, tok, _ = load_model(checkpoint, device)
     out = sys.stdout
     if settings.show_depth:
@@ -110,6 +128,9 @@ def main(checkpoint, prompt: str | None, settings: Settings, interactive: bool, 
     if prompt is not None:
         one(prompt)
     if interactive:
+        if hasattr(sys.stdin, "reconfigure"):
+            # a line that is not valid UTF-8 is reported as a bad prompt, not a UnicodeDecodeError
+            sys.stdin.reconfigure(errors="surrogateescape")
         while True:
             try:
                 line = input("> ")
@@ -120,6 +141,6 @@ def main(checkpoint, prompt: str | None, settings: Settings, interactive: bool, 
                 break
             try:
                 one(line)
-            except DataError as e:  # a bad prompt is not the end of the session
+            except UserError as e:  # a bad prompt is not the end of the session
                 print(f"error: {e}", file=sys.stderr)
     return 0

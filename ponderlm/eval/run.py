@@ -5,21 +5,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
+from .. import owned
 from ..checkpoint import CheckpointError, load_checkpoint, load_model_weights, resolve_checkpoint
-from ..config import check_tau
+from ..config import ConfigError, check_tau
 from ..data import DataError, TokenShards, eval_windows, load_meta
 from ..data.tokenizer import Tokenizer
+from ..device import resolve_device
+from ..errors import describe_os_error
 from ..model import PonderLM
 from .perplexity import perplexity
 from .tasks import TASKS, load_tasks
 from .zeroshot import score_task
 
 PPL_SETS = ("val", "ptb_test")
+OUT_HINT = "pass --overwrite to replace it or choose another --out"
 
 
 def is_hf_export(path: str | Path) -> bool:
@@ -33,13 +40,22 @@ def is_hf_export(path: str | Path) -> bool:
         return False
 
 
-def load_model(checkpoint: str | Path, device: str = "cpu") -> tuple[PonderLM, Tokenizer, Path]:
-    """A trainer run/checkpoint directory or a transformers export -> (model, tokenizer, directory)."""
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[PonderLM, Tokenizer, Path]:
+    """A trainer run/checkpoint directory or a transformers export -> (model, tokenizer, directory).
+    ``device`` is a torch.device or a name for :func:`ponderlm.device.resolve_device`."""
+    device = resolve_device(device) if isinstance(device, str) else device
     if is_hf_export(checkpoint):
+        from ..convert import _first_line, _quiet_transformers
         from ..hf import PonderLMForCausalLM
 
         path = Path(checkpoint)
-        model = PonderLMForCausalLM.from_pretrained(path).model
+        try:
+            with _quiet_transformers():  # no progress bar or load report around a one-line error
+                model = PonderLMForCausalLM.from_pretrained(path).model
+        except Exception as e:  # transformers and safetensors raise their own types for damaged files
+            raise CheckpointError(f"{path}: not a readable ponderlm export ({_first_line(e)})") from None
+        if not (path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{path}: no tokenizer.json in this export")
         return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json"), path
     ck_dir = resolve_checkpoint(checkpoint)
     ck = load_checkpoint(ck_dir, with_optimizer=False)
@@ -70,6 +86,21 @@ def checkpoint_dataset(ck_dir: Path, data_dir: Path | None) -> tuple[Path, dict]
     return Path(data_dir), meta
 
 
+def parse_tasks(text: str) -> list[str]:
+    """``--tasks`` (comma-separated) -> task names, each once; an empty list or an unknown name is an error."""
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names:
+        raise ConfigError(f"--tasks names no task; choose from {', '.join(PPL_SETS + TASKS)}")
+    _check_task_names(names)
+    return names
+
+
+def _check_task_names(names: list[str]) -> None:
+    unknown = [t for t in names if t not in PPL_SETS + TASKS]
+    if unknown:
+        raise DataError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(PPL_SETS + TASKS)}")
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
@@ -86,17 +117,22 @@ def evaluate_checkpoint(
 ) -> dict:
     """Hard-mode scores of a checkpoint per tau; ``ablation`` (PonderLM-3, perplexity sets only)
     replaces the router's depths (:mod:`ponderlm.eval.ablations`)."""
-    model, tok, ck_dir = load_model(checkpoint, device)
-    cfg = model.cfg
+    if not tasks:
+        raise ConfigError(f"no task to evaluate; choose from {', '.join(PPL_SETS + TASKS)}")
+    _check_task_names(list(tasks))
+    if not taus:
+        raise ConfigError("no tau to evaluate at")
     for t in taus:
         check_tau(t)
+    for name, value in (("batch_size", batch_size), ("ppl_windows", ppl_windows), ("limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    model, tok, ck_dir = load_model(checkpoint, device)
+    cfg = model.cfg
     if not cfg.has_router:  # nothing to prune: one tau is the model
         taus = taus[:1]
     ppl_sets = [t for t in tasks if t in PPL_SETS]
     zs = [t for t in tasks if t not in PPL_SETS]
-    unknown = [t for t in zs if t not in TASKS]
-    if unknown:
-        raise DataError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(PPL_SETS + TASKS)}")
     windows = {}
     if ppl_sets:
         data_dir, meta = checkpoint_dataset(ck_dir, data_dir)
@@ -168,14 +204,62 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------ result directories
+def check_results_dir(out: Path, kind: str, overwrite: bool) -> bool:
+    """Refuse, before a long computation, an output directory its results could not go to.
+
+    ``out`` must be absent, empty, or a ponderlm ``kind`` directory (``eval``, ``analysis``) holding
+    only what ponderlm wrote, replaced only with ``overwrite`` (:func:`ponderlm.owned.check_replaceable`);
+    it must not lie under a file, and it (or the directory it will be made in) must be writable: a
+    read-only file system is reported now, not after the evaluation. Returns True when earlier
+    results will be replaced. Call it holding :class:`ponderlm.owned.DirLock` on ``out``.
+    """
+    out = Path(out)
+    replace = owned.check_replaceable(out, kind, overwrite=overwrite, exists_hint=OUT_HINT, choose="--out")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise owned.OwnershipError(f"cannot create {out}: {probe} is a file, not a directory; choose another --out")
+    try:  # an unnamed temporary file (O_TMPFILE): nothing is left behind, even if we are killed
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise owned.OwnershipError(describe_os_error(e, f"writing {out}") + "; choose another --out") from None
+    return replace
+
+
+def write_result_files(out: Path, kind: str, files: dict[str, str | bytes]) -> list[Path]:
+    """Write result files into ``out`` (made and marked as a ponderlm ``kind`` directory when
+    missing), each through a hidden temporary; the temporaries are renamed into place only once
+    all are written, so a full disk leaves the earlier results (or no directory) and no temporary.
+    Check ``out`` with :func:`check_results_dir` first."""
+    out = Path(out)
+    top = None  # the outermost directory made here: removed again if writing fails
+    p = out
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    temps = [out / f".{name}.tmp" for name in files]
+    try:
+        owned.make_owned_dir(out, kind)
+        for tmp, data in zip(temps, files.values(), strict=True):
+            tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        for tmp, name in zip(temps, files, strict=True):
+            tmp.replace(out / name)
+    except OSError as e:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        raise owned.OwnershipError(describe_os_error(e, f"writing {out}")) from None
+    return [out / name for name in files]
+
+
 def write_results(results: dict, out: Path, overwrite: bool) -> tuple[Path, Path]:
-    jp, mp = out / "eval.json", out / "eval.md"
-    for p in (jp, mp):
-        if p.exists() and not overwrite:
-            raise DataError(f"{p} exists; pass --overwrite to replace it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    for p, text in ((jp, json.dumps(results, indent=2) + "\n"), (mp, markdown(results))):
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+    """Write eval.json and eval.md into ``out`` (see :func:`check_results_dir`; hold
+    :class:`ponderlm.owned.DirLock` on ``out``)."""
+    out = Path(out)
+    check_results_dir(out, "eval", overwrite)
+    jp, mp = write_result_files(out, "eval", {"eval.json": json.dumps(results, indent=2) + "\n",
+                                              "eval.md": markdown(results)})  # fmt: skip
     return jp, mp
