@@ -33,6 +33,16 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_model_args(p: argparse.ArgumentParser, K: int = 3) -> None:
+    """The backbone of a benchmark's random model (d=256, 4 layers: the CPU reference size)."""
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--K", type=int, default=K)
+
+
 def setup(args) -> tuple[torch.device, torch.dtype]:
     if args.threads:
         torch.set_num_threads(args.threads)

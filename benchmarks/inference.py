@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import base_parser, finish, machine, setup, table, timeit_interleaved
+from common import add_model_args, base_parser, finish, machine, setup, table, timeit_interleaved
 
 from ponderlm import ModelConfig, PonderLM
 from ponderlm.flops import inference_flops
@@ -63,12 +63,7 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="a trained PonderLM-3 run (default: random model)")
     p.add_argument("--tau", type=float, default=None, help="pruning threshold (default: calibrated to --depth)")
     p.add_argument("--depth", type=float, default=1.5, help="target realised mean depth for the random model")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--d-ff", type=int, default=688)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--K", type=int, default=3)
+    add_model_args(p)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--score-batch", type=int, default=8)
@@ -76,7 +71,7 @@ def main() -> None:
     args = p.parse_args()
     device, dtype = setup(args)
     if args.checkpoint is not None:
-        from ponderlm.eval.run import load_model
+        from ponderlm.loading import load_model
 
         model = load_model(args.checkpoint)[0]
         if not model.cfg.has_router:

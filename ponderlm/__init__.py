@@ -2,6 +2,7 @@
 pondering (PonderLM-3), its PonderLM-2 backbone and baselines, in one model code path."""
 
 from ._hf_hook import install as _install_hf_hook
+from ._version import __version__
 from .config import ConfigError, ModelConfig
 from .generate import GenerateOutput, generate
 from .losses import ponder_loss
@@ -15,7 +16,7 @@ __all__ = [
     "ModelConfig",
     "PonderLM",
     "PonderOutput",
+    "__version__",
     "generate",
     "ponder_loss",
 ]
-__version__ = "0.1.0"

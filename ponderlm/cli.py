@@ -1,5 +1,8 @@
 """The ``ponderlm`` command: data preparation, training, the quickstart and the demo.
 
+Each subcommand is a pair: ``_add_X(sub)`` declares its arguments and registers ``cmd_X(args,
+parser)`` as its handler, which :func:`main` calls; the work itself is done in the library.
+
 User mistakes (bad config keys or values, bad arguments, missing data, unusable checkpoints) end
 with a one-line ``error: ...`` on stderr and exit status 2, never a traceback. A closed standard
 output (``ponderlm generate ... | head``) ends the command quietly with status 141, as the Unix tools
@@ -74,7 +77,7 @@ def _seed(text: str) -> int:
 
 def _utf8(text: str) -> str:
     """An argparse type: text that is valid UTF-8 (undecodable argv bytes arrive as surrogates)."""
-    from .serve import utf8_problem
+    from .errors import utf8_problem
 
     why = utf8_problem(text)
     if why:
@@ -103,6 +106,31 @@ def _add_data(sub) -> None:
     prep.add_argument("--val-fraction", type=float, default=0.01)
     prep.add_argument("--shard-tokens", type=int, default=50_000_000)
     prep.add_argument("--overwrite", action="store_true", help="rebuild a dataset made with other settings")
+    prep.set_defaults(handler=cmd_data)
+
+
+def cmd_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .data import DEFAULT_SOURCES, PrepareConfig, prepare
+
+    names = tuple(s.name for s in DEFAULT_SOURCES)
+    if args.sources is not None:
+        names = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    if args.input and not args.with_default and args.sources is None:
+        names = ()
+    prepare(
+        PrepareConfig(
+            out_dir=args.out,
+            cache_dir=args.cache_dir or _default_cache(),
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            sources=names,
+            inputs=list(args.input),
+            val_fraction=args.val_fraction,
+            shard_tokens=args.shard_tokens,
+            overwrite=args.overwrite,
+        )
+    )
+    return 0
 
 
 def _add_train(sub) -> None:
@@ -125,6 +153,20 @@ def _add_train(sub) -> None:
         "adopted, a router or pause embeddings are freshly initialised (same as train.init_from=DIR)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    p.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import load_run_config
+    from .train import train
+
+    extra = [f"train.init_from={args.init_from}"] if args.init_from else []
+    cfg, explicit = load_run_config(args.config, list(args.overrides) + list(args.set_) + extra)
+    result = train(cfg, explicit, resume=args.resume, overwrite=args.overwrite)
+    val = result["val"]
+    if val and os.environ.get("RANK", "0") == "0":
+        print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
+    return 0
 
 
 def _add_quickstart(sub) -> None:
@@ -139,6 +181,19 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="a much shorter run that checks the whole pipeline")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
+    p.set_defaults(handler=cmd_quickstart)
+
+
+def cmd_quickstart(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .quickstart import quickstart
+
+    return quickstart(
+        out=args.out,
+        data=args.data,
+        cache_dir=args.cache_dir or _default_cache(),
+        smoke=args.smoke,
+        overwrite=args.overwrite,
+    )
 
 
 def _parse_ablation(text: str):
@@ -184,6 +239,42 @@ def _add_eval(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation ponderlm wrote there")
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .checkpoint import resolve_checkpoint
+    from .config import check_tau
+    from .device import resolve_device
+    from .eval.run import check_results_dir, evaluate_checkpoint, markdown, parse_tasks, write_results
+    from .owned import DirLock
+
+    tasks = parse_tasks(args.tasks)
+    ablation = _parse_ablation(args.ablation) if args.ablation else None
+    for t in args.tau:
+        check_tau(t)
+    device = resolve_device(args.device)
+    cache_dir = _cache_dir(args.cache_dir)
+    ck = resolve_checkpoint(args.checkpoint)
+    out = args.out or _run_subdir(ck, "eval")
+    with DirLock(out, "--out"):
+        check_results_dir(out, "eval", args.overwrite)  # before the (long) evaluation, not after it
+        results = evaluate_checkpoint(
+            ck,
+            tasks=tasks,
+            taus=list(args.tau),
+            cache_dir=cache_dir,
+            data_dir=args.data,
+            limit=args.limit,
+            ppl_windows=args.ppl_windows,
+            batch_size=args.batch_size,
+            device=device,
+            ablation=ablation,
+        )
+        jp, mp = write_results(results, out, args.overwrite)
+    print("\n" + markdown(results))
+    print(f"wrote {jp} and {mp}")
+    return 0
 
 
 def _add_lm_eval(sub) -> None:
@@ -196,6 +287,7 @@ def _add_lm_eval(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("lm_eval_tasks"))
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace task configs an earlier run wrote there")
+    p.set_defaults(handler=cmd_lm_eval_tasks)
     run = sub.add_parser(
         "lm-eval",
         help="run lm-evaluation-harness's command line with the ponderlm model registered",
@@ -204,6 +296,27 @@ def _add_lm_eval(sub) -> None:
         "--include_path lm_eval_tasks",
     )
     run.add_argument("args", nargs=argparse.REMAINDER)
+    run.set_defaults(handler=cmd_lm_eval)
+
+
+def cmd_lm_eval_tasks(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _needs("lm_eval", "lm-eval-tasks", "lm-eval")
+    from .eval.lm_eval_adapter import write_tasks
+
+    names = write_tasks(args.out, _cache_dir(args.cache_dir), overwrite=args.overwrite)
+    print(f"wrote {', '.join(names)} to {args.out} (use --include_path {args.out})")
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _needs("lm_eval", "lm-eval", "lm-eval")
+    import lm_eval.__main__
+
+    from .eval import lm_eval_adapter  # noqa: F401 -- registers --model ponderlm
+
+    sys.argv = ["lm-eval", *args.args]
+    lm_eval.__main__.cli_evaluate()
+    return 0
 
 
 def _add_experiment(sub) -> None:
@@ -223,6 +336,15 @@ def _add_experiment(sub) -> None:
         action="store_true",
         help="train nothing: evaluate the finished runs and report without the others",
     )
+    par.set_defaults(handler=cmd_experiment)
+
+
+def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .experiments import ExperimentConfig, run_experiment
+
+    run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite,
+                   eval_only=args.eval_only)  # fmt: skip
+    return 0
 
 
 def _add_analyze(sub) -> None:
@@ -243,9 +365,29 @@ def _add_analyze(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis ponderlm wrote there")
+    p.set_defaults(handler=cmd_analyze)
 
 
-def _add_hf(sub) -> None:
+def cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .checkpoint import resolve_checkpoint
+    from .config import check_tau
+    from .device import resolve_device
+    from .eval.analyze import analyze
+
+    text = args.text
+    if args.file is not None:
+        text = _read_text_file(args.file, "--file")
+    if args.tau is not None:
+        check_tau(args.tau)
+    device = resolve_device(args.device)
+    ck = resolve_checkpoint(args.checkpoint)
+    out = args.out or _run_subdir(ck, "analysis")
+    analyze(ck, text=text, data_dir=args.data, tau=args.tau, out=out, windows=args.windows,
+            overwrite=args.overwrite, device=device)  # fmt: skip
+    return 0
+
+
+def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a checkpoint as a transformers model directory (AutoModelForCausalLM, no remote code)",
@@ -254,6 +396,27 @@ def _add_hf(sub) -> None:
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--tau", type=float, default=None, help="pruning threshold stored in the config")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export ponderlm wrote there")
+    p.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import check_tau
+    from .owned import check_disjoint, check_replaceable
+
+    if args.tau is not None:
+        check_tau(args.tau)
+    # refused before transformers is imported; export() checks again under the output's lock
+    check_disjoint(args.out, [args.checkpoint], "output directory")
+    check_replaceable(args.out, "export", overwrite=args.overwrite, choose="output directory",
+                      exists_hint="pass --overwrite to replace it or choose another output directory")  # fmt: skip
+    _needs("transformers", "export", "'ponderlm[hf]'")
+    from .export import export
+
+    export(args.checkpoint, args.out, overwrite=args.overwrite, tau=args.tau)
+    return 0
+
+
+def _add_convert(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="convert a transformers Llama (directory or GGUF file) into a ponderlm vanilla run",
@@ -265,6 +428,18 @@ def _add_hf(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output run directory")
     p.add_argument("--max-seq-len", type=_int_at_least(1), default=None, help="cap the context (default: the model's)")
     p.add_argument("--overwrite", action="store_true", help="replace a run an earlier conversion wrote there")
+    p.set_defaults(handler=cmd_convert)
+
+
+def cmd_convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .convert import convert_from_hf
+
+    convert_from_hf(args.src, args.out, gguf_file=args.gguf_file, max_seq_len=args.max_seq_len,
+                    overwrite=args.overwrite)  # fmt: skip
+    return 0
+
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream a completion from a checkpoint or export, with ponder depths")
     p.add_argument("--checkpoint", type=Path, required=True, help="run, checkpoint or exported directory")
     p.add_argument("--prompt", type=_utf8, default=None)
@@ -278,22 +453,53 @@ def _add_hf(sub) -> None:
     p.add_argument("--show-depth", action="store_true", help="colour (terminal) or [d] markers per token")
     p.add_argument("--no-colour", action="store_true", help="plain [d] markers even on a terminal")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(handler=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import ConfigError, check_tau
+    from .device import resolve_device
+    from .serve import Settings
+    from .serve import main as serve_main
+
+    if args.prompt is None and not args.interactive:
+        raise ConfigError("give --prompt TEXT, --interactive, or both")
+    if args.interactive and sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise ConfigError("--interactive reads prompts from standard input, which is closed")
+    if args.tau is not None:
+        check_tau(args.tau)
+    device = resolve_device(args.device)
+    settings = Settings(
+        max_new_tokens=args.max_new_tokens, tau=args.tau, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, show_depth=args.show_depth,
+        colour=sys.stdout.isatty() and not args.no_colour and not os.environ.get("NO_COLOR"),
+    )  # fmt: skip
+    return serve_main(args.checkpoint, args.prompt, settings, args.interactive, device)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
+    p.add_argument("--steps", type=_int_at_least(1), default=300, help="training steps per method")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.steps, args.seed)
+
+
+# the subcommands, in the order `ponderlm --help` lists them
+SUBCOMMANDS = (_add_data, _add_train, _add_quickstart, _add_eval, _add_lm_eval, _add_experiment, _add_analyze,
+               _add_export, _add_convert, _add_generate, _add_demo)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ponderlm", description="Adaptive-pondering language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_data(sub)
-    _add_train(sub)
-    _add_quickstart(sub)
-    _add_eval(sub)
-    _add_lm_eval(sub)
-    _add_experiment(sub)
-    _add_analyze(sub)
-    _add_hf(sub)
-    demo = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
-    demo.add_argument("--steps", type=_int_at_least(1), default=300, help="training steps per method")
-    demo.add_argument("--seed", type=_seed, default=0)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -346,168 +552,6 @@ def _needs(module: str, what: str, install: str) -> None:
         raise ConfigError(f"{what} needs {module}: pip install {install}")
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .config import check_tau
-
-    if args.command == "data":
-        from .data import DEFAULT_SOURCES, PrepareConfig, prepare
-
-        names = tuple(s.name for s in DEFAULT_SOURCES)
-        if args.sources is not None:
-            names = tuple(s.strip() for s in args.sources.split(",") if s.strip())
-        if args.input and not args.with_default and args.sources is None:
-            names = ()
-        prepare(
-            PrepareConfig(
-                out_dir=args.out,
-                cache_dir=args.cache_dir or _default_cache(),
-                tokenizer=args.tokenizer,
-                vocab_size=args.vocab_size,
-                sources=names,
-                inputs=list(args.input),
-                val_fraction=args.val_fraction,
-                shard_tokens=args.shard_tokens,
-                overwrite=args.overwrite,
-            )
-        )
-        return 0
-    if args.command == "train":
-        from .config import load_run_config
-        from .train import train
-
-        extra = [f"train.init_from={args.init_from}"] if args.init_from else []
-        cfg, explicit = load_run_config(args.config, list(args.overrides) + list(args.set_) + extra)
-        result = train(cfg, explicit, resume=args.resume, overwrite=args.overwrite)
-        val = result["val"]
-        if val and os.environ.get("RANK", "0") == "0":
-            print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
-        return 0
-    if args.command == "eval":
-        from .checkpoint import resolve_checkpoint
-        from .device import resolve_device
-        from .eval.run import check_results_dir, evaluate_checkpoint, markdown, parse_tasks, write_results
-        from .owned import DirLock
-
-        tasks = parse_tasks(args.tasks)
-        ablation = _parse_ablation(args.ablation) if args.ablation else None
-        for t in args.tau:
-            check_tau(t)
-        device = resolve_device(args.device)
-        cache_dir = _cache_dir(args.cache_dir)
-        ck = resolve_checkpoint(args.checkpoint)
-        out = args.out or _run_subdir(ck, "eval")
-        with DirLock(out, "--out"):
-            check_results_dir(out, "eval", args.overwrite)  # before the (long) evaluation, not after it
-            results = evaluate_checkpoint(
-                ck,
-                tasks=tasks,
-                taus=list(args.tau),
-                cache_dir=cache_dir,
-                data_dir=args.data,
-                limit=args.limit,
-                ppl_windows=args.ppl_windows,
-                batch_size=args.batch_size,
-                device=device,
-                ablation=ablation,
-            )
-            jp, mp = write_results(results, out, args.overwrite)
-        print("\n" + markdown(results))
-        print(f"wrote {jp} and {mp}")
-        return 0
-    if args.command == "analyze":
-        from .checkpoint import resolve_checkpoint
-        from .device import resolve_device
-        from .eval.analyze import analyze
-
-        text = args.text
-        if args.file is not None:
-            text = _read_text_file(args.file, "--file")
-        if args.tau is not None:
-            check_tau(args.tau)
-        device = resolve_device(args.device)
-        ck = resolve_checkpoint(args.checkpoint)
-        out = args.out or _run_subdir(ck, "analysis")
-        analyze(ck, text=text, data_dir=args.data, tau=args.tau, out=out, windows=args.windows,
-                overwrite=args.overwrite, device=device)  # fmt: skip
-        return 0
-    if args.command == "experiment":
-        from .eval.pareto import ExperimentConfig, run_experiment
-
-        run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite,
-                       eval_only=args.eval_only)  # fmt: skip
-        return 0
-    if args.command == "lm-eval-tasks":
-        _needs("lm_eval", "lm-eval-tasks", "lm-eval")
-        from .eval.lm_eval_adapter import write_tasks
-
-        names = write_tasks(args.out, _cache_dir(args.cache_dir), overwrite=args.overwrite)
-        print(f"wrote {', '.join(names)} to {args.out} (use --include_path {args.out})")
-        return 0
-    if args.command == "lm-eval":
-        _needs("lm_eval", "lm-eval", "lm-eval")
-        import lm_eval.__main__
-
-        from .eval import lm_eval_adapter  # noqa: F401 -- registers --model ponderlm
-
-        sys.argv = ["lm-eval", *args.args]
-        lm_eval.__main__.cli_evaluate()
-        return 0
-    if args.command == "quickstart":
-        from .quickstart import quickstart
-
-        return quickstart(
-            out=args.out,
-            data=args.data,
-            cache_dir=args.cache_dir or _default_cache(),
-            smoke=args.smoke,
-            overwrite=args.overwrite,
-        )
-    if args.command == "export":
-        from .owned import check_disjoint, check_replaceable
-
-        if args.tau is not None:
-            check_tau(args.tau)
-        # refused before transformers is imported; export() checks again under the output's lock
-        check_disjoint(args.out, [args.checkpoint], "output directory")
-        check_replaceable(args.out, "export", overwrite=args.overwrite, choose="output directory",
-                          exists_hint="pass --overwrite to replace it or choose another output directory")  # fmt: skip
-        _needs("transformers", "export", "'ponderlm[hf]'")
-        from .hf import export
-
-        export(args.checkpoint, args.out, overwrite=args.overwrite, tau=args.tau)
-        return 0
-    if args.command == "convert":
-        from .convert import convert_from_hf
-
-        convert_from_hf(args.src, args.out, gguf_file=args.gguf_file, max_seq_len=args.max_seq_len,
-                        overwrite=args.overwrite)  # fmt: skip
-        return 0
-    if args.command == "generate":
-        from .config import ConfigError
-        from .device import resolve_device
-        from .serve import Settings
-        from .serve import main as serve_main
-
-        if args.prompt is None and not args.interactive:
-            raise ConfigError("give --prompt TEXT, --interactive, or both")
-        if args.interactive and sys.stdin is None:  # started with stdin closed (`<&-`)
-            raise ConfigError("--interactive reads prompts from standard input, which is closed")
-        if args.tau is not None:
-            check_tau(args.tau)
-        device = resolve_device(args.device)
-        settings = Settings(
-            max_new_tokens=args.max_new_tokens, tau=args.tau, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, seed=args.seed, show_depth=args.show_depth,
-            colour=sys.stdout.isatty() and not args.no_colour and not os.environ.get("NO_COLOR"),
-        )  # fmt: skip
-        return serve_main(args.checkpoint, args.prompt, settings, args.interactive, device)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(args.steps, args.seed)
-    return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
     from .train import TrainingStopped
@@ -517,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
-        return run(args, parser)
+        return args.handler(args, parser)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

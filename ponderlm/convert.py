@@ -82,7 +82,7 @@ def llama_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """transformers' warnings and progress bars off for a while (restored after)."""
     from transformers.utils import logging as hf_logging
 
@@ -97,7 +97,7 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
     return (lines[0] if lines else type(e).__name__)[:300]
 
@@ -110,7 +110,7 @@ def _check_model_dir(src: Path) -> None:
     try:
         json.loads(cfg.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise DataError(f"{cfg} is not JSON ({_first_line(e)})") from None
+        raise DataError(f"{cfg} is not JSON ({first_line(e)})") from None
     if not any(p.suffix in (".safetensors", ".bin", ".gguf") for p in src.iterdir()):
         raise DataError(f"no weights (*.safetensors, *.bin or a .gguf file) in {src}")
 
@@ -132,18 +132,18 @@ def load_hf_llama(src: Path, gguf_file: str | None = None):
     if not gguf_file:
         _check_model_dir(src)
     try:
-        with _quiet_transformers():  # its load report and progress bar would break the one-line error
+        with quiet_transformers():  # its load report and progress bar would break the one-line error
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
     except ImportError as e:
-        raise DataError(f"cannot read {src}: {_first_line(e)}") from None
+        raise DataError(f"cannot read {src}: {first_line(e)}") from None
     except Exception as e:  # transformers, safetensors and gguf each raise their own types for unreadable files
         what = src / gguf_file if gguf_file else src
-        why = _first_line(e)
+        why = first_line(e)
         if "mismatched_sizes" in why:
             why = "its weights have other shapes than its config.json describes"
         raise DataError(f"cannot read a transformers model from {what}: {why}") from None
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(src, **kw)
     except Exception:  # no usable tokenizer next to the weights: the run is written without one
         tok = None
@@ -173,35 +173,46 @@ def convert_from_hf(
                                 exists_hint="pass --overwrite to replace it or choose another --out")  # fmt: skip
         hf_model, hf_tok = load_hf_llama(src, gguf_file)
         cfg = llama_model_config(hf_model.config, max_seq_len)
-        state = llama_state_dict(hf_model.state_dict())
-        from .model import PonderLM
-
-        model = PonderLM(cfg)
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # tensors of the wrong shape for the config next to them
-            first = str(e).strip().splitlines()
-            raise CheckpointError(f"{src}: weights do not fit its config ({first[-1].strip()[:200]})") from None
-        missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{src}: weights do not fit a Llama layout: missing {missing[:4]}, extra {unexpected[:4]}"
-            )
+        model = _ponderlm_model(src, cfg, llama_state_dict(hf_model.state_dict()))
         with owned.building(out, "run") as tmp:
-            tok_file = None
-            if hf_tok is not None and getattr(hf_tok, "backend_tokenizer", None) is not None:
-                tok_file = tmp / ".tokenizer.json.tmp"  # copied into the checkpoint, then removed
-                from .data.tokenizer import Tokenizer
-
-                hf_tok.backend_tokenizer.save(str(tok_file))
-                Tokenizer.load(tok_file)  # checks it is usable (has an end-of-text token)
-            else:
-                log("note: no fast tokenizer found next to the model; the checkpoint has no tokenizer.json")
-            run_cfg = RunConfig(model=cfg, train=TrainConfig(out_dir=str(out)))
-            trainer_state = {"step": 0, "tokens_seen": 0, "converted_from": str(src.resolve())}
-            save_checkpoint(tmp, 0, model.state_dict(), None, trainer_state, run_cfg, tok_file, keep_last=1)
-            if tok_file is not None:
-                tok_file.unlink()
+            _write_run(tmp, out, src, model, hf_tok, log)
     n = sum(p.numel() for p in model.parameters())
     log(f"converted {src} -> {out} (vanilla, {n:,} parameters, {cfg.n_layers} layers, d={cfg.d_model})")
     return out
+
+
+def _ponderlm_model(src: Path, cfg: ModelConfig, state: dict[str, torch.Tensor]):
+    """The ponderlm model of ``cfg`` holding the converted weights, all of them and nothing else."""
+    from .model import PonderLM
+
+    model = PonderLM(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of the wrong shape for the config next to them
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{src}: weights do not fit its config ({first[-1].strip()[:200]})") from None
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{src}: weights do not fit a Llama layout: missing {missing[:4]}, extra {unexpected[:4]}"
+        )
+    return model
+
+
+def _write_run(tmp: Path, out: Path, src: Path, model, hf_tok, log) -> None:
+    """The run directory's content, into ``tmp``: a step-0 checkpoint with the source's fast
+    tokenizer (when it has one) and a config whose train.out_dir is ``out``."""
+    tok_file = None
+    if hf_tok is not None and getattr(hf_tok, "backend_tokenizer", None) is not None:
+        tok_file = tmp / ".tokenizer.json.tmp"  # copied into the checkpoint, then removed
+        from .data.tokenizer import Tokenizer
+
+        hf_tok.backend_tokenizer.save(str(tok_file))
+        Tokenizer.load(tok_file)  # checks it is usable (has an end-of-text token)
+    else:
+        log("note: no fast tokenizer found next to the model; the checkpoint has no tokenizer.json")
+    run_cfg = RunConfig(model=model.cfg, train=TrainConfig(out_dir=str(out)))
+    trainer_state = {"step": 0, "tokens_seen": 0, "converted_from": str(src.resolve())}
+    save_checkpoint(tmp, 0, model.state_dict(), None, trainer_state, run_cfg, tok_file, keep_last=1)
+    if tok_file is not None:
+        tok_file.unlink()

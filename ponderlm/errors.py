@@ -28,3 +28,15 @@ def describe_os_error(e: OSError, doing: str) -> str:
     if e.errno in (errno.EACCES, errno.EPERM):
         return f"permission denied while {doing}"
     return f"{e.strerror or e} while {doing}"
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why ``text`` is not valid UTF-8, or None. Bytes that do not decode reach Python from argv
+    (and from stdin in the interactive loop) as lone surrogates, which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}, a lone surrogate,"
+        return f"not valid UTF-8 text ({what} at character {e.start})"
+    return None

@@ -77,7 +77,7 @@ class DirectoryLocked(OwnershipError):
 # ------------------------------------------------------------------ markers
 def write_marker(directory: Path, kind: str) -> None:
     """Mark ``directory`` as made by ponderlm for ``kind`` (atomic: temp file, then rename)."""
-    from . import __version__
+    from ._version import __version__
 
     info = {"kind": kind, "version": MARKER_VERSION, "ponderlm": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip

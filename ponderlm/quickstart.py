@@ -1,7 +1,7 @@
 """``ponderlm quickstart``: the default corpus, three small models, one report.
 
 Prepares the offline corpus if needed, then runs a small Pareto experiment
-(``ponderlm.eval.pareto``): vanilla, PonderLM-2 and PonderLM-3 with the same backbone, data and
+(:mod:`ponderlm.experiments`): vanilla, PonderLM-2 and PonderLM-3 with the same backbone, data and
 number of steps, evaluated by validation loss in the inference computation, with inference FLOPs
 per token and realised depth (PonderLM-3 at several tau). Writes ``report.md``, ``report.json``
 and ``report.png``. Finished runs are reused (``--overwrite`` retrains).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import PrepareConfig, prepare
-from .eval.pareto import ExperimentConfig, run_experiment
+from .experiments import ExperimentConfig, run_experiment
 
 TAUS = [1e-4, 0.05, 0.2]
 

@@ -11,8 +11,8 @@ from typing import TextIO
 import torch
 
 from .data import DataError
-from .errors import UserError
-from .eval.run import load_model
+from .errors import UserError, utf8_problem
+from .loading import load_model
 
 # depth 0 .. 3+ : plain, green, yellow, red (bold)
 COLOURS = ("", "\033[32m", "\033[33m", "\033[1;31m")
@@ -29,18 +29,6 @@ class Settings:
     seed: int | None = None
     show_depth: bool = False
     colour: bool = False
-
-
-def utf8_problem(text: str) -> str | None:
-    """Why ``text`` is not valid UTF-8, or None. Bytes that do not decode reach Python from argv
-    (and from stdin in the interactive loop) as lone surrogates, which no tokenizer can take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        c = ord(text[e.start])
-        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}, a lone surrogate,"
-        return f"not valid UTF-8 text ({what} at character {e.start})"
-    return None
 
 
 class TextStream:

@@ -15,6 +15,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,17 @@ class DistEnv:
             dist.destroy_process_group()
 
 
+@dataclass
+class _Pace:
+    """Throughput bookkeeping of one :meth:`Trainer.run`: when and at which step it started, and
+    the time and token count of the last logged step (tokens/s is measured since then)."""
+
+    t_start: float
+    first_step: int
+    t_last: float
+    tok_last: int
+
+
 class Trainer:
     """One training run in ``train.out_dir``. Construction checks everything that can be checked
     before any file is written (the config, the dataset, the run directory and, with ``resume``,
@@ -163,24 +175,14 @@ class Trainer:
         self.tok_vocab = tok_vocab
         self._check_ids(self.val)
 
-        torch.manual_seed(tc.seed)
-        self.model = PonderLM(cfg.model)
-        if self.init_state is not None:
-            fresh = init_from_weights(self.model, self.init_state)
-            self.log(f"initialised from {tc.init_from}; fresh: {', '.join(fresh) or 'nothing'}")
-            self.init_state = None
+        self._build_model()
         self.step = 0
         self.tokens_seen = 0
         self.bad_in_row = self.bad_total = 0  # non-finite steps skipped: current streak, whole run
         start, ck = self._resume_point() if resume else (None, None)
         if ck is not None:
-            load_model_weights(self.model, ck["model_state"])
-            self.step = int(ck["trainer_state"]["step"])
-            self.tokens_seen = int(ck["trainer_state"].get("tokens_seen", 0))
-            self.bad_total = int(ck["trainer_state"].get("skipped_steps", 0))
-            if self.step == tc.max_steps:  # nothing to train: leave the run exactly as it is
-                self.finished = True
-                self.log(f"{self.out} is already at train.max_steps={tc.max_steps}; nothing to do")
+            self._restore(ck)
+            if self.finished:
                 return
         self._build_optimizer(ck)
         self._prepare_run_dir(resume)
@@ -193,6 +195,27 @@ class Trainer:
         if self.env.is_main:
             save_run_config(cfg, self.out / "config.yaml")
             self._open_trackers()
+
+    def _build_model(self) -> None:
+        """The model, seeded by train.seed; with train.init_from, holding the source's backbone."""
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = PonderLM(self.cfg.model)
+        if self.init_state is not None:
+            fresh = init_from_weights(self.model, self.init_state)
+            self.log(f"initialised from {self.cfg.train.init_from}; fresh: {', '.join(fresh) or 'nothing'}")
+            self.init_state = None
+
+    def _restore(self, ck: dict) -> None:
+        """Weights and counters of the checkpoint --resume continues from; a run already at
+        train.max_steps is marked finished (nothing to train: the run is left exactly as it is)."""
+        tc = self.cfg.train
+        load_model_weights(self.model, ck["model_state"])
+        self.step = int(ck["trainer_state"]["step"])
+        self.tokens_seen = int(ck["trainer_state"].get("tokens_seen", 0))
+        self.bad_total = int(ck["trainer_state"].get("skipped_steps", 0))
+        if self.step == tc.max_steps:
+            self.finished = True
+            self.log(f"{self.out} is already at train.max_steps={tc.max_steps}; nothing to do")
 
     def _check_batching(self) -> None:
         tc = self.cfg.train
@@ -541,84 +564,126 @@ class Trainer:
             dist.barrier()
 
     def run(self) -> dict[str, Any]:
-        tc = self.cfg.train
+        """Train from the current step to train.max_steps, recording metrics every train.log_interval
+        steps, validating every train.eval_interval and checkpointing every train.ckpt_interval
+        (both also at the last step). Returns the final step, the seconds this call took and the
+        last validation."""
         if self.finished:
             return {"step": self.step, "seconds": 0.0, "val": {}}
-        tokens_per_step = tc.batch_size * tc.seq_len
+        self._log_start()
+        bar = self._progress_bar()
+        pace = _Pace(time.perf_counter(), self.step, time.perf_counter(), self.tokens_seen)
+        last_eval: dict[str, float] = {}
+        while self.step < self.cfg.train.max_steps:
+            row = self._step()
+            now = time.perf_counter()
+            tps = (self.tokens_seen - pace.tok_last) / max(now - pace.t_last, 1e-9)
+            self._count_skipped(row)
+            self._log_step(row, tps, now, pace, bar)
+            evaluated = self._evaluate_on_cadence(bar)
+            if evaluated is not None:
+                last_eval = evaluated
+            self._save_on_cadence()
+        self._close_outputs(bar)
+        return {"step": self.step, "seconds": time.perf_counter() - pace.t_start, "val": last_eval}
+
+    def _log_start(self) -> None:
+        """One line about the run, when it starts from step 0."""
+        tc = self.cfg.train
         if self.env.is_main and self.step == 0:
             n = self.model.num_parameters()
             fl = flops_mod.training_flops_per_token(self.cfg.model, tc.seq_len)
             self.log(
                 f"{self.cfg.model.method}: {n:,} parameters, K={self.cfg.model.max_depth}, "
-                f"{tc.max_steps} steps x {tokens_per_step:,} tokens, {self.env.world} process(es) on "
+                f"{tc.max_steps} steps x {tc.batch_size * tc.seq_len:,} tokens, {self.env.world} process(es) on "
                 f"{self.env.device}, {fl / 1e6:.1f} MFLOPs/token (train)"
             )
-        bar = None
-        if self.env.is_main and tc.progress:
-            from tqdm import tqdm
 
-            # disable=None: no bar when stderr is not a terminal (logs, CI); metric lines still go to stdout
-            bar = tqdm(
-                total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False, disable=None
+    def _progress_bar(self):
+        """A tqdm bar on the main process with train.progress, else None."""
+        tc = self.cfg.train
+        if not (self.env.is_main and tc.progress):
+            return None
+        from tqdm import tqdm
+
+        # disable=None: no bar when stderr is not a terminal (logs, CI); metric lines still go to stdout
+        return tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False, disable=None)
+
+    def _step(self) -> dict[str, float]:
+        """Train the next step and count it; returns its metrics row."""
+        tc = self.cfg.train
+        step = self.step + 1
+        fault_point(f"rank{self.env.rank}", step)  # tests: a rank dies here
+        row = self.train_step(step)
+        self.step = step
+        self.tokens_seen += tc.batch_size * tc.seq_len
+        return row
+
+    def _count_skipped(self, row: dict[str, float]) -> None:
+        """A skipped (non-finite) step is logged and recorded; more than train.max_bad_steps of them
+        in a row stop the run."""
+        tc, step = self.cfg.train, self.step
+        if not row["skipped"]:
+            self.bad_in_row = 0
+            return
+        self.bad_in_row += 1
+        self.bad_total += 1
+        if self.env.is_main:
+            self.log(f"step {step}: non-finite loss or gradient; step skipped ({self.bad_in_row} in a row, "
+                     f"{self.bad_total} in all)")  # fmt: skip
+        self._record({"split": "train", "step": step, "tokens": self.tokens_seen, **row})
+        if self.bad_in_row > tc.max_bad_steps:
+            raise TrainingStopped(
+                f"{self.bad_in_row} non-finite steps in a row at step {step} (train.max_bad_steps="
+                f"{tc.max_bad_steps}); stopped, {self._last_good()}: lower train.lr or check the data, "
+                "then --resume"
             )
-        last_eval: dict[str, float] = {}
-        t_last, tok_last = time.perf_counter(), self.tokens_seen
-        t_start, first_step = time.perf_counter(), self.step
-        while self.step < tc.max_steps:
-            step = self.step + 1
-            fault_point(f"rank{self.env.rank}", step)  # tests: a rank dies here
-            row = self.train_step(step)
-            self.step = step
-            self.tokens_seen += tokens_per_step
-            now = time.perf_counter()
-            tps = (self.tokens_seen - tok_last) / max(now - t_last, 1e-9)
-            if row["skipped"]:
-                self.bad_in_row += 1
-                self.bad_total += 1
-                if self.env.is_main:
-                    self.log(f"step {step}: non-finite loss or gradient; step skipped ({self.bad_in_row} in a row, "
-                             f"{self.bad_total} in all)")  # fmt: skip
-                self._record({"split": "train", "step": step, "tokens": self.tokens_seen, **row})
-                if self.bad_in_row > tc.max_bad_steps:
-                    raise TrainingStopped(
-                        f"{self.bad_in_row} non-finite steps in a row at step {step} (train.max_bad_steps="
-                        f"{tc.max_bad_steps}); stopped, {self._last_good()}: lower train.lr or check the data, "
-                        "then --resume"
-                    )
-            else:
-                self.bad_in_row = 0
-            if bar is not None:
-                bar.update(1)
-                if not row["skipped"]:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", depth=f"{row['mean_depth']:.2f}")
-            if not row["skipped"] and tc.log_interval and (step % tc.log_interval == 0 or step == tc.max_steps):
-                self._record({"split": "train", "step": step, "tokens": self.tokens_seen, "tokens_per_s": tps, **row})
-                if self.env.is_main and (bar is None or bar.disable):
-                    eta = (tc.max_steps - step) * (now - t_start) / max(step - first_step, 1)
-                    self.log(
-                        f"step {step}/{tc.max_steps}  loss {row['loss']:.4f}  depth {row['mean_depth']:.2f}  "
-                        f"{tps:,.0f} tok/s  eta {eta / 60:.1f} min"
-                    )
-                t_last, tok_last = now, self.tokens_seen
-            end = step == tc.max_steps
-            if end or (tc.eval_interval and step % tc.eval_interval == 0):
-                last_eval = self.evaluate()
-                self._record({"split": "val", "step": step, "tokens": self.tokens_seen, **last_eval})
-                if self.env.is_main:
-                    (bar.write if bar is not None and not bar.disable else self.log)(
-                        f"step {step}: val loss {last_eval['loss']:.4f} (ppl {last_eval['ppl']:.2f})"
-                        + f", depth {last_eval['mean_depth']:.2f}"
-                    )
-            if end or (tc.ckpt_interval and step % tc.ckpt_interval == 0):
-                self.save()
+
+    def _log_step(self, row: dict[str, float], tps: float, now: float, pace: _Pace, bar) -> None:
+        """The progress bar after every step; a metrics record (and, without a visible bar, a log
+        line) every train.log_interval steps and at the last."""
+        tc, step = self.cfg.train, self.step
+        if bar is not None:
+            bar.update(1)
+            if not row["skipped"]:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", depth=f"{row['mean_depth']:.2f}")
+        if row["skipped"] or not tc.log_interval or not (step % tc.log_interval == 0 or step == tc.max_steps):
+            return
+        self._record({"split": "train", "step": step, "tokens": self.tokens_seen, "tokens_per_s": tps, **row})
+        if self.env.is_main and (bar is None or bar.disable):
+            eta = (tc.max_steps - step) * (now - pace.t_start) / max(step - pace.first_step, 1)
+            self.log(
+                f"step {step}/{tc.max_steps}  loss {row['loss']:.4f}  depth {row['mean_depth']:.2f}  "
+                f"{tps:,.0f} tok/s  eta {eta / 60:.1f} min"
+            )
+        pace.t_last, pace.tok_last = now, self.tokens_seen
+
+    def _evaluate_on_cadence(self, bar) -> dict[str, float] | None:
+        """Validate (and record it) every train.eval_interval steps and at the last; None otherwise."""
+        tc, step = self.cfg.train, self.step
+        if not (step == tc.max_steps or (tc.eval_interval and step % tc.eval_interval == 0)):
+            return None
+        res = self.evaluate()
+        self._record({"split": "val", "step": step, "tokens": self.tokens_seen, **res})
+        if self.env.is_main:
+            (bar.write if bar is not None and not bar.disable else self.log)(
+                f"step {step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f})" + f", depth {res['mean_depth']:.2f}"
+            )
+        return res
+
+    def _save_on_cadence(self) -> None:
+        """A checkpoint every train.ckpt_interval steps and at the last."""
+        tc, step = self.cfg.train, self.step
+        if step == tc.max_steps or (tc.ckpt_interval and step % tc.ckpt_interval == 0):
+            self.save()
+
+    def _close_outputs(self, bar) -> None:
         if bar is not None:
             bar.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-        secs = time.perf_counter() - t_start
-        return {"step": self.step, "seconds": secs, "val": last_eval}
 
     def close(self) -> None:
         if self.lock is not None:

@@ -117,7 +117,7 @@ def wrong_shape_checkpoint(w, s) -> None:
 
 def damaged_export(w, s) -> None:
     """A real export of the run whose weights are then cut in half."""
-    from ponderlm.hf import export
+    from ponderlm.export import export
 
     export(w.run, s / "hf", log=lambda *_: None)
     f = s / "hf" / "model.safetensors"

@@ -16,8 +16,8 @@ import ponderlm  # registers the Auto* classes
 from ponderlm.config import load_run_config
 from ponderlm.convert import convert_from_hf
 from ponderlm.data.tokenizer import Tokenizer
-from ponderlm.eval.run import load_model
 from ponderlm.hf import PonderLMForCausalLM
+from ponderlm.loading import load_model
 from ponderlm.train import train
 
 from conftest import tiny_model

@@ -76,7 +76,7 @@ def test_resolve_device_without_cuda(monkeypatch):
 def test_load_model_resolves_device_names(monkeypatch, tmp_path):
     """Every command that loads a model (eval, analyze, generate, lm-eval) goes through load_model:
     a device this machine lacks is one ConfigError there, before anything is read."""
-    from ponderlm.eval.run import load_model
+    from ponderlm.loading import load_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="CUDA is not available"):
@@ -85,7 +85,7 @@ def test_load_model_resolves_device_names(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------------ text
 def test_utf8_problem_names_the_byte():
-    from ponderlm.serve import utf8_problem
+    from ponderlm.errors import utf8_problem
 
     assert utf8_problem("café") is None
     assert utf8_problem(b"caf\xe9".decode("utf-8", "surrogateescape")) == (

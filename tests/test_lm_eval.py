@@ -41,7 +41,7 @@ def test_lm_eval_agrees_with_our_scorer(setup):
     from lm_eval.tasks import TaskManager
 
     from ponderlm.eval.lm_eval_adapter import PonderLMEval
-    from ponderlm.eval.run import load_model
+    from ponderlm.loading import load_model
 
     root, cache, ck, names = setup
     lm = PonderLMEval(checkpoint=str(ck), tau=0.4)

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from ponderlm.config import ConfigError
-from ponderlm.eval import pareto
-from ponderlm.eval.pareto import ExperimentConfig, collect_points, pareto_front, run_experiment
+from ponderlm.experiments import ExperimentConfig, pareto, run_experiment
+from ponderlm.experiments.report import collect_points, pareto_front
 
 from fakepkgs import build_fake_dataset
 

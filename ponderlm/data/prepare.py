@@ -309,45 +309,70 @@ def _prepare_locked(cfg: PrepareConfig, out: Path, target: Path, fp: str, texts:
 
 def _build(cfg: PrepareConfig, tmp: Path, fp: str, texts: list[Path], bins: list[Path], tok: Tokenizer | None,
            log) -> dict:  # fmt: skip
+    """Collect, split and tokenize the corpus into ``tmp`` (a BPE trained on the train split
+    unless ``tok`` is given); writes the shards, tokenizer.json and meta.json and returns the meta."""
     log(f"collecting documents (package cache: {cfg.cache_dir})")
     docs, fetched = _collect(cfg, texts, log)
     by_split: dict[str, list[Document]] = {}
     for d in docs:
         by_split.setdefault(assign_split(d, cfg.val_fraction), []).append(d)
-
     if tok is None:  # "bpe"
-        train_texts = [d.text for d in by_split.get(TRAIN, [])]
-        if not train_texts:
-            raise DataError("no training text to train a BPE tokenizer on")
-        log(f"training a byte-level BPE tokenizer ({cfg.vocab_size} entries) on the train split")
-        tok = Tokenizer.train_bpe(train_texts, cfg.vocab_size)
+        tok = _train_bpe(by_split.get(TRAIN, []), cfg.vocab_size, log)
     _check_bins(bins, tok)  # (again, for neox: a file tokenizer's were checked before the lock)
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
 
     splits_meta, per_source = {}, {}
     for split in sorted(set(by_split) | ({TRAIN, VAL} if bins else set())):
         writer = ShardWriter(tmp, split, dtype, cfg.shard_tokens)
-        split_docs = by_split.get(split, [])
-        for i in range(0, len(split_docs), 512):
-            chunk = split_docs[i : i + 512]
-            encoded = interruptible(lambda chunk=chunk: tok.encode_batch([d.text for d in chunk]))  # Ctrl-C works
-            for d, ids in zip(chunk, encoded, strict=True):
-                ids.append(tok.eot_id)
-                writer.write(np.asarray(ids))
-                s = per_source.setdefault(d.source, {})
-                s.setdefault(split, {"documents": 0, "tokens": 0})
-                s[split]["documents"] += 1
-                s[split]["tokens"] += len(ids)
-        for b in bins:
-            part = _split_bin(b, tok.eot_id, cfg.val_fraction)[split] if split in (TRAIN, VAL) else None
-            if part is not None and len(part):
-                writer.write(part)
-                s = per_source.setdefault(f"bin:{b.name}", {}).setdefault(split, {"documents": 0, "tokens": 0})
-                s["tokens"] += len(part)
+        _write_documents(writer, split, by_split.get(split, []), tok, per_source)
+        _write_bins(writer, split, bins, tok.eot_id, cfg.val_fraction, per_source)
         shards = writer.finish()
         splits_meta[split] = {"tokens": sum(s["tokens"] for s in shards), "shards": shards}
     if splits_meta.get(TRAIN, {}).get("tokens", 0) == 0:
         raise DataError("the corpus produced no training tokens")
+    sources = {name: {**fetched.get(name, {}), "counts": c} for name, c in sorted(per_source.items())}
+    return _write_meta(tmp, fp, tok, dtype, cfg.val_fraction, splits_meta, sources)
+
+
+def _train_bpe(train_docs: list[Document], vocab_size: int, log) -> Tokenizer:
+    train_texts = [d.text for d in train_docs]
+    if not train_texts:
+        raise DataError("no training text to train a BPE tokenizer on")
+    log(f"training a byte-level BPE tokenizer ({vocab_size} entries) on the train split")
+    return Tokenizer.train_bpe(train_texts, vocab_size)
+
+
+def _count(per_source: dict, source: str, split: str) -> dict[str, int]:
+    """The (documents, tokens) counter of one source in one split."""
+    return per_source.setdefault(source, {}).setdefault(split, {"documents": 0, "tokens": 0})
+
+
+def _write_documents(writer: ShardWriter, split: str, docs: list[Document], tok: Tokenizer, per_source: dict) -> None:
+    """Tokenize ``docs`` in chunks (each document closed by end-of-text) into ``writer``, counting per source."""
+    for i in range(0, len(docs), 512):
+        chunk = docs[i : i + 512]
+        encoded = interruptible(lambda chunk=chunk: tok.encode_batch([d.text for d in chunk]))  # Ctrl-C works
+        for d, ids in zip(chunk, encoded, strict=True):
+            ids.append(tok.eot_id)
+            writer.write(np.asarray(ids))
+            c = _count(per_source, d.source, split)
+            c["documents"] += 1
+            c["tokens"] += len(ids)
+
+
+def _write_bins(writer: ShardWriter, split: str, bins: list[Path], eot: int, val_fraction: float,
+                per_source: dict) -> None:  # fmt: skip
+    """This split's part of each pre-tokenised input into ``writer``, counted under ``bin:NAME``."""
+    for b in bins:
+        part = _split_bin(b, eot, val_fraction)[split] if split in (TRAIN, VAL) else None
+        if part is not None and len(part):
+            writer.write(part)
+            _count(per_source, f"bin:{b.name}", split)["tokens"] += len(part)
+
+
+def _write_meta(tmp: Path, fp: str, tok: Tokenizer, dtype, val_fraction: float, splits_meta: dict,
+                sources: dict) -> dict:  # fmt: skip
+    """tokenizer.json, meta.json and the verification cache of a dataset built in ``tmp``; returns the meta."""
     tok.save(tmp / "tokenizer.json")
     meta = {
         "format_version": FORMAT_VERSION,
@@ -355,9 +380,9 @@ def _build(cfg: PrepareConfig, tmp: Path, fp: str, texts: list[Path], bins: list
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
         "dtype": np.dtype(dtype).name,
-        "val_fraction": cfg.val_fraction,
+        "val_fraction": val_fraction,
         "splits": splits_meta,
-        "sources": {name: {**fetched.get(name, {}), "counts": c} for name, c in sorted(per_source.items())},
+        "sources": sources,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     # the checksums were computed while writing: record them as verified (the rename into place keeps
@@ -389,24 +414,30 @@ def _damaged(data_dir: Path) -> str:
     return f"the dataset is damaged: prepare it again into a new --out, or after removing {data_dir}"
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def _meta_problem(meta) -> str | None:
     """What is wrong with a parsed meta.json, as a phrase; None when it is well formed."""
-
-    def count(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
     if not isinstance(meta, dict):
         return f"not a JSON object (found {type(meta).__name__})"
     for key in ("format_version", "fingerprint", "tokenizer", "dtype", "splits"):
         if key not in meta:
             return f"missing key {key!r}"
-    if not count(meta["format_version"]) or meta["format_version"] < 1:
+    if not _is_count(meta["format_version"]) or meta["format_version"] < 1:
         return f"format_version must be a positive integer, got {meta['format_version']!r}"
     if not isinstance(meta["fingerprint"], str):
         return f"fingerprint must be a string, got {meta['fingerprint']!r}"
     if meta["dtype"] not in DTYPES:
         return f"unknown dtype {meta['dtype']!r} (expected {' or '.join(DTYPES)})"
-    tok = meta["tokenizer"]
+    return _tokenizer_meta_problem(meta["tokenizer"], meta["dtype"]) or _splits_problem(
+        meta["splits"], meta["tokenizer"]["file"]
+    )
+
+
+def _tokenizer_meta_problem(tok, dtype: str) -> str | None:
+    """What is wrong with meta.json's ``tokenizer`` entry (for shards of ``dtype``); None when well formed."""
     if not isinstance(tok, dict):
         return "tokenizer must be an object"
     for key in ("file", "vocab_size", "eot_id"):
@@ -414,35 +445,51 @@ def _meta_problem(meta) -> str | None:
             return f"missing key 'tokenizer.{key}'"
     if not isinstance(tok["file"], str) or not _SHARD_NAME.fullmatch(tok["file"]):
         return f"tokenizer.file must be a file name inside the dataset, got {tok['file']!r}"
-    if not count(tok["vocab_size"]) or tok["vocab_size"] == 0:
+    if not _is_count(tok["vocab_size"]) or tok["vocab_size"] == 0:
         return f"tokenizer.vocab_size must be a positive integer, got {tok['vocab_size']!r}"
-    if not count(tok["eot_id"]) or tok["eot_id"] >= tok["vocab_size"]:
+    if not _is_count(tok["eot_id"]) or tok["eot_id"] >= tok["vocab_size"]:
         return f"tokenizer.eot_id must be an id below tokenizer.vocab_size, got {tok['eot_id']!r}"
-    if meta["dtype"] == "uint16" and tok["vocab_size"] > 65536:
+    if dtype == "uint16" and tok["vocab_size"] > 65536:
         return f"dtype uint16 cannot hold the ids of a {tok['vocab_size']}-entry tokenizer"
-    splits = meta["splits"]
+    return None
+
+
+def _splits_problem(splits, tok_file: str) -> str | None:
+    """What is wrong with meta.json's ``splits``: each a token count that is the sum of its
+    shards', every shard file named once (and not the tokenizer's)."""
     if not isinstance(splits, dict) or not splits:
         return "splits must be a non-empty object"
-    names: set[str] = set()
+    names: set[str] = {tok_file}
     for name, split in splits.items():
         where = f"splits.{name}"
-        if not isinstance(split, dict) or not count(split.get("tokens")) or not isinstance(split.get("shards"), list):
+        if (
+            not isinstance(split, dict)
+            or not _is_count(split.get("tokens"))
+            or not isinstance(split.get("shards"), list)
+        ):
             return f"{where} must be an object with a token count and a shards list"
         for i, sh in enumerate(split["shards"]):
-            at = f"{where}.shards[{i}]"
-            if not isinstance(sh, dict):
-                return f"{at} must be an object"
-            if not isinstance(sh.get("file"), str) or not _SHARD_NAME.fullmatch(sh["file"]):
-                return f"{at}.file must be a file name inside the dataset, got {sh.get('file')!r}"
-            if sh["file"] in names or sh["file"] == tok["file"]:
-                return f"{at}.file {sh['file']!r} is listed twice"
-            names.add(sh["file"])
-            if not count(sh.get("tokens")):
-                return f"{at}.tokens must be a token count, got {sh.get('tokens')!r}"
-            if not isinstance(sh.get("sha256"), str) or not _SHA256.fullmatch(sh["sha256"]):
-                return f"{at}.sha256 must be a SHA-256 hex digest, got {sh.get('sha256')!r}"
+            problem = _shard_problem(f"{where}.shards[{i}]", sh, names)
+            if problem is not None:
+                return problem
         if sum(sh["tokens"] for sh in split["shards"]) != split["tokens"]:
             return f"{where}.tokens ({split['tokens']}) is not the sum of its shards' tokens"
+    return None
+
+
+def _shard_problem(at: str, sh, names: set[str]) -> str | None:
+    """What is wrong with one shard entry; its file joins ``names`` (the files listed so far)."""
+    if not isinstance(sh, dict):
+        return f"{at} must be an object"
+    if not isinstance(sh.get("file"), str) or not _SHARD_NAME.fullmatch(sh["file"]):
+        return f"{at}.file must be a file name inside the dataset, got {sh.get('file')!r}"
+    if sh["file"] in names:
+        return f"{at}.file {sh['file']!r} is listed twice"
+    names.add(sh["file"])
+    if not _is_count(sh.get("tokens")):
+        return f"{at}.tokens must be a token count, got {sh.get('tokens')!r}"
+    if not isinstance(sh.get("sha256"), str) or not _SHA256.fullmatch(sh["sha256"]):
+        return f"{at}.sha256 must be a SHA-256 hex digest, got {sh.get('sha256')!r}"
     return None
 
 
@@ -546,9 +593,21 @@ def _dataset_problem(data_dir: Path, meta: dict, verify_hashes: bool = True, rem
     file; None when it is intact. Cheap checks first (sizes, the tokenizer), then checksums; the
     verification cache is written only when everything passed (a failed check changes nothing).
     An unreadable file raises (that is no damage a rebuild fixes)."""
-    itemsize = np.dtype(meta["dtype"]).itemsize
     shards = [sh for split in meta["splits"].values() for sh in split["shards"]]
-    identity = {}
+    identity: dict[str, list] = {}
+    problem = _shard_size_problem(data_dir, shards, np.dtype(meta["dtype"]).itemsize, identity)
+    problem = problem or _tokenizer_file_problem(data_dir, meta["tokenizer"])
+    if problem is None and verify_hashes:
+        cached = _read_verified(data_dir)
+        problem = _checksum_problem(data_dir, shards, identity, cached)
+        if problem is None and identity != cached:
+            _remember(data_dir, identity, remember)
+    return problem
+
+
+def _shard_size_problem(data_dir: Path, shards: list[dict], itemsize: int, identity: dict) -> str | None:
+    """A shard missing or of another size than meta.json implies; fills ``identity`` (file ->
+    [size, mtime_ns, inode, sha256]) for those that pass."""
     for sh in shards:
         p = data_dir / sh["file"]
         try:
@@ -561,37 +620,49 @@ def _dataset_problem(data_dir: Path, meta: dict, verify_hashes: bool = True, rem
         if not p.is_file() or st.st_size != expected:
             return f"{p} has {st.st_size:,} bytes, meta.json says {sh['tokens']:,} tokens ({expected:,} bytes)"
         identity[sh["file"]] = [st.st_size, st.st_mtime_ns, st.st_ino, sh["sha256"]]
+    return None
 
-    tok_path = data_dir / meta["tokenizer"]["file"]
+
+def _tokenizer_file_problem(data_dir: Path, entry: dict) -> str | None:
+    """The dataset's tokenizer file missing, unreadable, or not the one meta.json describes."""
+    tok_path = data_dir / entry["file"]
     if not tok_path.exists():
         return f"{tok_path} is missing: the dataset cannot be used without the tokenizer it was built with"
     try:
         tok = Tokenizer(read_tokenizer_file(tok_path), "file")
     except DataError as e:
         return str(e) if str(e).startswith(str(tok_path)) else f"{tok_path}: {e}"
-    if tok.vocab_size != meta["tokenizer"]["vocab_size"]:
-        return f"{tok_path} has {tok.vocab_size} entries, meta.json records {meta['tokenizer']['vocab_size']}"
-    if tok.eot_id != meta["tokenizer"]["eot_id"]:
-        return f"{tok_path} has end-of-text id {tok.eot_id}, meta.json records {meta['tokenizer']['eot_id']}"
-
-    if verify_hashes:
-        cached = _read_verified(data_dir)
-        for sh in shards:
-            p = data_dir / sh["file"]
-            if cached.get(sh["file"]) == identity[sh["file"]]:
-                continue  # verified before in exactly this state
-            try:
-                digest = _file_sha256(p)
-            except OSError as e:
-                raise DataError(f"cannot read {p}: {e.strerror or e}") from None
-            if digest != sh["sha256"]:
-                return f"{p} was changed after the dataset was built (checksum mismatch with meta.json)"
-        if identity != cached and not remember:
-            _PENDING[str(data_dir.resolve())] = identity
-        elif identity != cached:
-            with contextlib.suppress(OwnershipError):  # not writable: checked in full every time
-                atomic_write(data_dir / VERIFIED, json.dumps({"version": 1, "files": identity}) + "\n")
+    if tok.vocab_size != entry["vocab_size"]:
+        return f"{tok_path} has {tok.vocab_size} entries, meta.json records {entry['vocab_size']}"
+    if tok.eot_id != entry["eot_id"]:
+        return f"{tok_path} has end-of-text id {tok.eot_id}, meta.json records {entry['eot_id']}"
     return None
+
+
+def _checksum_problem(data_dir: Path, shards: list[dict], identity: dict, cached: dict) -> str | None:
+    """A shard whose sha256 is not meta.json's; shards verified before (``cached``) in exactly
+    their present state (size, mtime, inode) are not read again."""
+    for sh in shards:
+        p = data_dir / sh["file"]
+        if cached.get(sh["file"]) == identity[sh["file"]]:
+            continue  # verified before in exactly this state
+        try:
+            digest = _file_sha256(p)
+        except OSError as e:
+            raise DataError(f"cannot read {p}: {e.strerror or e}") from None
+        if digest != sh["sha256"]:
+            return f"{p} was changed after the dataset was built (checksum mismatch with meta.json)"
+    return None
+
+
+def _remember(data_dir: Path, identity: dict, remember: bool) -> None:
+    """Keep newly verified identities in the verification cache: now, or with ``remember=False``
+    once :func:`remember_verified` is called."""
+    if not remember:
+        _PENDING[str(data_dir.resolve())] = identity
+    else:
+        with contextlib.suppress(OwnershipError):  # not writable: checked in full every time
+            atomic_write(data_dir / VERIFIED, json.dumps({"version": 1, "files": identity}) + "\n")
 
 
 def verify(data_dir: Path) -> dict:

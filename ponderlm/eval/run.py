@@ -3,7 +3,6 @@ quality number next to inference FLOPs per token and mean realised depth."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -11,79 +10,21 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from .. import owned
-from ..checkpoint import CheckpointError, load_checkpoint, load_model_weights, resolve_checkpoint
-from ..config import ConfigError, check_tau
-from ..data import DataError, TokenShards, eval_windows, load_meta
+from ..config import ConfigError, ModelConfig, check_tau
+from ..data import DataError, TokenShards, eval_windows
 from ..data.tokenizer import Tokenizer
-from ..device import resolve_device
 from ..errors import describe_os_error
+from ..loading import checkpoint_dataset, load_model
 from ..model import PonderLM
+from .ablations import Ablation
 from .perplexity import perplexity
 from .tasks import TASKS, load_tasks
 from .zeroshot import score_task
 
 PPL_SETS = ("val", "ptb_test")
 OUT_HINT = "pass --overwrite to replace it or choose another --out"
-
-
-def is_hf_export(path: str | Path) -> bool:
-    """A directory written by ``ponderlm export`` / ``save_pretrained`` (config.json of model_type ponderlm)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == "ponderlm"
-    except (json.JSONDecodeError, OSError, AttributeError):
-        return False
-
-
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[PonderLM, Tokenizer, Path]:
-    """A trainer run/checkpoint directory or a transformers export -> (model, tokenizer, directory).
-    ``device`` is a torch.device or a name for :func:`ponderlm.device.resolve_device`."""
-    device = resolve_device(device) if isinstance(device, str) else device
-    if is_hf_export(checkpoint):
-        from ..convert import _first_line, _quiet_transformers
-        from ..hf import PonderLMForCausalLM
-
-        path = Path(checkpoint)
-        try:
-            with _quiet_transformers():  # no progress bar or load report around a one-line error
-                model = PonderLMForCausalLM.from_pretrained(path).model
-        except Exception as e:  # transformers and safetensors raise their own types for damaged files
-            raise CheckpointError(f"{path}: not a readable ponderlm export ({_first_line(e)})") from None
-        if not (path / "tokenizer.json").is_file():
-            raise CheckpointError(f"{path}: no tokenizer.json in this export")
-        return model.to(device).eval(), Tokenizer.load(path / "tokenizer.json"), path
-    ck_dir = resolve_checkpoint(checkpoint)
-    ck = load_checkpoint(ck_dir, with_optimizer=False)
-    model = PonderLM(ck["model_config"])
-    load_model_weights(model, ck["model_state"])
-    tok_file = ck_dir / "tokenizer.json"
-    if not tok_file.is_file():
-        raise CheckpointError(f"{ck_dir}: no tokenizer.json saved with this checkpoint")
-    return model.to(device).eval(), Tokenizer.load(tok_file), ck_dir
-
-
-def _sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def checkpoint_dataset(ck_dir: Path, data_dir: Path | None) -> tuple[Path, dict]:
-    """The dataset to evaluate a checkpoint on (default: the one it was trained on, from its
-    config.yaml), checked to share the checkpoint's tokenizer. Returns (data_dir, meta)."""
-    if data_dir is None:
-        run_cfg = yaml.safe_load((ck_dir / "config.yaml").read_text()) if (ck_dir / "config.yaml").is_file() else {}
-        found = (run_cfg or {}).get("train", {}).get("data_dir")
-        if not found:
-            raise DataError(f"{ck_dir}: no train.data_dir in config.yaml; pass the dataset directory")
-        data_dir = Path(found)
-    meta = load_meta(data_dir)
-    if _sha(Path(data_dir) / meta["tokenizer"]["file"]) != _sha(ck_dir / "tokenizer.json"):
-        raise DataError(f"{data_dir} was tokenized with another tokenizer than {ck_dir}")
-    return Path(data_dir), meta
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -113,10 +54,29 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     device: str = "cpu",
     log=print,
-    ablation=None,
+    ablation: Ablation | None = None,
 ) -> dict:
     """Hard-mode scores of a checkpoint per tau; ``ablation`` (PonderLM-3, perplexity sets only)
-    replaces the router's depths (:mod:`ponderlm.eval.ablations`)."""
+    replaces the router's depths (:mod:`ponderlm.eval.ablations`). The arguments are checked
+    before the model is loaded; the data before anything is scored."""
+    _check_options(tasks, taus, batch_size=batch_size, ppl_windows=ppl_windows, limit=limit)
+    model, tok, ck_dir = load_model(checkpoint, device)
+    cfg = model.cfg
+    zs = [t for t in tasks if t not in PPL_SETS]
+    windows = _perplexity_windows(ck_dir, data_dir, [t for t in tasks if t in PPL_SETS], cfg.max_seq_len,
+                                  ppl_windows, log)  # fmt: skip
+    taus = _resolve_taus(cfg, ck_dir, taus, ablation, zs)
+    docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
+    results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": []}
+    if ablation is not None:
+        results["ablation"] = ablation.label
+    for tau in taus:
+        results["rows"] += _score_at(model, tok, tau, windows, docs, batch_size, ablation, log)
+    return results
+
+
+def _check_options(tasks: list[str], taus: list[float], **counts: int | None) -> None:
+    """Tasks, thresholds and counts (each an integer >= 1, or None) that can be evaluated at all."""
     if not tasks:
         raise ConfigError(f"no task to evaluate; choose from {', '.join(PPL_SETS + TASKS)}")
     _check_task_names(list(tasks))
@@ -124,48 +84,60 @@ def evaluate_checkpoint(
         raise ConfigError("no tau to evaluate at")
     for t in taus:
         check_tau(t)
-    for name, value in (("batch_size", batch_size), ("ppl_windows", ppl_windows), ("limit", limit)):
+    for name, value in counts.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    model, tok, ck_dir = load_model(checkpoint, device)
-    cfg = model.cfg
-    if not cfg.has_router:  # nothing to prune: one tau is the model
-        taus = taus[:1]
-    ppl_sets = [t for t in tasks if t in PPL_SETS]
-    zs = [t for t in tasks if t not in PPL_SETS]
+
+
+def _perplexity_windows(ck_dir: Path, data_dir: Path | None, sets: list[str], seq_len: int, n: int,
+                        log) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The first ``n`` windows of each perplexity set in the checkpoint's dataset (or ``data_dir``):
+    set -> (n, seq_len + 1) token ids. A set the dataset lacks is skipped with a note."""
     windows = {}
-    if ppl_sets:
+    if sets:
         data_dir, meta = checkpoint_dataset(ck_dir, data_dir)
-        for s in ppl_sets:
+        for s in sets:
             if s in meta["splits"]:
-                windows[s] = eval_windows(TokenShards(data_dir, s), cfg.max_seq_len, ppl_windows)
+                windows[s] = eval_windows(TokenShards(data_dir, s), seq_len, n)
             else:
                 log(f"note: {data_dir} has no {s!r} split; skipped")
-    if ablation is not None:
-        if not cfg.has_router:
-            raise DataError(f"--ablation needs a PonderLM-3 checkpoint; {ck_dir} is method={cfg.method}")
-        if zs:
-            raise DataError(f"ablations apply to the perplexity sets ({', '.join(PPL_SETS)}), not to {', '.join(zs)}")
-        if ablation.policy == "fixed" and not 0 <= ablation.depth <= cfg.max_depth:
-            raise DataError(f"fixed depth must lie in [0, {cfg.max_depth}] for this checkpoint, got {ablation.depth}")
-        if ablation.policy == "fixed":
-            taus = taus[:1]  # the router's threshold plays no part
-    docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
-    results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": []}
-    if ablation is not None:
-        results["ablation"] = ablation.label
-    for tau in taus:
-        for s, w in windows.items():
-            t0 = time.time()
-            r = perplexity(model, w, mode="hard", tau=tau, batch_size=batch_size, ablation=ablation)
-            results["rows"].append({"tau": tau, "task": s, "n": len(w), **r, "seconds": time.time() - t0})
-            log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f}")
-        for name, ds in docs.items():
-            t0 = time.time()
-            r = score_task(model, tok, ds, tau=tau, batch_size=batch_size)
-            results["rows"].append({"tau": tau, "task": name, **r, "seconds": time.time() - t0})
-            log(f"tau={tau:g} {name}: acc {r['acc']:.4f} depth {r['mean_depth']:.2f} ({len(ds)} docs)")
-    return results
+    return windows
+
+
+def _resolve_taus(cfg: ModelConfig, ck_dir: Path, taus: list[float], ablation: Ablation | None,
+                  zero_shot: list[str]) -> list[float]:  # fmt: skip
+    """The thresholds that give different results: one for a model without a router (nothing to
+    prune) or a fixed-depth ablation (the router plays no part). Checks the ablation fits."""
+    if not cfg.has_router:
+        taus = taus[:1]
+    if ablation is None:
+        return taus
+    if not cfg.has_router:
+        raise DataError(f"--ablation needs a PonderLM-3 checkpoint; {ck_dir} is method={cfg.method}")
+    if zero_shot:
+        raise DataError(
+            f"ablations apply to the perplexity sets ({', '.join(PPL_SETS)}), not to {', '.join(zero_shot)}"
+        )
+    if ablation.policy == "fixed" and not 0 <= ablation.depth <= cfg.max_depth:
+        raise DataError(f"fixed depth must lie in [0, {cfg.max_depth}] for this checkpoint, got {ablation.depth}")
+    return taus[:1] if ablation.policy == "fixed" else taus
+
+
+def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, torch.Tensor], docs: dict,
+              batch_size: int, ablation: Ablation | None, log) -> list[dict]:  # fmt: skip
+    """The result rows at one tau: each perplexity set, then each zero-shot task."""
+    rows = []
+    for s, w in windows.items():
+        t0 = time.time()
+        r = perplexity(model, w, mode="hard", tau=tau, batch_size=batch_size, ablation=ablation)
+        rows.append({"tau": tau, "task": s, "n": len(w), **r, "seconds": time.time() - t0})
+        log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f}")
+    for name, ds in docs.items():
+        t0 = time.time()
+        r = score_task(model, tok, ds, tau=tau, batch_size=batch_size)
+        rows.append({"tau": tau, "task": name, **r, "seconds": time.time() - t0})
+        log(f"tau={tau:g} {name}: acc {r['acc']:.4f} depth {r['mean_depth']:.2f} ({len(ds)} docs)")
+    return rows
 
 
 def markdown(results: dict) -> str:

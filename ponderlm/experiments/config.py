@@ -1,0 +1,110 @@
+"""An experiment file (``configs/experiments/*.yaml``): a grid of training runs sharing one base
+config, and how to evaluate them::
+
+    name: cpu
+    out_dir: runs/pareto_cpu
+    base:            # a RunConfig shared by every run (model: ..., train: ...)
+      model: {d_model: 64, ...}
+      train: {data_dir: data/default, max_steps: 800, ...}
+    runs:            # each: a name, dotted overrides of base, optionally its own seeds
+      - {name: vanilla, set: [model.method=vanilla], seeds: [0, 1]}
+      - {name: p3-l0.05, set: [model.method=ponderlm3, model.penalty_weight=0.05]}
+    taus: [1.0e-4, 0.05, 0.2]   # PonderLM-3 runs are evaluated at each; others once
+    seeds: [0]                  # every run is trained once per seed (unless it lists its own)
+    eval_windows: 128           # validation windows for perplexity
+    tasks: []                   # zero-shot tasks for an average accuracy (optional)
+    task_limit: null
+    ablations: []               # on PonderLM-3 runs: fixed, random, entropy (eval.ablations)
+
+A run trained with the first seed lives in ``out_dir/<name>``, other seeds in
+``out_dir/<name>-s<seed>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, RunConfig, check_tau, load_run_config, read_yaml_mapping
+from ..eval.ablations import ABLATIONS
+
+# the type of each key an experiment file may give (checked before the dataclass is built)
+SHAPES = {"name": str, "out_dir": str, "base": dict, "runs": list, "taus": list, "seeds": list, "tasks": list,
+          "ablations": list, "eval_windows": int}  # fmt: skip
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    out_dir: str
+    base: dict[str, Any]
+    runs: list[dict[str, Any]]
+    taus: list[float] = field(default_factory=lambda: [1e-4])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    eval_windows: int = 128
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = None
+    ablations: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentConfig:
+        p = Path(path)
+        raw = read_yaml_mapping(p, "experiment")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{p}: unknown experiment key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        missing = [k for k in ("name", "out_dir", "base", "runs") if k not in raw]
+        if missing:
+            raise ConfigError(f"{p}: missing {', '.join(missing)}")
+        for key, kind in SHAPES.items():
+            if key in raw and not isinstance(raw[key], kind):
+                raise ConfigError(f"{p}: {key} must be a {kind.__name__}, got {type(raw[key]).__name__}")
+        if not all(isinstance(r, dict) for r in raw["runs"]):
+            raise ConfigError(f"{p}: every entry of runs must be a mapping (name, set, seeds)")
+        cfg = cls(**raw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for t in self.taus:
+            check_tau(t)
+        bad = sorted(set(self.ablations) - set(ABLATIONS))
+        if bad:
+            raise ConfigError(f"unknown ablation(s) {', '.join(bad)}; known: {', '.join(ABLATIONS)}")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")
+        names = [r.get("name") for r in self.runs]
+        if not self.runs or any(not isinstance(n, str) or not n for n in names):
+            raise ConfigError("every experiment run needs a non-empty name")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"duplicate run names in the experiment: {names}")
+        for r in self.runs:
+            self._validate_run(r)
+
+    def _validate_run(self, run: dict[str, Any]) -> None:
+        sets = run.get("set", [])
+        if not isinstance(sets, list) or not all(isinstance(x, str) for x in sets):
+            raise ConfigError(f"run {run['name']!r}: set must be a list of key=value strings")
+        seeds = self.run_seeds(run)
+        if not seeds or not all(isinstance(x, int) for x in seeds):
+            raise ConfigError(f"run {run['name']!r}: seeds must be a non-empty list of integers")
+        self.run_config(run, seeds[0])  # fail early on bad overrides
+
+    def run_seeds(self, run: dict[str, Any]) -> list[int]:
+        return list(run.get("seeds", self.seeds))
+
+    def run_config(self, run: dict[str, Any], seed: int) -> RunConfig:
+        unknown = sorted(set(run) - {"name", "set", "seeds"})
+        if unknown:
+            raise ConfigError(f"run {run.get('name')!r}: unknown key(s) {', '.join(unknown)} (use name, set, seeds)")
+        out = Path(self.out_dir) / (run["name"] if seed == self.seeds[0] else f"{run['name']}-s{seed}")
+        overrides = [*run.get("set", []), f"train.out_dir={out}", f"train.seed={seed}"]
+        cfg, _ = load_run_config(self.base, overrides)
+        return cfg
+
+    def jobs(self) -> list[tuple[int, dict[str, Any]]]:
+        """(seed, run) to train, the first seed of every run first."""
+        seeds = dict.fromkeys(s for r in self.runs for s in self.run_seeds(r))
+        return [(seed, run) for seed in seeds for run in self.runs if seed in self.run_seeds(run)]

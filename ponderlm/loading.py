@@ -1,0 +1,89 @@
+"""Loading a model for inference, whatever wrote it: a trainer run directory, one of its
+checkpoint directories, a ``ponderlm convert`` run, or a transformers export (``ponderlm export``,
+``save_pretrained``); and finding the dataset a checkpoint was trained on.
+
+Every command that reads a model (eval, analyze, generate, export, lm-eval, experiments) comes
+through :func:`load_model`, so a directory is resolved, checked and reported the same way
+everywhere: a missing, damaged or tokenizer-less model is one :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import CheckpointError, load_checkpoint, load_model_weights, resolve_checkpoint
+from .data import DataError, load_meta
+from .data.tokenizer import Tokenizer
+from .device import resolve_device
+from .model import PonderLM
+
+
+def is_hf_export(path: str | Path) -> bool:
+    """A directory written by ``ponderlm export`` / ``save_pretrained`` (config.json of model_type ponderlm)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "ponderlm"
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return False
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[PonderLM, Tokenizer, Path]:
+    """A trainer run/checkpoint directory or a transformers export -> (model in eval mode on
+    ``device``, tokenizer, the directory it was read from). ``device`` is a torch.device or a name
+    for :func:`ponderlm.device.resolve_device` (checked before anything is read)."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    model, tok, path = _load_export(Path(checkpoint)) if is_hf_export(checkpoint) else _load_trained(checkpoint)
+    return model.to(device).eval(), tok, path
+
+
+def _load_export(path: Path) -> tuple[PonderLM, Tokenizer, Path]:
+    """The ponderlm model inside a transformers export, and the export's tokenizer."""
+    from .convert import first_line, quiet_transformers
+    from .hf import PonderLMForCausalLM
+
+    try:
+        with quiet_transformers():  # no progress bar or load report around a one-line error
+            model = PonderLMForCausalLM.from_pretrained(path).model
+    except Exception as e:  # transformers and safetensors raise their own types for damaged files
+        raise CheckpointError(f"{path}: not a readable ponderlm export ({first_line(e)})") from None
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path}: no tokenizer.json in this export")
+    return model, Tokenizer.load(path / "tokenizer.json"), path
+
+
+def _load_trained(checkpoint: str | Path) -> tuple[PonderLM, Tokenizer, Path]:
+    """The model of a run's latest checkpoint (or of the checkpoint directory given), and its tokenizer."""
+    ck_dir = resolve_checkpoint(checkpoint)
+    ck = load_checkpoint(ck_dir, with_optimizer=False)
+    model = PonderLM(ck["model_config"])
+    load_model_weights(model, ck["model_state"])
+    tok_file = ck_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        raise CheckpointError(f"{ck_dir}: no tokenizer.json saved with this checkpoint")
+    return model, Tokenizer.load(tok_file), ck_dir
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def checkpoint_dataset(ck_dir: Path, data_dir: Path | None) -> tuple[Path, dict]:
+    """The dataset to evaluate a checkpoint on (default: the one it was trained on, from its
+    config.yaml), checked to share the checkpoint's tokenizer. Returns (data_dir, meta)."""
+    if data_dir is None:
+        run_cfg = yaml.safe_load((ck_dir / "config.yaml").read_text()) if (ck_dir / "config.yaml").is_file() else {}
+        found = (run_cfg or {}).get("train", {}).get("data_dir")
+        if not found:
+            raise DataError(f"{ck_dir}: no train.data_dir in config.yaml; pass the dataset directory")
+        data_dir = Path(found)
+    meta = load_meta(data_dir)
+    if _sha(Path(data_dir) / meta["tokenizer"]["file"]) != _sha(ck_dir / "tokenizer.json"):
+        raise DataError(f"{data_dir} was tokenized with another tokenizer than {ck_dir}")
+    return Path(data_dir), meta
