@@ -15,18 +15,64 @@ from typing import Any
 
 from .errors import UserError
 
-METHODS = ("vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3")
-PONDER_METHODS = ("ponderlm2", "ponderlm3")  # latent thoughts: the slot's own hidden state fed back
-SLOT_METHODS = ("pause", "ponderlm2", "ponderlm3")  # K extra slots per token, interleaved
-ROUND_METHODS = ("loop", "ponderlm1")  # K extra full passes over the length-T sequence
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+SLOT_INPUTS = ("none", "learned", "hidden")
+ROUND_INPUTS = ("none", "residual", "soft_token")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method *is*, in the terms the rest of the code asks about. No module outside this
+    one compares method names: the model, the FLOPs counter, decoding and the trainer ask these
+    capabilities (through :class:`ModelConfig`), so a new method is a row of METHOD_SPECS plus
+    its tests (docs/ADDING_A_METHOD.md)."""
+
+    # input of a latent slot k >= 1 of the K slots interleaved after each token:
+    #   "none" (no latent slots), "learned" (K learned embeddings: pause tokens),
+    #   "hidden" (the final hidden state of slot k-1: a latent thought, solved by Jacobi in parallel)
+    slot_input: str = "none"
+    # input of round r >= 1 of the K extra full passes over the tokens:
+    #   "none" (one pass), "residual" (the residual stream of round r-1: a looped transformer),
+    #   "soft_token" (e_t + softmax(head(h)) @ E of round r-1's normed output: PonderLM-1)
+    round_input: str = "none"
+    # whether every round ends in the final norm ("every"), or only the last one ("last")
+    round_norm: str = "last"
+    # a router picks each token's depth in 0..K (PonderLM-3); otherwise every token takes all K
+    router: bool = False
+
+    def __post_init__(self) -> None:
+        if self.slot_input not in SLOT_INPUTS or self.round_input not in ROUND_INPUTS:
+            raise ConfigError(f"unknown method capability in {self}")
+        if self.slot_input != "none" and self.round_input != "none":
+            raise ConfigError("a method has latent slots or rounds, not both")
+        if self.router and self.slot_input != "hidden":
+            raise ConfigError("a router chooses among latent-thought slots (slot_input='hidden')")
+        if self.round_norm not in ("last", "every"):
+            raise ConfigError(f"round_norm must be 'last' or 'every', got {self.round_norm!r}")
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "vanilla": MethodSpec(),
+    "pause": MethodSpec(slot_input="learned"),
+    "loop": MethodSpec(round_input="residual", round_norm="last"),
+    "ponderlm1": MethodSpec(round_input="soft_token", round_norm="every"),
+    "ponderlm2": MethodSpec(slot_input="hidden"),
+    "ponderlm3": MethodSpec(slot_input="hidden", router=True),
+}
+METHODS = tuple(METHOD_SPECS)
 ROUTERS = ("linear", "mlp")
 PENALTIES = ("expected_depth", "target_budget")
 INITS = ("reference", "normal")
 WARMUPS = ("staged", "zeros")
 
 
-class ConfigError(UserError, ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
 
 
 def check_finite_floats(obj: Any, prefix: str = "") -> None:
@@ -57,13 +103,16 @@ class ModelConfig:
     embed_scale_factor: float = 2.5  # 2.5 gives unit-RMS embeddings under the reference init
 
     # --- method ---
-    method: str = "ponderlm3"  # one of METHODS (DESIGN section 2 for the baselines)
+    method: str = "ponderlm3"  # one of METHODS; what each is: METHOD_SPECS, docs/DESIGN.md section 1
     max_ponder_steps: int = 3  # K: extra slots (pause/ponderlm2/3) or extra passes (loop/ponderlm1)
 
     # --- Jacobi solver for the parallel (soft/hard) computation ---
     jacobi_iters: int = 3  # refinement passes at evaluation (J)
     jacobi_train_iters: tuple[int, ...] = (2, 3)  # J is drawn uniformly from these in training
     jacobi_warmup: str = "staged"  # "staged": K growing warm-up passes; "zeros": latents start at 0
+    # training: backpropagate through the last n passes only (0 = all, as the PonderLM-2 reference
+    # does); earlier passes run without autograd. Latent-thought methods only; forward unchanged.
+    jacobi_grad_passes: int = 0
 
     # --- PonderLM-3 router ---
     router: str = "linear"  # "linear" or "mlp" (2 layers, SiLU)
@@ -98,25 +147,37 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    # Capabilities of the method (see MethodSpec). K = max_ponder_steps is the one knob; it
+    # becomes latent slots, rounds or depth depending on what the method is.
+    @property
+    def spec(self) -> MethodSpec:
+        return METHOD_SPECS[self.method]
+
     @property
     def n_latent(self) -> int:
-        """Extra slots per token interleaved in the sequence (K for pause/ponderlm2/3, else 0)."""
-        return self.max_ponder_steps if self.method in SLOT_METHODS else 0
+        """Latent slots interleaved after each token: K for slot methods, else 0."""
+        return self.max_ponder_steps if self.spec.slot_input != "none" else 0
 
     @property
     def n_rounds(self) -> int:
-        """Full passes of the stack over the length-T sequence (K+1 for loop/ponderlm1, else 1)."""
-        return self.max_ponder_steps + 1 if self.method in ROUND_METHODS else 1
+        """Full passes of the stack over the length-T sequence: K+1 for round methods, else 1."""
+        return self.max_ponder_steps + 1 if self.spec.round_input != "none" else 1
 
     @property
     def max_depth(self) -> int:
-        """Extra computation steps a token can take: the depth histograms have max_depth+1 bins."""
-        return 0 if self.method == "vanilla" else self.max_ponder_steps
+        """Extra computation steps a token can take (latent slots or extra rounds); depth
+        histograms have max_depth+1 bins."""
+        return max(self.n_latent, self.n_rounds - 1)
 
     @property
     def uses_jacobi(self) -> bool:
         """Whether the parallel computation only approximates the sequential one (latent feedback)."""
-        return self.method in PONDER_METHODS
+        return self.spec.slot_input == "hidden"
+
+    @property
+    def learned_slots(self) -> bool:
+        """Whether latent slots take learned embeddings (pause tokens) rather than hidden states."""
+        return self.spec.slot_input == "learned"
 
     @property
     def slots_per_token(self) -> int:
@@ -124,7 +185,32 @@ class ModelConfig:
 
     @property
     def has_router(self) -> bool:
-        return self.method == "ponderlm3"
+        return self.spec.router
+
+    def round_ends_in_norm(self, last: bool) -> bool:
+        """Whether a round's output goes through the final norm (always for the last round)."""
+        return last or self.spec.round_norm == "every"
+
+    @property
+    def vocab_matmuls_per_token(self) -> int:
+        """Vocabulary-sized matmuls per token: the LM head, plus for soft-token feedback the head
+        after every inner round and the ``softmax(.) @ E`` that feeds it back."""
+        return 2 * self.n_rounds - 1 if self.spec.round_input == "soft_token" else 1
+
+    def pass_schedule(self, jacobi_iters: int) -> list[int]:
+        """Slots per token computed by each pass of the parallel (soft/hard) computation: rounds
+        run one slot per token each; latent thoughts run a staged warm-up (1..K slots, unless
+        ``jacobi_warmup="zeros"``) then J refinements and a final pass over all K+1 slots; learned
+        slots and vanilla are exact in one pass. The model runs exactly this; FLOPs count it."""
+        if self.n_rounds > 1:
+            return [1] * self.n_rounds
+        K = self.n_latent
+        if K == 0:
+            return [1]
+        if not self.uses_jacobi:
+            return [K + 1]
+        warm = list(range(1, K + 1)) if self.jacobi_warmup == "staged" else []
+        return warm + [K + 1] * (jacobi_iters + 1)
 
     @property
     def router_width(self) -> int:
@@ -136,59 +222,53 @@ class ModelConfig:
 
     # ------------------------------------------------------------- validation
     def validate(self) -> None:
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
+        """Raise ConfigError naming the first invalid field (every float must be finite)."""
         check_finite_floats(self)
+        self._validate_backbone()
+        self._validate_method()
+
+    def _validate_backbone(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+            _need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
         kv = self.n_kv_heads
-        need(kv is None or (isinstance(kv, int) and kv >= 1), f"n_kv_heads must be None or >= 1, got {kv!r}")
-        need(
-            self.d_model % self.n_heads == 0,
-            f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})",
+        _need(kv is None or (isinstance(kv, int) and kv >= 1), f"n_kv_heads must be None or >= 1, got {kv!r}")
+        _need(
+            self.d_model % self.n_heads == 0, f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
         )
-        need(self.head_dim % 2 == 0, f"head_dim d_model/n_heads = {self.head_dim} must be even")
-        need(
-            self.n_heads % self.kv_heads == 0,
-            f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})",
-        )
-        need(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
-        need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
-        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
-        need(self.init_std is None or self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
-        need(self.embed_scale_factor > 0, "embed_scale_factor must be > 0")
-        need(
-            isinstance(self.max_ponder_steps, int) and self.max_ponder_steps >= 0,
-            f"max_ponder_steps must be an integer >= 0, got {self.max_ponder_steps!r}",
-        )
-        if self.method != "vanilla":
-            need(
-                self.max_ponder_steps >= 1,
-                f"method={self.method} needs max_ponder_steps (K) >= 1, got {self.max_ponder_steps}",
-            )
-        need(self.jacobi_iters >= 1, f"jacobi_iters must be >= 1, got {self.jacobi_iters}")
-        need(
-            len(self.jacobi_train_iters) > 0 and all(j >= 1 for j in self.jacobi_train_iters),
-            f"jacobi_train_iters must be a non-empty list of integers >= 1, got {self.jacobi_train_iters}",
-        )
-        need(self.jacobi_warmup in WARMUPS, f"jacobi_warmup must be one of {WARMUPS}")
-        need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
-        need(self.router_hidden >= 0, "router_hidden must be >= 0")
+        _need(self.head_dim % 2 == 0, f"head_dim d_model/n_heads = {self.head_dim} must be even")
+        _need(self.n_heads % self.kv_heads == 0,
+              f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")  # fmt: skip
+        _need(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        _need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        _need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        _need(self.init_std is None or self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        _need(self.embed_scale_factor > 0, "embed_scale_factor must be > 0")
+
+    def _validate_method(self) -> None:
+        K = self.max_ponder_steps
+        _need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        _need(isinstance(K, int) and K >= 0, f"max_ponder_steps must be an integer >= 0, got {K!r}")
+        if self.spec.slot_input != "none" or self.spec.round_input != "none":
+            _need(K >= 1, f"method={self.method} needs max_ponder_steps (K) >= 1, got {K}")
+        _need(self.jacobi_iters >= 1, f"jacobi_iters must be >= 1, got {self.jacobi_iters}")
+        Js = self.jacobi_train_iters
+        _need(len(Js) > 0 and all(j >= 1 for j in Js),
+              f"jacobi_train_iters must be a non-empty list of integers >= 1, got {Js}")  # fmt: skip
+        _need(self.jacobi_warmup in WARMUPS, f"jacobi_warmup must be one of {WARMUPS}")
+        _need(isinstance(self.jacobi_grad_passes, int) and self.jacobi_grad_passes >= 0,
+              f"jacobi_grad_passes must be an integer >= 0 (0 = all), got {self.jacobi_grad_passes!r}")  # fmt: skip
+        _need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
+        _need(self.router_hidden >= 0, "router_hidden must be >= 0")
         rid = self.router_init_depth
-        need(
-            rid is None or (isinstance(rid, int) and 0 <= rid <= self.max_ponder_steps),
-            f"router_init_depth must be None or in [0, K={self.max_ponder_steps}], got {rid!r}",
-        )
-        need(self.penalty in PENALTIES, f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
-        need(self.penalty_weight >= 0, f"penalty_weight must be >= 0, got {self.penalty_weight}")
-        need(self.target_depth >= 0, f"target_depth must be >= 0, got {self.target_depth}")
+        _need(rid is None or (isinstance(rid, int) and 0 <= rid <= K),
+              f"router_init_depth must be None or in [0, K={K}], got {rid!r}")  # fmt: skip
+        _need(self.penalty in PENALTIES, f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        _need(self.penalty_weight >= 0, f"penalty_weight must be >= 0, got {self.penalty_weight}")
+        _need(self.target_depth >= 0, f"target_depth must be >= 0, got {self.target_depth}")
         check_tau(self.tau)
-        need(self.log_floor < 0 and math.isfinite(self.log_floor), "log_floor must be finite and < 0")
+        _need(self.log_floor < 0, "log_floor must be finite and < 0")
 
     # ------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import random
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from . import flops
 from .config import ModelConfig
 from .losses import ponder_loss
 from .model import PonderLM
+from .train import jacobi_iters_at
 
 STDLIB_MODULES = (
     "abc argparse ast asyncio base64 bisect calendar collections contextlib copy csv dataclasses "
@@ -65,18 +65,15 @@ class DemoResult:
 
 
 def run_demo(steps: int = 300, seq_len: int = 64, batch: int = 16, seed: int = 0, log=print) -> list[DemoResult]:
-    text = stdlib_text()
-    chars = sorted(set(text))
-    data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
-    n_val = len(data) // 20
-    train, val = data[:-n_val], data[-n_val:]
-    log(f"corpus: {len(text):,} characters of standard-library docstrings, vocab {len(chars)}")
+    """Train and evaluate each method on the same corpus; the validation batch and then every
+    training batch come from one generator seeded with ``seed``."""
+    chars, train, val = _char_corpus(log)
     g = torch.Generator().manual_seed(seed)
 
     def batch_from(src: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = torch.randint(0, len(src) - seq_len - 1, (n,), generator=g)
-        x = torch.stack([src[j : j + seq_len] for j in i])
-        y = torch.stack([src[j + 1 : j + seq_len + 1] for j in i])
+        x = torch.stack([src[j : j + seq_len] for j in i])  # (n, seq_len)
+        y = torch.stack([src[j + 1 : j + seq_len + 1] for j in i])  # (n, seq_len): the next characters
         return x, y
 
     xv, yv = batch_from(val, 8)
@@ -89,43 +86,66 @@ def run_demo(steps: int = 300, seq_len: int = 64, batch: int = 16, seed: int = 0
             router_init_bias=2.0,
         )  # fmt: skip
         model = PonderLM(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-        rng = random.Random(seed)
         t0 = time.perf_counter()
-        ce = float("nan")
-        for step in range(steps):
-            x, y = batch_from(train, batch)
-            out = model(x, mode="soft", jacobi_iters=model.sample_train_jacobi_iters(rng))
-            loss, m = ponder_loss(out, y, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            ce = float(m["ce"])
-            if (step + 1) % max(1, steps // 4) == 0:
-                log(f"  {method:9s} step {step + 1:4d}/{steps}  ce {ce:.3f}  mean depth {float(m['mean_depth']):.2f}")
+        ce = _train(model, lambda: batch_from(train, batch), steps, seed, log)
         secs = time.perf_counter() - t0
-        model.eval()
-        rows = []
-        with torch.no_grad():
-            soft = model(xv, mode="soft")
-            soft_ce = float(torch.nn.functional.cross_entropy(soft.logits.flatten(0, 1), yv.flatten()))
-            taus = (1e-4, 0.1, 0.3) if cfg.has_router else (cfg.tau,)
-            for tau in taus:
-                ex = model(xv, mode="exact", tau=tau)
-                val_ce = torch.nn.functional.cross_entropy(ex.logits.flatten(0, 1), yv.flatten())
-                rows.append(
-                    dict(
-                        tau=tau,
-                        val_ce=float(val_ce),
-                        mean_depth=float(ex.depth.mean()),
-                        flops_per_token=flops.inference_flops(cfg, ex.depth).per_token,
-                    )
-                )
-                if tau == taus[0]:
-                    gap = float((soft.logits - ex.logits).abs().mean())
+        rows, soft_ce, gap = _evaluate(model, xv, yv)
         results.append(DemoResult(method, model.num_parameters(), secs, ce, rows, soft_ce, gap))
     return results
+
+
+def _char_corpus(log) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(characters, train ids, validation ids): the docstrings as character ids, the last 5% held out."""
+    text = stdlib_text()
+    chars = sorted(set(text))
+    data = torch.tensor([chars.index(c) for c in text], dtype=torch.long)  # (N,)
+    n_val = len(data) // 20
+    log(f"corpus: {len(text):,} characters of standard-library docstrings, vocab {len(chars)}")
+    return chars, data[:-n_val], data[-n_val:]
+
+
+def _train(model: PonderLM, next_batch, steps: int, seed: int, log) -> float:
+    """``steps`` AdamW steps in the soft (Jacobi) computation; returns the last step's CE."""
+    cfg = model.cfg
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    ce = float("nan")
+    for step in range(steps):
+        x, y = next_batch()
+        out = model(x, mode="soft", jacobi_iters=jacobi_iters_at(step + 1, seed, cfg.jacobi_train_iters))
+        loss, m = ponder_loss(out, y, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ce = float(m["ce"])
+        if (step + 1) % max(1, steps // 4) == 0:
+            log(f"  {cfg.method:9s} step {step + 1:4d}/{steps}  ce {ce:.3f}  mean depth {float(m['mean_depth']):.2f}")
+    return ce
+
+
+@torch.no_grad()
+def _evaluate(model: PonderLM, xv: torch.Tensor, yv: torch.Tensor) -> tuple[list[dict], float, float]:
+    """(a row per tau in the exact computation, soft CE, Jacobi gap at the first tau) on one batch."""
+    cfg = model.cfg
+    model.eval()
+    rows = []
+    soft = model(xv, mode="soft")
+    soft_ce = float(torch.nn.functional.cross_entropy(soft.logits.flatten(0, 1), yv.flatten()))
+    taus = (1e-4, 0.1, 0.3) if cfg.has_router else (cfg.tau,)
+    for tau in taus:
+        ex = model(xv, mode="exact", tau=tau)
+        val_ce = torch.nn.functional.cross_entropy(ex.logits.flatten(0, 1), yv.flatten())
+        rows.append(
+            dict(
+                tau=tau,
+                val_ce=float(val_ce),
+                mean_depth=float(ex.depth.mean()),
+                flops_per_token=flops.inference_flops(cfg, ex.depth).per_token,
+            )
+        )
+        if tau == taus[0]:
+            gap = float((soft.logits - ex.logits).abs().mean())
+    return rows, soft_ce, gap
 
 
 def format_table(results: list[DemoResult]) -> str:

@@ -54,8 +54,7 @@ def router_flops(cfg: ModelConfig) -> int:
 def head_flops(cfg: ModelConfig) -> int:
     """Vocabulary-sized matmuls per token: the LM head, and for PonderLM-1 the head after each
     inner pass plus the soft-token feedback ``p @ E`` (each 2*D*V)."""
-    calls = 2 * cfg.n_rounds - 1 if cfg.method == "ponderlm1" else 1
-    return calls * 2 * cfg.d_model * cfg.vocab_size
+    return cfg.vocab_matmuls_per_token * 2 * cfg.d_model * cfg.vocab_size
 
 
 @dataclass
@@ -109,24 +108,11 @@ def fixed_depth_inference_flops(cfg: ModelConfig, seq_len: int, depth: int | Non
     return inference_flops(cfg, torch.full((1, seq_len), d))
 
 
-def train_pass_schedule(cfg: ModelConfig, jacobi_iters: int) -> list[int]:
-    """Stages (slots per token) of each pass of the soft computation, as the model runs it."""
-    if cfg.n_rounds > 1:
-        return [1] * cfg.n_rounds  # rounds: K+1 exact passes over the tokens
-    K = cfg.n_latent
-    if K == 0:
-        return [1]
-    if not cfg.uses_jacobi:
-        return [K + 1]  # pause: one exact pass over every slot
-    warm = list(range(1, K + 1)) if cfg.jacobi_warmup == "staged" else []
-    return warm + [K + 1] * (jacobi_iters + 1)
-
-
 def forward_flops_soft(cfg: ModelConfig, seq_len: int, jacobi_iters: int) -> Flops:
     """FLOPs of one soft-mode forward over a sequence of seq_len tokens."""
     T = seq_len
     lin = att = rout = 0.0
-    for c in train_pass_schedule(cfg, jacobi_iters):
+    for c in cfg.pass_schedule(jacobi_iters):  # the passes the model runs (ModelConfig.pass_schedule)
         N = c * T
         lin += linear_flops_per_slot(cfg) * N
         att += attention_flops_per_key(cfg) * N * (N + 1) / 2

@@ -27,10 +27,9 @@ import torch
 from torch import Tensor
 
 from .config import check_tau
-from .slots import depth_keep, prune_depth, token_positions
 
 if TYPE_CHECKING:
-    from .model import PonderLM
+    from .model import PonderLM, PonderOutput
 
 
 @dataclass
@@ -72,6 +71,56 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@dataclass
+class _Options:
+    """generate's arguments, checked and resolved (defaults from the model's config)."""
+
+    tau: float
+    prefill: str  # "exact" | "parallel"
+    schedule: str  # "token" | "slot"
+    jacobi_iters: int | None
+    mask: Tensor | None  # (B, T) bool, left padding
+
+
+def _resolve(
+    model: PonderLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    attention_mask: Tensor | None,
+    tau: float | None,
+    seed: int | None,
+    prefill: str,
+    schedule: str,
+    streaming: bool,
+    jacobi_iters: int | None,
+) -> _Options:
+    cfg = model.cfg
+    model.check_input_ids(input_ids)
+    tau = check_tau(cfg.tau if tau is None else tau)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed}")
+    B, T = input_ids.shape
+    if T + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {cfg.max_seq_len}")
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError("attention_mask must have the shape of input_ids")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("generate expects left padding: the last prompt column must be real tokens")
+    if schedule == "auto":
+        schedule = "slot" if cfg.has_router and B > 1 and not streaming else "token"
+    if schedule not in ("token", "slot"):
+        raise ValueError(f"schedule must be 'auto', 'token' or 'slot', got {schedule!r}")
+    if schedule == "slot" and (streaming or cfg.n_rounds > 1):
+        why = "streaming (on_token)" if streaming else f"method {cfg.method!r} (one cache per round)"
+        raise ValueError(f"schedule='slot' does not support {why}; use schedule='token'")
+    return _Options(tau, model.resolve_prefill(prefill), schedule, jacobi_iters, mask)
+
+
 @torch.no_grad()
 def generate(
     model: PonderLM,
@@ -85,7 +134,7 @@ def generate(
     top_p: float | None = None,
     eos_token_id: int | None = None,
     seed: int | None = None,
-    prefill: Literal["auto", "exact", "parallel"] = "auto",
+    prefill: Literal["auto", "exact", "parallel", "converged"] = "auto",
     jacobi_iters: int | None = None,
     on_token: Callable[[Tensor, Tensor], None] | None = None,
     schedule: Literal["auto", "token", "slot"] = "auto",
@@ -94,92 +143,52 @@ def generate(
 
     Args:
         input_ids: (B, T) prompts, left-padded when ``attention_mask`` marks padding with 0.
-        tau: pruning threshold (default cfg.tau).
-        temperature/top_k/top_p/seed: sampling; temperature 0 is greedy.
-        eos_token_id: rows stop at this token and are filled with it afterwards; generation
-            ends early once every row has stopped.
-        prefill: "exact" runs the prompt through the sequential recurrence (the reference);
-            "parallel" uses the hard-pruned Jacobi passes and fills the cache from the final
-            pass (fast; equal to exact once Jacobi has converged); "auto" is parallel for
-            methods without latent feedback (where the two coincide) and exact otherwise.
-        on_token: called with (tokens (B,), depths (B,)) as each token is chosen (streaming;
-            token schedule only).
-        schedule: "token" or "slot" (see the module docstring); "auto" is slot for a router
-            model (PonderLM-3) with more than one row and no on_token, else token. Round
-            methods (loop, PonderLM-1) always use the token schedule.
+        tau: pruning threshold (default cfg.tau). temperature/top_k/top_p/seed: sampling
+            (temperature 0 is greedy). eos_token_id: rows stop there and are filled with it.
+        prefill: "exact" (the recurrence), "parallel" (J hard Jacobi passes, the cache filled from
+            the last), "converged" (passes until the latents stop moving; exact if they do not
+            within the cap) or "auto" (:meth:`PonderLM.resolve_prefill`).
+        on_token: called with (tokens (B,), depths (B,)) as each token is chosen (token schedule).
+        schedule: "token" or "slot" (module docstring); "auto" is slot for a router model with
+            B > 1 and no on_token. Round methods (loop, PonderLM-1) decode by token.
     """
-    cfg = model.cfg
-    model._check_ids(input_ids)
-    tau = check_tau(cfg.tau if tau is None else tau)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
-        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed}")
-    B, T = input_ids.shape
-    if T == 0:
-        raise ValueError("generate needs a non-empty prompt")
-    if T + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {cfg.max_seq_len}")
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask.bool()
-        if mask.shape != input_ids.shape:
-            raise ValueError("attention_mask must have the shape of input_ids")
-        if not bool(mask[:, -1].all()):
-            raise ValueError("generate expects left padding: the last prompt column must be real tokens")
-    if prefill == "auto":
-        prefill = "exact" if cfg.uses_jacobi else "parallel"
-    if prefill not in ("exact", "parallel"):
-        raise ValueError(f"prefill must be 'auto', 'exact' or 'parallel', got {prefill!r}")
-
-    if schedule == "auto":
-        schedule = "slot" if cfg.has_router and B > 1 and on_token is None else "token"
-    if schedule not in ("token", "slot"):
-        raise ValueError(f"schedule must be 'auto', 'token' or 'slot', got {schedule!r}")
-    if schedule == "slot" and (on_token is not None or cfg.n_rounds > 1):
-        why = "streaming (on_token)" if on_token is not None else f"method {cfg.method!r} (one cache per round)"
-        raise ValueError(f"schedule='slot' does not support {why}; use schedule='token'")
-
-    S = cfg.slots_per_token
-    cache = model.new_cache(B, capacity=(T + max_new_tokens) * S)
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    opt = _resolve(model, input_ids, max_new_tokens, attention_mask, tau, seed, prefill, schedule,
+                   on_token is not None, jacobi_iters)  # fmt: skip
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
 
     def pick(logits: Tensor) -> Tensor:
         return sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
 
-    if schedule == "slot":
-        last = None
-        if prefill == "parallel":
-            J = cfg.jacobi_iters if jacobi_iters is None else jacobi_iters
-            out = model._parallel(input_ids, "hard", tau, J, mask, cache)
-            last = (out.hidden[:, -1], out.depth.long())
-        return _generate_by_slot(model, cache, input_ids, mask, max_new_tokens, tau, pick, eos_token_id, last)
+    capacity = (input_ids.shape[1] + max_new_tokens) * model.cfg.slots_per_token
+    if opt.schedule == "slot" and opt.prefill == "exact":  # the slot schedule walks the prompt itself
+        return _SlotDecoder(model, input_ids, opt, max_new_tokens, pick, eos_token_id, capacity).run(None)
+    out, cache = model.prefill(input_ids, tau=opt.tau, attention_mask=opt.mask, how=opt.prefill,
+                               jacobi_iters=opt.jacobi_iters, capacity=capacity, with_logits=False)  # fmt: skip
+    if opt.schedule == "slot":
+        dec = _SlotDecoder(model, input_ids, opt, max_new_tokens, pick, eos_token_id, capacity, cache)
+        return dec.run((out.hidden[:, -1], out.depth.long()))
+    return _decode_by_token(model, input_ids, out, cache, opt, max_new_tokens, pick, eos_token_id, on_token)
 
-    if prefill == "exact":
-        e = model.embed(input_ids)
-        pos = token_positions(B, T, mask, e.device)
-        active = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=e.device)
-        h_last = depth_last = None
-        pdepth = []
-        for t in range(T):
-            h_last, depth_last, _, _ = model.ponder_token(e[:, t], pos[:, t], active[:, t], cache, tau)
-            pdepth.append(depth_last)
-        prompt_depth = torch.stack(pdepth, dim=1)
-    else:
-        J = cfg.jacobi_iters if jacobi_iters is None else jacobi_iters
-        out = model._parallel(input_ids, "hard", tau, J, mask, cache)
-        h_last = out.hidden[:, -1]
-        prompt_depth = out.depth.long()
-        depth_last = prompt_depth[:, -1]
 
-    next_pos = (mask.sum(-1) if mask is not None else torch.full((B,), T, device=input_ids.device)).long()
+def _decode_by_token(
+    model: PonderLM,
+    input_ids: Tensor,
+    prompt: PonderOutput,
+    cache,
+    opt: _Options,
+    max_new_tokens: int,
+    pick: Callable[[Tensor], Tensor],
+    eos_token_id: int | None,
+    on_token: Callable[[Tensor, Tensor], None] | None,
+) -> GenerateOutput:
+    """The token schedule: every row advances one token per step through :meth:`PonderLM.extend`."""
+    B = input_ids.shape[0]
+    h_last, prompt_depth = prompt.hidden[:, -1], prompt.depth.long()
+    depth_last = prompt_depth[:, -1]
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     tokens, depths = [], []
     for i in range(max_new_tokens):
-        logits = model.lm_head(h_last)  # (B, V)
-        nxt = pick(logits)
+        nxt = pick(model.lm_head(h_last))  # (B,)
         if eos_token_id is not None:
             nxt = nxt.masked_fill(finished, eos_token_id)
         tokens.append(nxt)
@@ -190,122 +199,104 @@ def generate(
             finished = finished | (nxt == eos_token_id)
         if i == max_new_tokens - 1 or bool(finished.all()):
             break
-        h_last, depth_last, _, _ = model.ponder_token(model.embed(nxt), next_pos, ~finished, cache, tau)
-        next_pos = next_pos + (~finished).long()
-
+        step = model.extend(nxt.unsqueeze(1), cache, tau=opt.tau, attention_mask=~finished.unsqueeze(1),
+                            with_logits=False)  # fmt: skip
+        h_last, depth_last = step.hidden[:, 0], step.depth[:, 0].long()
     new = torch.stack(tokens, 1) if tokens else input_ids.new_zeros(B, 0)
     dep = torch.stack(depths, 1) if depths else input_ids.new_zeros(B, 0)
-    return GenerateOutput(
-        tokens=torch.cat([input_ids, new], dim=1),
-        depth=dep,
-        prompt_depth=prompt_depth,
-        cache_entries=cache.num_entries(),
-    )
+    return GenerateOutput(tokens=torch.cat([input_ids, new], dim=1), depth=dep, prompt_depth=prompt_depth,
+                          cache_entries=cache.num_entries())  # fmt: skip
 
 
-def _generate_by_slot(
-    model: PonderLM,
-    cache,
-    input_ids: Tensor,
-    mask: Tensor | None,
-    max_new_tokens: int,
-    tau: float,
-    pick: Callable[[Tensor], Tensor],
-    eos_token_id: int | None,
-    prefilled: tuple[Tensor, Tensor] | None,
-) -> GenerateOutput:
-    """The slot schedule: each call of the stack advances every running row by one slot.
+class _SlotDecoder:
+    """The slot schedule: each call of :meth:`PonderLM.advance_slots` advances every running row
+    by one slot of its own.
 
-    A row walks through its prompt's real tokens (teacher-forced, unless ``prefilled`` holds the
-    last prompt hidden state and the prompt depths from a parallel prefill), then through the
-    tokens it samples. Per row the slots, their inputs, positions, key biases and cache entries
-    are those of ``PonderLM.ponder_token`` in the same order, so its results are the exact
-    recurrence's. Per-row state: ``col`` (prompt column of the token being pondered; >= T once
-    generating), ``stage`` (the slot it computes next: 0 token slot, k latent slot k),
-    ``depth`` (its token's realised depth, known after the token slot) and the token's slot
-    hidden states ``hs`` and router outputs.
+    A row walks through its prompt's real tokens (teacher-forced, unless a parallel prefill
+    already holds them in the cache: then it starts from the last prompt hidden state), then
+    through the tokens it samples. The slots themselves - inputs, positions, key biases, cache
+    entries, routing - are the model's recurrence (:class:`ponderlm.model.SlotState`); this class
+    only keeps the books: ``col`` (prompt column of the token each row ponders; >= T once
+    generating), the emitted tokens and depths, and which rows still run.
     """
-    cfg = model.cfg
-    K, N = cfg.n_latent, max_new_tokens
-    B, T = input_ids.shape
-    dev = input_ids.device
-    rows = torch.arange(B, device=dev)
-    real = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
-    fill = eos_token_id if eos_token_id is not None else 0
-    tokens = torch.full((B, N), fill, dtype=input_ids.dtype, device=dev)  # filler after EOS
-    depths = torch.zeros(B, N, dtype=torch.long, device=dev)
-    n_gen = torch.zeros(B, dtype=torch.long, device=dev)  # tokens emitted per row
-    finished = torch.zeros(B, dtype=torch.bool, device=dev)  # emitted EOS
-    dtype = model.embed_tokens.weight.dtype
-    hs = torch.zeros(B, K + 1, cfg.d_model, dtype=dtype, device=dev)  # slot hiddens of each row's current token
-    probs = torch.zeros(B, K + 1, dtype=dtype, device=dev)
-    log_w = torch.zeros(B, K + 1, dtype=dtype, device=dev)  # log w_0 = 0: the token slot's bias
-    depth = torch.full((B,), K, dtype=torch.long, device=dev)  # router-free methods: always K
-    stage = torch.zeros(B, dtype=torch.long, device=dev)
-    pause = model.pause_inputs().to(dtype) if model.pause_embed is not None else None
 
-    def emit(idx: Tensor, h_hat: Tensor, d: Tensor) -> Tensor:
+    def __init__(
+        self,
+        model: PonderLM,
+        input_ids: Tensor,
+        opt: _Options,
+        max_new_tokens: int,
+        pick: Callable[[Tensor], Tensor],
+        eos_token_id: int | None,
+        capacity: int,
+        cache=None,
+    ) -> None:
+        B, T = input_ids.shape
+        dev = input_ids.device
+        self.model, self.ids, self.opt, self.N, self.pick, self.eos = (
+            model,
+            input_ids,
+            opt,
+            max_new_tokens,
+            pick,
+            eos_token_id,
+        )
+        self.cache = cache if cache is not None else model.new_cache(B, capacity=capacity)
+        self.real = opt.mask if opt.mask is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+        fill = eos_token_id if eos_token_id is not None else 0
+        self.tokens = torch.full((B, max_new_tokens), fill, dtype=input_ids.dtype, device=dev)  # filler after EOS
+        self.depths = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+        self.n_gen = torch.zeros(B, dtype=torch.long, device=dev)  # tokens emitted per row
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)  # emitted EOS
+        self.st = model.new_slot_state(B, dev, model.embed_tokens.weight.dtype)
+
+    def emit(self, idx: Tensor, h_hat: Tensor, d: Tensor) -> Tensor:
         """Rows idx finished pondering the token that produces output n_gen: sample it. -> (n,)."""
-        j = n_gen[idx]
-        nxt = pick(model.lm_head(h_hat))
-        tokens[idx, j] = nxt
-        depths[idx, j] = d
-        if eos_token_id is not None:
-            finished[idx] |= nxt == eos_token_id
-        n_gen[idx] += 1
+        j = self.n_gen[idx]
+        nxt = self.pick(self.model.lm_head(h_hat))
+        self.tokens[idx, j] = nxt
+        self.depths[idx, j] = d
+        if self.eos is not None:
+            self.finished[idx] |= nxt == self.eos
+        self.n_gen[idx] += 1
         return nxt
 
-    if prefilled is not None:  # the cache holds the prompt; its last hidden state gives token 0
-        h_last, prompt_depth = prefilled
-        col = torch.full((B,), T, dtype=torch.long, device=dev)
-        pos = real.sum(-1).long()
-        nxt = emit(rows, h_last, prompt_depth[:, -1]) if N > 0 else input_ids[:, -1]
-        running = ~finished & (n_gen < N)
-    else:
-        prompt_depth = torch.zeros(B, T, dtype=torch.long, device=dev)
-        col = (~real).sum(-1).long()  # first real column (left padding)
-        pos = torch.zeros(B, dtype=torch.long, device=dev)
-        nxt = input_ids[rows, col]
-        running = torch.ones(B, dtype=torch.bool, device=dev)
-    x = model.embed(nxt)  # (B, D) next slot input of each row
-    while bool(running.any()):
-        bias = log_w.gather(1, stage.unsqueeze(1)) if model.router is not None else None  # (B, 1)
-        h = model.stack(x.unsqueeze(1), pos.unsqueeze(1), bias, cache, running.long())[:, 0]  # (B, D)
-        first = stage == 0
-        if model.router is not None and bool((first & running).any()):
-            p, lw = model.route(h)  # (B, K+1) each
-            probs = torch.where(first.unsqueeze(1), p, probs)
-            log_w = torch.where(first.unsqueeze(1), lw, log_w)
-            depth = torch.where(first, prune_depth(lw.unsqueeze(1), tau)[:, 0], depth)
-        hs[rows, stage] = h
-        done = running & (stage == depth)  # rows whose token's pondering ends with this slot
-        # the rest go on to their next latent slot
-        stage = torch.where(running & ~done, stage + 1, stage)
-        if pause is not None:
-            x = torch.where((running & ~done).unsqueeze(1), pause[(stage - 1).clamp_min(0)], x)
+    def run(self, prefilled: tuple[Tensor, Tensor] | None) -> GenerateOutput:
+        B, T = self.ids.shape
+        rows = torch.arange(B, device=self.ids.device)
+        if prefilled is not None:  # the cache holds the prompt; its last hidden state gives token 0
+            h_last, self.prompt_depth = prefilled
+            self.col = torch.full((B,), T, dtype=torch.long, device=self.ids.device)
+            nxt = self.emit(rows, h_last, self.prompt_depth[:, -1]) if self.N > 0 else self.ids[:, -1]
+            self.st.start(rows, self.model.embed(nxt), self.real.sum(-1).long())
+            running = ~self.finished & (self.n_gen < self.N)
         else:
-            x = torch.where((running & ~done).unsqueeze(1), h, x)
-        if not bool(done.any()):
-            continue
-        idx = done.nonzero().squeeze(1)  # (n,)
-        keep = depth_keep(depth[idx].unsqueeze(1), K + 1)  # (n, 1, K+1)
-        wts = probs[idx].unsqueeze(1) if model.router is not None else None
-        h_hat = model.mix(hs[idx].unsqueeze(1), wts, keep)[:, 0]  # (n, D)
-        d, c = depth[idx], col[idx]
+            self.prompt_depth = torch.zeros(B, T, dtype=torch.long, device=self.ids.device)
+            self.col = (~self.real).sum(-1).long()  # first real column (left padding)
+            self.st.start(rows, self.model.embed(self.ids[rows, self.col]), torch.zeros_like(self.col))
+            running = torch.ones(B, dtype=torch.bool, device=self.ids.device)
+        while bool(running.any()):
+            done = self.model.advance_slots(self.st, running, self.cache, self.opt.tau)
+            if bool(done.any()):
+                self.next_tokens(done.nonzero().squeeze(1))
+            running = running & ~self.finished & ~((self.col >= T) & (self.n_gen >= self.N))
+        width = int(self.n_gen.max()) if self.N > 0 else 0
+        return GenerateOutput(tokens=torch.cat([self.ids, self.tokens[:, :width]], dim=1),
+                              depth=self.depths[:, :width], prompt_depth=self.prompt_depth,
+                              cache_entries=self.cache.num_entries())  # fmt: skip
+
+    def next_tokens(self, idx: Tensor) -> None:
+        """Rows idx completed a token: record its depth, then start their next token - the next
+        prompt token (teacher-forced) or a sampled one."""
+        T = self.ids.shape[1]
+        h_hat = self.model.mix_slots(self.st, idx)  # (n, D)
+        d, c = self.st.depth[idx], self.col[idx]
         in_prompt = c < T
-        prompt_depth[idx[in_prompt], c[in_prompt]] = d[in_prompt]
+        self.prompt_depth[idx[in_prompt], c[in_prompt]] = d[in_prompt]
         c = c + 1
-        col[idx], stage[idx], pos[idx] = c, 0, pos[idx] + 1
-        new = input_ids[idx, c.clamp(max=T - 1)]  # teacher-forced: the next prompt token
-        sample = (c >= T) & (n_gen[idx] < N)  # pondered the last prompt token or a generated one
+        self.col[idx] = c
+        new = self.ids[idx, c.clamp(max=T - 1)]  # teacher-forced: the next prompt token
+        sample = (c >= T) & (self.n_gen[idx] < self.N)  # pondered the last prompt token or a generated one
         if bool(sample.any()):
-            new[sample] = emit(idx[sample], h_hat[sample], d[sample])
-        x[idx] = model.embed(new)
-        running = running & ~finished & ~((col >= T) & (n_gen >= N))
-    width = int(n_gen.max()) if N > 0 else 0
-    return GenerateOutput(
-        tokens=torch.cat([input_ids, tokens[:, :width]], dim=1),
-        depth=depths[:, :width],
-        prompt_depth=prompt_depth,
-        cache_entries=cache.num_entries(),
-    )
+            new[sample] = self.emit(idx[sample], h_hat[sample], d[sample])
+        self.st.start(idx, self.model.embed(new), self.st.pos[idx] + 1)

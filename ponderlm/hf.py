@@ -44,8 +44,8 @@ class PonderLMConfig(PretrainedConfig):
         self.ponder = dict(ponder) if ponder else ModelConfig().to_dict()
         mc = ModelConfig.from_dict(self.ponder)  # validates
         self.tau = check_tau(mc.tau if tau is None else tau)
-        if prefill not in ("auto", "exact", "parallel"):
-            raise ValueError(f"prefill must be 'auto', 'exact' or 'parallel', got {prefill!r}")
+        if prefill not in ("auto", "exact", "parallel", "converged"):
+            raise ValueError(f"prefill must be 'auto', 'exact', 'parallel' or 'converged', got {prefill!r}")
         self.prefill = prefill
         self.jacobi_iters = jacobi_iters
         # the names generic transformers code looks for
@@ -134,16 +134,20 @@ class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
         mask = attention_mask.bool() if attention_mask is not None else None
         m = self.model
         if cache is None:
-            if use_cache:
-                out, cache = self._ponder_prefill(input_ids, mask, tau)
-                n = mask.sum(-1) if mask is not None else torch.full_like(input_ids[:, 0], input_ids.shape[1])
-                cache.next_pos = n.long()  # (B,) position of each row's next token
+            how = m.resolve_prefill(cfg.prefill)
+            if use_cache:  # the prompt through the model's prefill; the cache tracks each row's next position
+                capacity = 2 * input_ids.shape[1] * m.cfg.slots_per_token
+                out, cache = m.prefill(input_ids, tau=tau, attention_mask=mask, how=how,
+                                       jacobi_iters=cfg.jacobi_iters, capacity=capacity)  # fmt: skip
             else:
-                out = m(input_ids, mode="exact" if self._exact_prefill() else "hard", tau=tau,
+                out = m(input_ids, mode="exact" if how == "exact" else "hard", tau=tau,
                         jacobi_iters=cfg.jacobi_iters, attention_mask=mask)  # fmt: skip
-            logits, depth = out.logits, out.depth
-        else:
-            logits, depth = self._ponder_decode(input_ids, mask, cache, tau)
+        else:  # new tokens appended to the cache; the mask covers all tokens so far
+            if getattr(cache, "next_pos", None) is None:
+                raise ValueError("this cache was not filled by PonderLMForCausalLM (no next_pos)")
+            L = input_ids.shape[1]
+            out = m.extend(input_ids, cache, tau=tau, attention_mask=mask[:, -L:] if mask is not None else None)
+        logits, depth = out.logits, out.depth
         loss = None
         if labels is not None:
             shift = labels[:, 1:].reshape(-1)
@@ -151,41 +155,6 @@ class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift, ignore_index=-100
             )
         return PonderCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None, depth=depth)
-
-    def _exact_prefill(self) -> bool:
-        p = self.config.prefill
-        return p == "exact" or (p == "auto" and self.model.cfg.uses_jacobi)
-
-    def _ponder_prefill(self, input_ids: Tensor, mask: Tensor | None, tau: float):
-        m = self.model
-        if self._exact_prefill():
-            out = m(input_ids, mode="exact", tau=tau, attention_mask=mask)
-            return out, out.cache
-        B, T = input_ids.shape
-        cache = m.new_cache(B, capacity=2 * T * m.cfg.slots_per_token)
-        J = self.config.jacobi_iters or m.cfg.jacobi_iters
-        out = m._parallel(input_ids, "hard", tau, J, mask, cache)
-        return out, cache
-
-    def _ponder_decode(self, input_ids: Tensor, mask: Tensor | None, cache, tau: float) -> tuple[Tensor, Tensor]:
-        m = self.model
-        B, L = input_ids.shape
-        if getattr(cache, "next_pos", None) is None:
-            raise ValueError("this cache was not filled by PonderLMForCausalLM (no next_pos)")
-        active = mask[:, -L:] if mask is not None else torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
-        m._check_ids(input_ids)
-        e = m.embed(input_ids)
-        pos = cache.next_pos.view(B, 1) + (active.long().cumsum(-1) - active.long())  # (B, L)
-        if int(pos.max()) >= m.cfg.max_seq_len:
-            raise ValueError(f"sequence exceeds max_seq_len {m.cfg.max_seq_len}")
-        cache.next_pos = cache.next_pos + active.long().sum(-1)
-        hs, depths = [], []
-        for i in range(L):
-            h, d, _, _ = m.ponder_token(e[:, i], pos[:, i], active[:, i], cache, tau)
-            hs.append(h)
-            depths.append(d)
-        logits = m.lm_head(torch.stack(hs, dim=1))
-        return logits, torch.stack(depths, dim=1).float()
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
         if cache is not None:
@@ -211,43 +180,3 @@ def register() -> None:
 
 
 register()
-
-
-def hf_tokenizer(tok):
-    """A ``PreTrainedTokenizerFast`` over ponderlm's tokenizer (end-of-text as eos and pad)."""
-    from transformers import PreTrainedTokenizerFast
-
-    eot = tok.tk.id_to_token(tok.eot_id)
-    return PreTrainedTokenizerFast(tokenizer_object=tok.tk, eos_token=eot, bos_token=eot, pad_token=eot)
-
-
-def export(checkpoint, out, *, overwrite: bool = False, tau: float | None = None, log=print):
-    """Write a trainer checkpoint (or run) as a transformers directory: safetensors weights,
-    config.json, generation_config.json, tokenizer files. ``out`` is a ponderlm ``export``
-    directory, built aside and renamed into place (:func:`ponderlm.owned.building`) under its
-    lock; an earlier export is replaced only with ``overwrite``, anything else in the way (the
-    checkpoint itself, a directory of the user's files) is refused, never deleted."""
-    from pathlib import Path
-
-    from . import owned
-    from .config import check_tau
-    from .convert import _quiet_transformers
-    from .eval.run import load_model
-
-    out = Path(out)
-    if tau is not None:
-        check_tau(tau)
-    owned.check_disjoint(out, [Path(checkpoint)], "output directory")
-    with owned.DirLock(out, "output directory"):
-        hint = "pass --overwrite to replace it or choose another output directory"
-        owned.check_replaceable(out, "export", overwrite=overwrite, exists_hint=hint, choose="output directory")
-        model, tok, src = load_model(checkpoint)
-        owned.check_disjoint(out, [src], "output directory")  # the checkpoint a run directory resolved to
-        wrapper = PonderLMForCausalLM.from_ponderlm(model, tau=tau)
-        wrapper.generation_config.eos_token_id = tok.eot_id
-        wrapper.generation_config.pad_token_id = tok.eot_id
-        with owned.building(out, "export") as tmp, _quiet_transformers():
-            wrapper.save_pretrained(tmp)
-            hf_tokenizer(tok).save_pretrained(tmp)
-    log(f"exported {src} ({model.cfg.method}, tau {wrapper.config.tau:g}) to {out}")
-    return out

@@ -92,14 +92,3 @@ def scatter_slots(packed: Tensor, index: Tensor, keep: Tensor) -> Tensor:
     out = out.scatter(1, idx, packed)
     mask = keep.view(B, N, *([1] * (packed.dim() - 2)))
     return torch.where(mask, out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-def dense_slot_bias(key_bias: Tensor) -> Tensor:
-    """Reference (B, N, N) additive mask for the soft path: causal plus a per-key bias.
-
-    Only tests and documentation use it: the model never materialises this matrix.
-    """
-    B, N = key_bias.shape
-    causal = torch.ones(N, N, dtype=torch.bool, device=key_bias.device).tril()
-    bias = key_bias.unsqueeze(1).expand(B, N, N)
-    return bias.masked_fill(~causal, float("-inf"))

@@ -33,6 +33,15 @@ def tiny_model(method: str = "ponderlm3", seed: int = 0, dtype=torch.float64, **
     return PonderLM(tiny_config(method, **overrides)).to(dtype).eval()
 
 
+def dense_slot_bias(key_bias: torch.Tensor) -> torch.Tensor:
+    """Reference (B, N, N) additive mask for the soft path: causal plus a per-key bias. The model
+    never materialises this matrix; tests compare against it."""
+    B, N = key_bias.shape
+    causal = torch.ones(N, N, dtype=torch.bool, device=key_bias.device).tril()
+    bias = key_bias.unsqueeze(1).expand(B, N, N)
+    return bias.masked_fill(~causal, float("-inf"))
+
+
 def converged_iters(T: int, K: int) -> int:
     """Jacobi on the causal slot graph is exact after (longest dependency chain) iterations."""
     return T * K + 2

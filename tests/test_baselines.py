@@ -1,4 +1,4 @@
-"""The baselines of DESIGN section 2 (pause, loop, PonderLM-1) against direct re-implementations
+"""The baselines of docs/DESIGN.md section 1 (pause, loop, PonderLM-1) against direct re-implementations
 of their definitions from the model's primitives, plus what sets them apart from each other."""
 
 import pytest

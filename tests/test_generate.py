@@ -148,3 +148,37 @@ def test_generate_rejects_bad_input():
         model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 1, 0]]))
     with pytest.raises(ValueError, match="token ids must lie"):
         model.generate(ids + 1000, 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("schedule", ["token", "slot"])
+def test_converged_prefill_equals_exact_within_tolerance(method, schedule):
+    """prefill="converged": parallel passes until the latents stop moving, the cache filled from
+    the converged pass; the prompt's logits equal exact's to the tolerance, and greedy decoding
+    from it is exact decoding (tiny float64 models, left padding, PonderLM-3 pruning at tau)."""
+    if schedule == "slot" and method in ("loop", "ponderlm1"):
+        pytest.skip("round methods decode by token")
+    model = tiny_model(method)
+    ids = torch.randint(0, 61, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    out, _ = model.prefill(ids, attention_mask=mask, how="converged", tau=0.35)
+    ref, _ = model.prefill(ids, attention_mask=mask, how="exact", tau=0.35)
+    assert (out.logits - ref.logits).abs().max() < 1e-3
+    assert torch.equal(out.depth, ref.depth)
+    if model.cfg.uses_jacobi:
+        assert out.converged and out.jacobi_passes < len(model.cfg.pass_schedule(30))
+    a = model.generate(ids, 6, attention_mask=mask, tau=0.35, prefill="converged", schedule=schedule)
+    b = model.generate(ids, 6, attention_mask=mask, tau=0.35, prefill="exact", schedule=schedule)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.depth, b.depth)
+    assert torch.equal(a.prompt_depth, b.prompt_depth) and torch.equal(a.cache_entries, b.cache_entries)
+
+
+def test_converged_prefill_falls_back_to_exact_when_it_cannot_converge():
+    model = tiny_model("ponderlm2", max_ponder_steps=2)
+    ids = torch.randint(0, 61, (2, 20))
+    out, cache = model.prefill(ids, how="converged", jacobi_iters=1)  # a cap of one refinement
+    ref, _ = model.prefill(ids, how="exact")
+    assert torch.equal(out.logits, ref.logits)  # it ran the exact recurrence
+    assert out.converged is None and torch.equal(cache.lengths, torch.full((2,), 20 * 3))

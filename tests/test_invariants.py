@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md section 4, on tiny float64 models, for every method they apply to."""
+"""The invariants of docs/DESIGN.md section 6, on tiny float64 models, for every method they apply to."""
 
 import pytest
 import torch

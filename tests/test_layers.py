@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from ponderlm.layers import biased_causal_attention
-from ponderlm.slots import dense_slot_bias
+
+from conftest import dense_slot_bias
 
 
 @pytest.mark.parametrize("H, Hkv, hd", [(4, 4, 8), (4, 2, 8), (2, 1, 7 * 2)])

@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 
 from ponderlm import slots
 
+from conftest import dense_slot_bias
+
 
 def test_interleave_order_is_token_major():
     x = torch.arange(2 * 3 * 4).view(2, 3, 4)  # (B, T, S)
@@ -62,5 +64,5 @@ def test_pack_scatter_round_trip(B, T, K, seed):
 
 def test_dense_slot_bias_reference():
     bias = torch.tensor([[0.0, -1.0, 0.0]])
-    m = slots.dense_slot_bias(bias)[0]
+    m = dense_slot_bias(bias)[0]
     assert m[0, 1] == float("-inf") and m[2, 1] == -1.0 and m[1, 1] == -1.0 and m[2, 0] == 0.0
