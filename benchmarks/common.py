@@ -165,3 +165,30 @@ def finish(result: dict, out: Path | None) -> None:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(out)
     print(line)
+
+
+def train_step_fn(args, device: torch.device, amp_dtype: torch.dtype | None, **model_overrides) -> tuple:
+    """A PonderLM soft-mode training step (forward, loss, backward, AdamW) on random tokens, with
+    the backbone of ``args`` (add_model_args, --seq-len, --batch, --jacobi). Returns (cfg, step)."""
+    from ponderlm import ModelConfig, PonderLM, ponder_loss
+
+    method = model_overrides.pop("method")
+    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                      d_ff=args.d_ff, max_seq_len=args.seq_len, method=method, max_ponder_steps=args.K,
+                      penalty_weight=0.05 if method == "ponderlm3" else 0.0, **model_overrides)  # fmt: skip
+    torch.manual_seed(0)
+    model = PonderLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
+    use_amp = amp_dtype is not None and amp_dtype != torch.float32
+    amp = torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+
+    def step() -> None:
+        with amp:
+            out = model(ids[:, :-1], mode="soft", jacobi_iters=args.jacobi)
+        loss, _ = ponder_loss(out, ids[:, 1:], cfg)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return cfg, step

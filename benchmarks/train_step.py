@@ -11,7 +11,6 @@ Target (issue 7): PonderLM-3 step time <= 1.05x PonderLM-2's.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -30,33 +29,16 @@ from common import (
     sync,
     table,
     timeit_interleaved,
+    train_step_fn,
 )
 
-from ponderlm import ModelConfig, PonderLM, ponder_loss
 from ponderlm.flops import training_flops_per_token
 
 METHODS = ("vanilla", "ponderlm2", "ponderlm3")
 
 
 def build(args, method: str, device, dtype):
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                      d_ff=args.d_ff, max_seq_len=args.seq_len, method=method, max_ponder_steps=args.K,
-                      penalty_weight=0.05 if method == "ponderlm3" else 0.0)  # fmt: skip
-    torch.manual_seed(0)
-    model = PonderLM(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
-    amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-    def step():
-        with amp:
-            out = model(ids[:, :-1], mode="soft", jacobi_iters=args.jacobi)
-        loss, _ = ponder_loss(out, ids[:, 1:], cfg)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return cfg, step
+    return train_step_fn(args, device, dtype, method=method)
 
 
 def probe(args) -> None:

@@ -234,6 +234,21 @@ def _add_eval(sub) -> None:
         "token at depth D), 'random' or 'entropy' (the router's depths shuffled, or ranked by the "
         "depth-0 predictive entropy: same mean depth)",
     )
+    p.add_argument("--mode", choices=("hard", "exact"), default="hard",
+                   help="hard: the parallel pruned computation (fast; Jacobi for latent thoughts); exact: the "
+                   "recurrence generate runs")  # fmt: skip
+    p.add_argument(
+        "--jacobi-iters",
+        type=_int_at_least(1),
+        default=None,
+        help="hard mode: Jacobi refinements (default: the model's, 3); with --jacobi-tol, the cap",
+    )
+    p.add_argument(
+        "--jacobi-tol",
+        type=_number(above=0),
+        default=None,
+        help="hard mode: refine until no latent moves by more than this",
+    )
     p.add_argument("--batch-size", type=_int_at_least(1), default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--cache-dir", type=Path, default=None)
@@ -270,6 +285,9 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             batch_size=args.batch_size,
             device=device,
             ablation=ablation,
+            mode=args.mode,
+            jacobi_iters=args.jacobi_iters,
+            jacobi_tol=args.jacobi_tol,
         )
         jp, mp = write_results(results, out, args.overwrite)
     print("\n" + markdown(results))

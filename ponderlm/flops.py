@@ -108,21 +108,33 @@ def fixed_depth_inference_flops(cfg: ModelConfig, seq_len: int, depth: int | Non
     return inference_flops(cfg, torch.full((1, seq_len), d))
 
 
-def forward_flops_soft(cfg: ModelConfig, seq_len: int, jacobi_iters: int) -> Flops:
-    """FLOPs of one soft-mode forward over a sequence of seq_len tokens."""
+def forward_flops_soft(cfg: ModelConfig, seq_len: int, jacobi_iters: int, passes: slice = slice(None)) -> Flops:
+    """FLOPs of one soft-mode forward over a sequence of seq_len tokens (of the ``passes`` given; the
+    head belongs to the last pass)."""
     T = seq_len
+    schedule = cfg.pass_schedule(jacobi_iters)  # the passes the model runs (ModelConfig.pass_schedule)
     lin = att = rout = 0.0
-    for c in cfg.pass_schedule(jacobi_iters):  # the passes the model runs (ModelConfig.pass_schedule)
+    for c in schedule[passes]:
         N = c * T
         lin += linear_flops_per_slot(cfg) * N
         att += attention_flops_per_key(cfg) * N * (N + 1) / 2
         rout += router_flops(cfg) * T
-    return Flops(linear=lin, attention=att, router=rout, head=float(head_flops(cfg) * T), tokens=T)
+    has_last = len(schedule) - 1 in range(len(schedule))[passes]
+    return Flops(linear=lin, attention=att, router=rout, head=float(head_flops(cfg) * T) if has_last else 0.0,
+                 tokens=T)  # fmt: skip
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int, jacobi_iters: float | None = None) -> float:
-    """Forward + backward (3x forward) FLOPs per token, J averaged over the training range."""
+    """Forward + backward FLOPs per token, J averaged over the training range: 3x the forward of the
+    passes that are backpropagated, 1x the forward of those run without autograd
+    (``jacobi_grad_passes``)."""
     if jacobi_iters is None:
         Js = cfg.jacobi_train_iters
         return sum(training_flops_per_token(cfg, seq_len, j) for j in Js) / len(Js)
-    return 3.0 * forward_flops_soft(cfg, seq_len, int(jacobi_iters)).per_token
+    J = int(jacobi_iters)
+    n = cfg.jacobi_grad_passes if cfg.uses_jacobi else 0
+    if not n:
+        return 3.0 * forward_flops_soft(cfg, seq_len, J).per_token
+    split = len(cfg.pass_schedule(J)) - n
+    no_grad = forward_flops_soft(cfg, seq_len, J, slice(None, split)).per_token if split > 0 else 0.0
+    return no_grad + 3.0 * forward_flops_soft(cfg, seq_len, J, slice(max(split, 0), None)).per_token

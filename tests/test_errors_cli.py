@@ -179,6 +179,11 @@ CASES = [
     Case("convert_garbage_gguf", lambda w, s: ["convert", "--from-hf", str(s / "model.gguf"), "--out", str(s / "c")],
          "cannot read a transformers model from", setup=garbage_gguf),
     # ---- eval: arguments, and an output checked before the evaluation
+    Case("eval_exact_with_jacobi_iters", lambda w, s: _eval(w, s, "--mode", "exact", "--jacobi-iters", "5",
+                                                          "--out", str(s / "e")),
+         "--jacobi-iters and --jacobi-tol apply to --mode hard (exact has no Jacobi passes)"),
+    Case("eval_jacobi_tol_nan", lambda w, s: _eval(w, s, "--jacobi-tol", "nan", "--out", str(s / "e")),
+         "argument --jacobi-tol: must be a finite number > 0, got nan"),
     Case("eval_no_tasks", lambda w, s: _eval(w, s, "--tasks", "", "--out", str(s / "e")),
          f"--tasks names no task; {TASKS_HINT}"),
     Case("eval_only_commas", lambda w, s: _eval(w, s, "--tasks", " , ,", "--out", str(s / "e")),
@@ -455,3 +460,34 @@ def test_interactive_without_stdin(w, tmp_path):
                        cwd=tmp_path, preexec_fn=lambda: os.close(0), timeout=120)  # fmt: skip
     assert r.returncode == 2 and r.stdout == b""
     assert r.stderr.decode() == "error: --interactive reads prompts from standard input, which is closed\n"
+
+
+def test_eval_scores_in_the_computation_it_is_asked_for(w, tmp_path):
+    """--mode exact reports the recurrence generate runs, --jacobi-iters/--jacobi-tol the parallel
+    computation they describe; each report names its computation."""
+    import json
+
+    from ponderlm.eval.perplexity import perplexity
+    from ponderlm.loading import load_model
+
+    from errorcases import run_cli
+
+    model, _, _ = load_model(w.run)
+    losses = {}
+    for name, extra in {"exact": ["--mode", "exact"], "j1": ["--jacobi-iters", "1"],
+                        "tol": ["--jacobi-iters", "30", "--jacobi-tol", "1e-6"]}.items():  # fmt: skip
+        r = run_cli(["eval", "--checkpoint", str(w.run), "--tasks", "val", "--ppl-windows", "4", "--tau", "0.3",
+                     "--out", str(tmp_path / name), *extra], tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        res = json.loads((tmp_path / name / "eval.json").read_text())
+        losses[name] = res["rows"][0]["loss"]
+        assert res["scoring"]["mode"] == ("exact" if name == "exact" else "hard")
+    md = (tmp_path / "exact" / "eval.md").read_text()
+    assert "exact recurrence (what `generate` runs)" in md
+    assert "until the latents move < 1e-06" in (tmp_path / "tol" / "eval.md").read_text()
+    from ponderlm.data import TokenShards, eval_windows
+
+    windows = eval_windows(TokenShards(w.ds, "val"), model.cfg.max_seq_len, 4)
+    assert abs(losses["exact"] - perplexity(model, windows, mode="exact", tau=0.3)["loss"]) < 1e-9
+    assert abs(losses["tol"] - losses["exact"]) < 1e-4  # converged Jacobi is the recurrence, to tolerance
+    assert abs(losses["j1"] - losses["exact"]) > abs(losses["tol"] - losses["exact"])

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ponderlm import flops
 
-from conftest import METHODS, tiny_model
+from conftest import METHODS, tiny_config, tiny_model
 
 
 class AttentionCounter:
@@ -112,3 +112,17 @@ def test_padding_costs_nothing_and_training_is_3x_forward():
     assert flops.training_flops_per_token(cfg, 16, 3) == 3 * fwd
     two, three = (flops.training_flops_per_token(cfg, 16, j) for j in (2, 3))
     assert flops.training_flops_per_token(cfg, 16) == pytest.approx((two + three) / 2)
+
+
+def test_truncated_backprop_counts_the_passes_it_differentiates():
+    """With jacobi_grad_passes=n the passes before the last n are forward only (1x), the last n
+    forward and backward (3x); n >= the number of passes is the full count."""
+    cfg = tiny_config("ponderlm3", max_ponder_steps=3)
+    T, J = 16, 3
+    per_pass = [flops.forward_flops_soft(cfg, T, J, slice(p, p + 1)).per_token for p in range(7)]
+    assert abs(sum(per_pass) - flops.forward_flops_soft(cfg, T, J).per_token) < 1e-6
+    for n in (1, 2, 7):
+        got = flops.training_flops_per_token(cfg.replace(jacobi_grad_passes=n), T, J)
+        assert abs(got - (sum(per_pass[: 7 - n]) + 3 * sum(per_pass[7 - n :]))) < 1e-6
+    assert abs(flops.training_flops_per_token(cfg.replace(jacobi_grad_passes=7), T, J)
+               - flops.training_flops_per_token(cfg, T, J)) < 1e-6  # fmt: skip

@@ -30,6 +30,7 @@ def score_batch(
     mode: str,
     tau: float | None = None,
     jacobi_iters: int | None = None,
+    jacobi_tol: float | None = None,
     ablation=None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -44,6 +45,7 @@ def score_batch(
     kw = {"tau": tau} if mode != "soft" else {}
     if mode != "exact":
         kw["jacobi_iters"] = jacobi_iters
+        kw["jacobi_tol"] = jacobi_tol
     if ablation is not None:  # the same computation with the ablation's depths (hard mode)
         if mode != "hard":
             raise ValueError("ablations run in hard mode")
@@ -82,6 +84,7 @@ def perplexity(
     mode: str = "hard",
     tau: float | None = None,
     jacobi_iters: int | None = None,
+    jacobi_tol: float | None = None,
     batch_size: int = 16,
     autocast_dtype: torch.dtype | None = None,
     ablation=None,
@@ -106,6 +109,7 @@ def perplexity(
                 mode=mode,
                 tau=tau,
                 jacobi_iters=jacobi_iters,
+                jacobi_tol=jacobi_tol,
                 ablation=ablation,
                 generator=gen,
             )

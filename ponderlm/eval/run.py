@@ -55,11 +55,18 @@ def evaluate_checkpoint(
     device: str = "cpu",
     log=print,
     ablation: Ablation | None = None,
+    mode: str = "hard",
+    jacobi_iters: int | None = None,
+    jacobi_tol: float | None = None,
 ) -> dict:
-    """Hard-mode scores of a checkpoint per tau; ``ablation`` (PonderLM-3, perplexity sets only)
-    replaces the router's depths (:mod:`ponderlm.eval.ablations`). The arguments are checked
-    before the model is loaded; the data before anything is scored."""
-    _check_options(tasks, taus, batch_size=batch_size, ppl_windows=ppl_windows, limit=limit)
+    """Scores of a checkpoint per tau in the inference computation ``mode``: "hard" (parallel,
+    pruned: J = ``jacobi_iters`` passes, default the model's; with ``jacobi_tol`` J is a cap and
+    the passes stop when the latents settle) or "exact" (the recurrence ``generate`` runs).
+    ``ablation`` (PonderLM-3, perplexity sets, hard mode) replaces the router's depths
+    (:mod:`ponderlm.eval.ablations`). The arguments are checked before the model is loaded; the
+    data before anything is scored."""
+    _check_options(tasks, taus, batch_size=batch_size, ppl_windows=ppl_windows, limit=limit, jacobi_iters=jacobi_iters)
+    scoring = _check_scoring(mode, jacobi_iters, jacobi_tol, ablation)
     model, tok, ck_dir = load_model(checkpoint, device)
     cfg = model.cfg
     zs = [t for t in tasks if t not in PPL_SETS]
@@ -67,12 +74,29 @@ def evaluate_checkpoint(
                                   ppl_windows, log)  # fmt: skip
     taus = _resolve_taus(cfg, ck_dir, taus, ablation, zs)
     docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
-    results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": []}
+    results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": [],
+               "scoring": {"mode": mode, "jacobi_iters": jacobi_iters or (cfg.jacobi_iters if mode == "hard" else None),
+                           "jacobi_tol": jacobi_tol}}  # fmt: skip
     if ablation is not None:
         results["ablation"] = ablation.label
     for tau in taus:
-        results["rows"] += _score_at(model, tok, tau, windows, docs, batch_size, ablation, log)
+        results["rows"] += _score_at(model, tok, tau, windows, docs, batch_size, ablation, log, scoring)
     return results
+
+
+def _check_scoring(mode: str, jacobi_iters: int | None, jacobi_tol: float | None, ablation) -> dict:
+    """The model arguments of the scoring computation; ConfigError for a combination that is not one."""
+    if mode not in ("hard", "exact"):
+        raise ConfigError(f"--mode must be hard or exact, got {mode!r}")
+    if mode == "exact" and (jacobi_iters is not None or jacobi_tol is not None):
+        raise ConfigError("--jacobi-iters and --jacobi-tol apply to --mode hard (exact has no Jacobi passes)")
+    if mode == "exact" and ablation is not None:
+        raise ConfigError("ablations run in --mode hard")
+    if jacobi_tol is not None and not jacobi_tol > 0:
+        raise ConfigError(f"--jacobi-tol must be > 0, got {jacobi_tol}")
+    if mode == "exact":
+        return {"mode": "exact"}
+    return {"mode": "hard", "jacobi_iters": jacobi_iters, "jacobi_tol": jacobi_tol}
 
 
 def _check_options(tasks: list[str], taus: list[float], **counts: int | None) -> None:
@@ -124,27 +148,38 @@ def _resolve_taus(cfg: ModelConfig, ck_dir: Path, taus: list[float], ablation: A
 
 
 def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, torch.Tensor], docs: dict,
-              batch_size: int, ablation: Ablation | None, log) -> list[dict]:  # fmt: skip
+              batch_size: int, ablation: Ablation | None, log, scoring: dict) -> list[dict]:  # fmt: skip
     """The result rows at one tau: each perplexity set, then each zero-shot task."""
     rows = []
     for s, w in windows.items():
         t0 = time.time()
-        r = perplexity(model, w, mode="hard", tau=tau, batch_size=batch_size, ablation=ablation)
+        r = perplexity(model, w, tau=tau, batch_size=batch_size, ablation=ablation, **scoring)
         rows.append({"tau": tau, "task": s, "n": len(w), **r, "seconds": time.time() - t0})
         log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f}")
     for name, ds in docs.items():
         t0 = time.time()
-        r = score_task(model, tok, ds, tau=tau, batch_size=batch_size)
+        jacobi = {k: v for k, v in scoring.items() if k != "mode" and v is not None}
+        r = score_task(model, tok, ds, tau=tau, batch_size=batch_size, mode=scoring["mode"], jacobi=jacobi)
         rows.append({"tau": tau, "task": name, **r, "seconds": time.time() - t0})
         log(f"tau={tau:g} {name}: acc {r['acc']:.4f} depth {r['mean_depth']:.2f} ({len(ds)} docs)")
     return rows
+
+
+def _scoring_phrase(scoring: dict | None) -> str:
+    """Which computation the numbers are, in words (results written before this was recorded: hard, J=3)."""
+    if not scoring or scoring["mode"] == "hard":
+        J = (scoring or {}).get("jacobi_iters") or 3
+        tol = (scoring or {}).get("jacobi_tol")
+        how = f"until the latents move < {tol:g}, at most {J} refinements" if tol else f"J={J} refinements"
+        return f"hard-pruned parallel computation ({how})"
+    return "exact recurrence (what `generate` runs)"
 
 
 def markdown(results: dict) -> str:
     lines = [
         f"# Evaluation of `{results['checkpoint']}`",
         "",
-        f"method {results['method']}, K={results['K']}; hard-pruned inference computation at each tau.",
+        f"method {results['method']}, K={results['K']}; {_scoring_phrase(results.get('scoring'))} at each tau.",
         "",
         *(
             [f"Ablation: **{results['ablation']}** depths instead of the router's.", ""]

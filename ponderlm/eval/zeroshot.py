@@ -51,9 +51,11 @@ def loglikelihoods(
     tau: float,
     mode: str = "hard",
     batch_size: int = 16,
+    jacobi: dict | None = None,
 ) -> tuple[list[Scored], dict[str, float]]:
     """Score (context, continuation) pairs; returns the scores in input order and compute stats
-    (tokens, mean realised depth, inference FLOPs per token over every scored position)."""
+    (tokens, mean realised depth, inference FLOPs per token over every scored position).
+    ``jacobi``: hard mode's ``jacobi_iters`` / ``jacobi_tol`` (default: the model's J)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     L = cfg.max_seq_len
@@ -76,6 +78,8 @@ def loglikelihoods(
             ids[r, : len(inp)] = torch.tensor(inp)
             mask[r, : len(inp)] = True
         kw = {"tau": tau, "attention_mask": mask.to(device)} if mode != "soft" else {}
+        if mode == "hard":
+            kw.update(jacobi or {})
         res = model(ids.to(device), mode=mode, **kw)
         logits = res.logits.to(torch.promote_types(res.logits.dtype, torch.float32))
         logp = logits.log_softmax(-1).cpu()  # (B, T, V), at least float32
@@ -95,11 +99,18 @@ def loglikelihoods(
 
 
 def score_task(
-    model: PonderLM, tok: Tokenizer, docs: list[Doc], *, tau: float, mode: str = "hard", batch_size: int = 16
+    model: PonderLM,
+    tok: Tokenizer,
+    docs: list[Doc],
+    *,
+    tau: float,
+    mode: str = "hard",
+    batch_size: int = 16,
+    jacobi: dict | None = None,
 ) -> dict[str, float]:
     """acc / acc_norm (multiple choice) or acc / ppl (LAMBADA), with compute stats."""
     pairs = [(c, x) for d in docs for c, x in zip(d.contexts, d.continuations, strict=True)]
-    scored, stats = loglikelihoods(model, tok, pairs, tau=tau, mode=mode, batch_size=batch_size)
+    scored, stats = loglikelihoods(model, tok, pairs, tau=tau, mode=mode, batch_size=batch_size, jacobi=jacobi)
     res: dict[str, float] = {"n": float(len(docs))}
     k = 0
     if docs and docs[0].task == "lambada":
