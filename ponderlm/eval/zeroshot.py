@@ -43,6 +43,18 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 
 
 @torch.no_grad()
+def _right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask), each (B, longest), padded on the right (causal attention never
+    sees the padding of a row before its last real token)."""
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
 def loglikelihoods(
     model: PonderLM,
     tok: Tokenizer,
@@ -70,13 +82,8 @@ def loglikelihoods(
     model.eval()
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
-        T = max(len(enc[i][0]) - 1 for i in idx)
-        ids = torch.zeros(len(idx), T, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.bool)
-        for r, i in enumerate(idx):  # right padding: causal attention never sees it
-            inp = enc[i][0][:-1]
-            ids[r, : len(inp)] = torch.tensor(inp)
-            mask[r, : len(inp)] = True
+        ids, mask = _right_padded([enc[i][0][:-1] for i in idx])
+        T = ids.shape[1]
         kw = {"tau": tau, "attention_mask": mask.to(device)} if mode != "soft" else {}
         if mode == "hard":
             kw.update(jacobi or {})
