@@ -278,8 +278,10 @@ def read_user_text(files: list[Path]) -> Iterator[Document]:
             text = raw.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as e:
             raise DataError(f"{f} is not UTF-8 text (byte {e.start}); convert it first") from None
+        # ids (hence the hash split) use the file name, not its path: moving a corpus, or the
+        # temporary directory of a test, must not move documents between train and validation
         if f.suffix == ".txt":
-            yield from split_long("user", str(f), text)
+            yield from split_long("user", f.name, text)
             continue
         for n, line in enumerate(text.splitlines()):
             if not line.strip():
@@ -290,4 +292,4 @@ def read_user_text(files: list[Path]) -> Iterator[Document]:
                 raise DataError(f"{f}:{n + 1}: not valid JSON") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise DataError(f'{f}:{n + 1}: each line needs a JSON object with a string "text" field')
-            yield from split_long("user", f"{f}:{n}", rec["text"])
+            yield from split_long("user", f"{f.name}:{n}", rec["text"])
