@@ -189,19 +189,20 @@ def run_cli(argv: list[str], cwd: Path, *, proc: bool = False, stdin: bytes | No
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-def check_case(case: Case, w, tmp_path: Path) -> None:
+def check_case(case: Case, w, tmp_path: Path) -> SimpleNamespace:
+    """Run a case and check it (see the module docstring); returns the command's result."""
     scratch = tmp_path / "scratch"  # the command's working directory and where new outputs would go
     scratch.mkdir()
     try:
         if case.setup is not None:
             case.setup(w, scratch)
-        _check(case, w, scratch)
+        return _check(case, w, scratch)
     finally:
         if case.cleanup is not None:
             case.cleanup(w, scratch)
 
 
-def _check(case: Case, w, scratch: Path) -> None:
+def _check(case: Case, w, scratch: Path) -> SimpleNamespace:
     argv = case.args(w, scratch)
     before = snapshot(w.root, scratch)
     r = run_cli(argv, scratch, proc=case.proc, stdin=case.stdin)
@@ -213,3 +214,4 @@ def _check(case: Case, w, scratch: Path) -> None:
     if argv[0] != "data":  # `data prepare` logs its progress on stdout; nothing else prints
         assert r.stdout == "", r.stdout[-500:]
     assert snapshot(w.root, scratch) == before  # nothing created (no temporaries either), changed or removed
+    return r

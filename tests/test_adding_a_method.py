@@ -26,6 +26,8 @@ def registered(monkeypatch):
 
 
 def test_a_spec_row_is_all_a_method_needs(registered):
+    cfg = tiny_model(NEW).cfg  # the row alone gives the capabilities every module asks
+    assert (cfg.n_rounds, cfg.n_latent, cfg.max_depth, cfg.round_ends_in_norm(False)) == (3, 0, 2, True)
     test_invariants.test_cached_exact_equals_full_recomputation(NEW)
     test_invariants.test_hard_with_tiny_tau_equals_soft(NEW)
     for mode in ("soft", "hard", "exact"):

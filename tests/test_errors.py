@@ -95,7 +95,8 @@ ELSEWHERE = {"unknown_key": "Did you mean: 'd_model'", "mistyped_value": "could 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_user_error(case, w, tmp_path):
-    check_case(case, w, tmp_path)
+    r = check_case(case, w, tmp_path)
+    assert r.returncode == case.exit and r.stderr.strip() == r.stderr.strip().splitlines()[0]  # one line
 
 
 def all_cases() -> list[Case]:

@@ -300,7 +300,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_cli_error(case, w, tmp_path):
-    check_case(case, w, tmp_path)
+    r = check_case(case, w, tmp_path)
+    assert r.returncode == case.exit and r.stderr.strip() == r.stderr.strip().splitlines()[0]  # one line
 
 
 # ------------------------------------------------------------------ not one-line errors

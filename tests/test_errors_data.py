@@ -271,9 +271,10 @@ NO_OVERWRITE_HINT = ("prepare_out_is_input", "prepare_overwrite_not_a_dataset", 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_data_error(case, w, tmp_path):
     try:
-        check_case(case, w, tmp_path)
+        r = check_case(case, w, tmp_path)
     finally:
         undo_setups()
+    assert r.returncode == case.exit and r.stderr.strip() == r.stderr.strip().splitlines()[0]  # one line
 
 
 @pytest.mark.parametrize("case_id", NO_OVERWRITE_HINT)

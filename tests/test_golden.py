@@ -96,19 +96,19 @@ def golden_record(method: str) -> dict:
     return rec
 
 
-def _compare(got, want, path: str) -> None:
+def mismatches(got, want, path: str) -> list[tuple]:
+    """Every place where ``got`` differs from the golden ``want`` (exact, floats to TOL)."""
     if isinstance(want, dict):
-        assert isinstance(got, dict) and sorted(got) == sorted(want), (path, sorted(got), sorted(want))
-        for k in want:
-            _compare(got[k], want[k], f"{path}.{k}")
-    elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _compare(g, w, f"{path}[{i}]")
-    elif isinstance(want, float):
-        assert math.isclose(got, want, rel_tol=TOL, abs_tol=TOL), (path, got, want)
-    else:
-        assert got == want, (path, got, want)
+        if not isinstance(got, dict) or sorted(got) != sorted(want):
+            return [(path, "keys", sorted(got) if isinstance(got, dict) else got, sorted(want))]
+        return [m for k in want for m in mismatches(got[k], want[k], f"{path}.{k}")]
+    if isinstance(want, list):
+        if not isinstance(got, list) or len(got) != len(want):
+            return [(path, "length", got, want)]
+        return [m for i, (g, w) in enumerate(zip(got, want, strict=True)) for m in mismatches(g, w, f"{path}[{i}]")]
+    if isinstance(want, float):
+        return [] if math.isclose(got, want, rel_tol=TOL, abs_tol=TOL) else [(path, got, want)]
+    return [] if got == want else [(path, got, want)]
 
 
 def test_fixture_covers_every_method():
@@ -121,4 +121,4 @@ def test_fixture_covers_every_method():
 @pytest.mark.parametrize("method", METHODS)
 def test_outputs_match_the_golden_record(method):
     want = json.loads(FIXTURE.read_text())[method]
-    _compare(golden_record(method), want, method)
+    assert mismatches(golden_record(method), want, method) == []
