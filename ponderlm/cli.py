@@ -108,6 +108,37 @@ def _add_data(sub) -> None:
     prep.add_argument("--overwrite", action="store_true", help="rebuild a dataset made with other settings")
     prep.set_defaults(handler=cmd_data)
 
+    syn = dsub.add_parser(
+        "synthetic",
+        help="build a synthetic dataset of controlled difficulty, with a class label per token",
+        description="Generate documents of multi-hop variable chains (--task chains) or sums mod 10 "
+        "(--task modsum) and write them as a dataset, with a label shard per token shard saying of "
+        "each token whether it is syntax, free (random) or answer-<d> (determined after d steps). "
+        "See docs/SYNTHETIC.md.",
+    )
+    syn.add_argument("--task", required=True, choices=("chains", "modsum"))
+    syn.add_argument("--out", type=Path, required=True, help="dataset directory")
+    syn.add_argument("--seed", type=_seed, default=0)
+    syn.add_argument("--train-docs", type=int, default=10_000, help="training documents (default 10000)")
+    syn.add_argument("--val-docs", type=int, default=200, help="validation documents (default 200)")
+    for task, flag, default, what in SYNTHETIC_OPTIONS:
+        syn.add_argument(flag, type=int, default=None, help=f"{task}: {what} (default {default})")
+    syn.add_argument("--shard-tokens", type=int, default=50_000_000)
+    syn.add_argument("--overwrite", action="store_true", help="rebuild a dataset made with other settings")
+    syn.set_defaults(handler=cmd_data_synthetic)
+
+
+# the options of one task: (task, flag, SyntheticConfig's default, help); parsed as None when not given,
+# so that an option of the other task is refused rather than ignored
+SYNTHETIC_OPTIONS = (
+    ("chains", "--episodes", 5, "episodes per document"),
+    ("chains", "--assignments", 12, "assignments per episode, at most 12"),
+    ("chains", "--queries", 3, "queries per episode, each on its own chain"),
+    ("chains", "--max-hops", 4, "H, the longest chain and the most hops a query needs"),
+    ("modsum", "--lines", 40, "sums per document"),
+    ("modsum", "--max-operands", 6, "N, the most operands of a sum"),
+)
+
 
 def cmd_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .data import DEFAULT_SOURCES, PrepareConfig, prepare
@@ -130,6 +161,24 @@ def cmd_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             overwrite=args.overwrite,
         )
     )
+    return 0
+
+
+def cmd_data_synthetic(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .data import DataError, SyntheticConfig, synthesize
+
+    given = {}
+    for task, flag, _default, _help in SYNTHETIC_OPTIONS:
+        field = flag[2:].replace("-", "_")
+        if getattr(args, field) is None:
+            continue
+        if task != args.task:
+            raise DataError(f"{flag} applies to --task {task}, not {args.task}")
+        given[field] = getattr(args, field)
+    cfg = SyntheticConfig(task=args.task, out_dir=args.out, seed=args.seed, train_docs=args.train_docs,
+                          val_docs=args.val_docs, shard_tokens=args.shard_tokens, overwrite=args.overwrite,
+                          **given)  # fmt: skip
+    synthesize(cfg)
     return 0
 
 

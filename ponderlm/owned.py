@@ -140,11 +140,20 @@ def _known_names(directory: Path, kind: str) -> set[str]:
     names = set(KNOWN[kind])
     if kind == "dataset":
         meta = _read_json(directory / "meta.json")
-        if isinstance(meta, dict) and isinstance(meta.get("splits"), dict):
-            for split in meta["splits"].values():
-                for sh in split.get("shards", []) if isinstance(split, dict) else []:
-                    if isinstance(sh, dict) and isinstance(sh.get("file"), str):
-                        names.add(sh["file"])
+        if isinstance(meta, dict):  # token shards, and the per-token label shards of a synthetic dataset
+            labels = meta.get("labels")
+            for splits in (meta.get("splits"), labels.get("splits") if isinstance(labels, dict) else None):
+                names |= _shard_files(splits)
+    return names
+
+
+def _shard_files(splits) -> set[str]:
+    """The shard file names a meta.json ``splits`` mapping lists (nothing if it is malformed)."""
+    names: set[str] = set()
+    for split in splits.values() if isinstance(splits, dict) else []:
+        for sh in split.get("shards", []) if isinstance(split, dict) else []:
+            if isinstance(sh, dict) and isinstance(sh.get("file"), str):
+                names.add(sh["file"])
     return names
 
 

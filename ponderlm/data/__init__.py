@@ -1,22 +1,36 @@
-"""Corpus building, tokenizers and token-shard loading."""
+"""Corpus building, synthetic labelled datasets, tokenizers and token-shard loading."""
 
 from .loader import TokenShards, TrainBatches, eval_windows
 from .prepare import PrepareConfig, check_dataset, load_meta, prepare, remember_verified, verify
 from .sources import DEFAULT_SOURCES, DataError, Document
+from .synthetic import (
+    LabelShards,
+    SyntheticConfig,
+    generate_documents,
+    label_windows,
+    load_labels,
+    synthesize,
+)
 from .tokenizer import Tokenizer
 
 __all__ = [
     "DEFAULT_SOURCES",
     "DataError",
     "Document",
+    "LabelShards",
     "PrepareConfig",
+    "SyntheticConfig",
     "TokenShards",
     "Tokenizer",
     "TrainBatches",
     "check_dataset",
     "eval_windows",
+    "generate_documents",
+    "label_windows",
+    "load_labels",
     "load_meta",
     "prepare",
     "remember_verified",
+    "synthesize",
     "verify",
 ]

@@ -17,6 +17,20 @@ from .prepare import load_meta
 from .sources import DataError
 
 
+def map_shards(data_dir: Path, shards: list[dict], dtype, what: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Memory-map the shard files meta.json lists ({file, tokens}); returns (arrays, sizes).
+    A missing or truncated file is a DataError counting the ``what`` (tokens, labels) expected."""
+    dtype = np.dtype(dtype)
+    arrays = []
+    for sh in shards:
+        p = data_dir / sh["file"]
+        if not p.is_file() or p.stat().st_size != sh["tokens"] * dtype.itemsize:
+            raise DataError(f"{p}: missing or truncated (expected {sh['tokens']} {what})")
+        # numpy cannot map an empty file; an empty shard (a hand-made meta.json) simply holds nothing
+        arrays.append(np.memmap(p, dtype=dtype, mode="r") if sh["tokens"] else np.zeros(0, dtype))
+    return arrays, np.array([len(a) for a in arrays], dtype=np.int64)
+
+
 class TokenShards:
     """The memmapped shards of one split."""
 
@@ -26,15 +40,7 @@ class TokenShards:
         if split not in meta["splits"]:
             raise DataError(f"{data_dir} has no {split!r} split (has: {', '.join(meta['splits'])})")
         self.meta = meta
-        dtype = np.dtype(meta["dtype"])
-        self.arrays = []
-        for sh in meta["splits"][split]["shards"]:
-            p = self.data_dir / sh["file"]
-            if not p.is_file() or p.stat().st_size != sh["tokens"] * dtype.itemsize:
-                raise DataError(f"{p}: missing or truncated (expected {sh['tokens']} tokens)")
-            # numpy cannot map an empty file; an empty shard (a hand-made meta.json) simply holds nothing
-            self.arrays.append(np.memmap(p, dtype=dtype, mode="r") if sh["tokens"] else np.zeros(0, dtype))
-        self.sizes = np.array([len(a) for a in self.arrays], dtype=np.int64)
+        self.arrays, self.sizes = map_shards(self.data_dir, meta["splits"][split]["shards"], meta["dtype"], "tokens")
 
     @property
     def n_tokens(self) -> int:
@@ -74,15 +80,21 @@ class TrainBatches:
         return t[:, :-1], t[:, 1:]
 
 
-def eval_windows(shards: TokenShards, seq_len: int, max_windows: int) -> torch.Tensor:
-    """Consecutive non-overlapping (seq_len + 1)-token windows from the start of each shard, up to
-    max_windows: the same validation tokens every time. Returns (N, seq_len + 1)."""
+def window_starts(sizes, seq_len: int, max_windows: int) -> list[tuple[int, int]]:
+    """(shard, start) of the evaluation windows: consecutive non-overlapping (seq_len + 1)-token
+    windows from the start of each shard, up to max_windows (the same tokens every time)."""
     out = []
-    for k, size in enumerate(shards.sizes):
+    for k, size in enumerate(sizes):
         for start in range(0, int(size) - seq_len, seq_len + 1):
             if len(out) >= max_windows:
-                break
-            out.append(shards.window(k, start, seq_len + 1))
+                return out
+            out.append((k, start))
+    return out
+
+
+def eval_windows(shards: TokenShards, seq_len: int, max_windows: int) -> torch.Tensor:
+    """The validation windows (:func:`window_starts`) of ``shards``. Returns (N, seq_len + 1)."""
+    out = [shards.window(k, start, seq_len + 1) for k, start in window_starts(shards.sizes, seq_len, max_windows)]
     if not out:
         raise DataError(f"the validation split ({shards.n_tokens:,} tokens) is too small for seq_len {seq_len}")
     return torch.from_numpy(np.stack(out))

@@ -28,6 +28,7 @@ import re
 import tarfile
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,8 +263,31 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     uses_cache = bool(cfg.sources) or cfg.tokenizer == "neox"
     check_disjoint(out, inputs + ([Path(cfg.cache_dir)] if uses_cache else []), "--out")
     fp = cfg.fingerprint()
-    target = _target(out)
+    tok = {"file": file_tok}
 
+    def fetch_tokenizer() -> None:  # under the lock, before the build: no temporary while downloading
+        if cfg.tokenizer == "neox":
+            tok["file"] = Tokenizer.neox(cfg.cache_dir, log)
+
+    t0 = time.time()
+    meta, built = build_dataset(out, fp, cfg.overwrite, lambda tmp: _build(cfg, tmp, fp, texts, bins, tok["file"], log),
+                                log, before=fetch_tokenizer)  # fmt: skip
+    if built:
+        log(summary_table(meta))
+        log(f"wrote {out} in {time.time() - t0:.0f}s")
+    return meta
+
+
+EXISTS_HINT = "it holds a dataset built with other settings; pass --overwrite to rebuild it or choose another --out"
+
+
+def build_dataset(out: Path, fp: str, overwrite: bool, build: Callable[[Path], dict], log,
+                  before: Callable[[], None] | None = None) -> tuple[dict, bool]:  # fmt: skip
+    """The protocol every dataset builder follows: under a lock on ``out``, find the dataset with
+    fingerprint ``fp`` up to date (and intact) and do nothing, or check that ``out`` may be
+    replaced, run ``before()`` and then ``build(tmp)`` in a hidden marked sibling renamed into place.
+    Returns (meta, whether it was built)."""
+    target = _target(out)
     lock = DirLock(target, "--out")
     try:
         lock.acquire()
@@ -272,39 +296,28 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     except OwnershipError:  # a read-only location: an intact up-to-date dataset there is still fine
         meta = _same_settings(out, fp)
         if meta is not None and _dataset_problem(out, meta) is None:
-            return _log_up_to_date(out, meta, log)
+            return _log_up_to_date(out, meta, log), False
         raise
     try:
-        return _prepare_locked(cfg, out, target, fp, texts, bins, file_tok, log)
+        meta = _same_settings(out, fp)
+        if meta is not None:
+            problem = _dataset_problem(out, meta)
+            if problem is None:
+                return _log_up_to_date(out, meta, log), False
+            if not overwrite:
+                raise DataError(f"{out} holds this dataset, damaged: {problem}; pass --overwrite to rebuild it")
+            log(f"{out} is damaged ({problem}); rebuilding it")
+        check_replaceable(out, "dataset", overwrite=overwrite, choose="--out", exists_hint=EXISTS_HINT)
+        if os.path.ismount(target):
+            raise DataError(
+                f"--out {out} is a mount point, which cannot be replaced by a rename; choose a directory in it"
+            )
+        if before is not None:
+            before()
+        with building(target, "dataset") as tmp:
+            return build(tmp), True
     finally:
         lock.release()
-
-
-def _prepare_locked(cfg: PrepareConfig, out: Path, target: Path, fp: str, texts: list[Path], bins: list[Path],
-                    file_tok: Tokenizer | None, log) -> dict:  # fmt: skip
-    meta = _same_settings(out, fp)
-    if meta is not None:
-        problem = _dataset_problem(out, meta)
-        if problem is None:
-            return _log_up_to_date(out, meta, log)
-        if not cfg.overwrite:
-            raise DataError(f"{out} holds this dataset, damaged: {problem}; pass --overwrite to rebuild it")
-        log(f"{out} is damaged ({problem}); rebuilding it")
-    check_replaceable(out, "dataset", overwrite=cfg.overwrite, choose="--out",
-                      exists_hint="it holds a dataset built with other settings; pass --overwrite to rebuild it or "
-                      "choose another --out")  # fmt: skip
-    if os.path.ismount(target):
-        raise DataError(f"--out {out} is a mount point, which cannot be replaced by a rename; choose a directory in it")
-
-    t0 = time.time()
-    tok = file_tok
-    if cfg.tokenizer == "neox":
-        tok = Tokenizer.neox(cfg.cache_dir, log)  # fetched before the build: no temporary while downloading
-    with building(target, "dataset") as tmp:
-        meta = _build(cfg, tmp, fp, texts, bins, tok, log)
-    log(summary_table(meta))
-    log(f"wrote {out} in {time.time() - t0:.0f}s")
-    return meta
 
 
 def _build(cfg: PrepareConfig, tmp: Path, fp: str, texts: list[Path], bins: list[Path], tok: Tokenizer | None,
@@ -331,7 +344,7 @@ def _build(cfg: PrepareConfig, tmp: Path, fp: str, texts: list[Path], bins: list
     if splits_meta.get(TRAIN, {}).get("tokens", 0) == 0:
         raise DataError("the corpus produced no training tokens")
     sources = {name: {**fetched.get(name, {}), "counts": c} for name, c in sorted(per_source.items())}
-    return _write_meta(tmp, fp, tok, dtype, cfg.val_fraction, splits_meta, sources)
+    return write_meta(tmp, fp, tok, dtype, splits_meta, val_fraction=cfg.val_fraction, sources=sources)
 
 
 def _train_bpe(train_docs: list[Document], vocab_size: int, log) -> Tokenizer:
@@ -370,9 +383,9 @@ def _write_bins(writer: ShardWriter, split: str, bins: list[Path], eot: int, val
             _count(per_source, f"bin:{b.name}", split)["tokens"] += len(part)
 
 
-def _write_meta(tmp: Path, fp: str, tok: Tokenizer, dtype, val_fraction: float, splits_meta: dict,
-                sources: dict) -> dict:  # fmt: skip
-    """tokenizer.json, meta.json and the verification cache of a dataset built in ``tmp``; returns the meta."""
+def write_meta(tmp: Path, fp: str, tok: Tokenizer, dtype, splits_meta: dict, **extra) -> dict:
+    """tokenizer.json, meta.json (the common keys, then ``extra``) and the verification cache of a
+    dataset built in ``tmp``; returns the meta."""
     tok.save(tmp / "tokenizer.json")
     meta = {
         "format_version": FORMAT_VERSION,
@@ -380,15 +393,15 @@ def _write_meta(tmp: Path, fp: str, tok: Tokenizer, dtype, val_fraction: float, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
         "dtype": np.dtype(dtype).name,
-        "val_fraction": val_fraction,
         "splits": splits_meta,
-        "sources": sources,
+        **extra,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     # the checksums were computed while writing: record them as verified (the rename into place keeps
     # inodes and modification times), so the first training run need not read the shards again
-    entries = {sh["file"]: _identity(tmp / sh["file"], sh["sha256"]) for sp in splits_meta.values()
-               for sh in sp["shards"]}  # fmt: skip
+    groups = [splits_meta] + ([extra["labels"]["splits"]] if "labels" in extra else [])
+    entries = {sh["file"]: _identity(tmp / sh["file"], sh["sha256"])
+               for group in groups for sp in group.values() for sh in sp["shards"]}  # fmt: skip
     (tmp / VERIFIED).write_text(json.dumps({"version": 1, "files": entries}) + "\n")
     return meta
 
@@ -431,9 +444,12 @@ def _meta_problem(meta) -> str | None:
         return f"fingerprint must be a string, got {meta['fingerprint']!r}"
     if meta["dtype"] not in DTYPES:
         return f"unknown dtype {meta['dtype']!r} (expected {' or '.join(DTYPES)})"
-    return _tokenizer_meta_problem(meta["tokenizer"], meta["dtype"]) or _splits_problem(
+    problem = _tokenizer_meta_problem(meta["tokenizer"], meta["dtype"]) or _splits_problem(
         meta["splits"], meta["tokenizer"]["file"]
     )
+    if problem is None and "labels" in meta:
+        return _labels_problem(meta["labels"], meta["splits"], meta["tokenizer"]["file"])
+    return problem
 
 
 def _tokenizer_meta_problem(tok, dtype: str) -> str | None:
@@ -493,6 +509,36 @@ def _shard_problem(at: str, sh, names: set[str]) -> str | None:
     return None
 
 
+def _labels_problem(labels, splits: dict, tok_file: str) -> str | None:
+    """What is wrong with the optional ``labels`` entry (``ponderlm data synthetic``): class names,
+    and for every split one uint8 label shard per token shard, as long as it, under its own name."""
+    if not isinstance(labels, dict):
+        return "labels must be an object"
+    classes = labels.get("classes")
+    if not (isinstance(classes, list) and 0 < len(classes) <= 256 and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):  # fmt: skip
+        return "labels.classes must be a list of 1 to 256 distinct class names"
+    if labels.get("dtype", "uint8") != "uint8":
+        return f"labels.dtype must be uint8, got {labels['dtype']!r}"
+    if not isinstance(labels.get("splits"), dict) or set(labels["splits"]) != set(splits):
+        return f"labels.splits must be an object with the splits of splits ({', '.join(splits)})"
+    names = {tok_file} | {sh["file"] for split in splits.values() for sh in split["shards"]}
+    for name, split in labels["splits"].items():
+        where = f"labels.splits.{name}"
+        token_shards = splits[name]["shards"]
+        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
+            return f"{where} must be an object with a shards list"
+        if len(split["shards"]) != len(token_shards):
+            return f"{where} has {len(split['shards'])} shards for the {len(token_shards)} of splits.{name}"
+        for i, (sh, tok) in enumerate(zip(split["shards"], token_shards, strict=True)):
+            problem = _shard_problem(f"{where}.shards[{i}]", sh, names)
+            if problem is None and sh["tokens"] != tok["tokens"]:
+                problem = f"{where}.shards[{i}] has {sh['tokens']} labels for {tok['tokens']} tokens"
+            if problem is not None:
+                return problem
+    return None
+
+
 def load_meta(data_dir: Path) -> dict:
     """The validated meta.json of a prepared dataset; a missing, unreadable or malformed one is a
     one-line DataError naming the file and the problem."""
@@ -546,7 +592,8 @@ def check_dataset(data_dir: str | Path, *, verify_hashes: bool = True, remember:
     """Check a prepared dataset before it is used; returns its meta or raises DataError (one line).
 
     - meta.json is well formed (:func:`load_meta`);
-    - every shard exists with the size meta.json implies;
+    - every shard exists with the size meta.json implies (the label shards of a dataset made by
+      ``ponderlm data synthetic`` too, one byte per token);
     - with ``verify_hashes``, every shard's sha256 matches meta.json. A shard verified before is
       not read again while its (size, mtime_ns, inode) are unchanged: the verified identities are
       kept in ``DATA_DIR/.verified.json``, rewritten atomically only when they change, and not
@@ -560,8 +607,9 @@ def check_dataset(data_dir: str | Path, *, verify_hashes: bool = True, remember:
     meta = load_meta(data_dir)
     problem = _dataset_problem(data_dir, meta, verify_hashes, remember)
     if problem is not None:
+        command = "synthetic" if "synthetic" in meta else "prepare"
         raise DataError(
-            f"{problem}; rebuild it with `ponderlm data prepare --out {data_dir} --overwrite` and the options it was "
+            f"{problem}; rebuild it with `ponderlm data {command} --out {data_dir} --overwrite` and the options it was "
             "made with"
         )
     return meta
@@ -594,12 +642,15 @@ def _dataset_problem(data_dir: Path, meta: dict, verify_hashes: bool = True, rem
     verification cache is written only when everything passed (a failed check changes nothing).
     An unreadable file raises (that is no damage a rebuild fixes)."""
     shards = [sh for split in meta["splits"].values() for sh in split["shards"]]
+    label_splits = meta["labels"]["splits"] if "labels" in meta else {}
+    labels = [sh for split in label_splits.values() for sh in split["shards"]]
     identity: dict[str, list] = {}
     problem = _shard_size_problem(data_dir, shards, np.dtype(meta["dtype"]).itemsize, identity)
+    problem = problem or _shard_size_problem(data_dir, labels, 1, identity)  # uint8 label shards
     problem = problem or _tokenizer_file_problem(data_dir, meta["tokenizer"])
     if problem is None and verify_hashes:
         cached = _read_verified(data_dir)
-        problem = _checksum_problem(data_dir, shards, identity, cached)
+        problem = _checksum_problem(data_dir, shards + labels, identity, cached)
         if problem is None and identity != cached:
             _remember(data_dir, identity, remember)
     return problem
