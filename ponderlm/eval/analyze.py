@@ -2,7 +2,9 @@
 inference computation, against the token's loss and the model's predictive entropy.
 
 Writes ``analysis.json`` (every number), ``depth.html`` (a text coloured by depth, with the
-statistics as tables; standalone) and ``depth.png`` (the same at a glance).
+statistics as tables; standalone) and ``depth.png`` (the same at a glance). On a dataset with token
+labels (``ponderlm data synthetic``) they add the depth per class of the predicted token and show a
+validation document with each token's class (docs/SYNTHETIC.md, "Evaluating by class").
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, check_tau
-from ..data import DataError, TokenShards, eval_windows
-from ..data.tokenizer import Tokenizer
+from ..data import DataError, LabelShards, TokenShards, eval_windows, label_windows
+from ..data.tokenizer import EOT, Tokenizer
 from ..loading import checkpoint_dataset, load_model
 from ..model import PonderLM
 from ..owned import DirLock
+from .perplexity import class_sums, summarize_classes
 from .run import check_results_dir, write_result_files
 
 FILES = ("analysis.json", "depth.html", "depth.png")
@@ -68,8 +71,8 @@ def position_stats(model: PonderLM, x: torch.Tensor, y: torch.Tensor, tau: float
     """One hard-mode forward -> per-position statistics, each (B*T,) on the CPU.
 
     Args: x (B, T) input ids; y (B, T) next-token ids, IGNORE where there is none (loss NaN).
-    Returns ids (the input token, long), depth (realised steps, long), loss (-log p(y), float64)
-    and entropy (of the predictive distribution in nats, float64).
+    Returns ids (the input token, long), depth (realised steps, long), loss (-log p(y), float64),
+    entropy (of the predictive distribution in nats, float64) and correct (bool: argmax == y).
     """
     out = model(x, mode="hard", tau=tau)
     logits = out.logits
@@ -82,6 +85,7 @@ def position_stats(model: PonderLM, x: torch.Tensor, y: torch.Tensor, tau: float
         "depth": out.depth.round().long().flatten().cpu(),
         "loss": loss.flatten().double().cpu(),
         "entropy": entropy.flatten().double().cpu(),
+        "correct": (logits.argmax(-1) == y).flatten().cpu(),
     }
 
 
@@ -143,6 +147,23 @@ def depth_summary(stats: dict[str, torch.Tensor], K: int, tok: Tokenizer) -> dic
     return res
 
 
+def class_summary(stats: dict[str, torch.Tensor], labels: torch.Tensor, classes: list[str], K: int) -> dict:
+    """Per-class depth, loss and accuracy (:func:`~ponderlm.eval.perplexity.summarize_classes`, the
+    numbers ``ponderlm eval`` reports) of :func:`collect` over windows labelled by ``labels``
+    (N, L+1). Position t predicts token t + 1, so its depth, loss and accuracy count for the class
+    of token t + 1."""
+    target = labels[:, 1:].flatten()  # (N*L,) the class of what each position predicts
+    return summarize_classes(class_sums(target, stats["loss"], stats["correct"], stats["depth"], len(classes), K),
+                             classes)  # fmt: skip
+
+
+def tag(name: str) -> str:
+    """A class's short tag under a token: S (syntax), F (free), A<d> (answer-d), else its first letters."""
+    if name in ("syntax", "free"):
+        return name[0].upper()
+    return "A" + name[7:] if name.startswith("answer-") else name[:3]
+
+
 # ------------------------------------------------------------------ rendering
 def depth_colors(K: int) -> list[str]:
     """One light-to-dark hex colour per depth 0..K (black text stays readable on all)."""
@@ -197,21 +218,50 @@ def _html_tables(s: dict) -> str:
             for r in s[key]
         ]
         out.append("</table>")
+    if "classes" in s:
+        out.append(_html_classes(s))
+    return "\n".join(out)
+
+
+def _html_classes(s: dict) -> str:
+    """The per-class table of a labelled dataset and the depth-vs-difficulty numbers."""
+    dif = s["difficulty"]
+    m = dif["mean_depth"]
+    K1 = len(s["depth_hist"])
+    out = [
+        "<h3>Per class of the predicted token</h3>",
+        "<p>The depth, loss and accuracy at position t count for the class of token t+1, the token predicted "
+        f"there. Spearman(depth, d) over {dif['answer_tokens']:,} answer-d tokens: {_fmt(dif['spearman_depth_d'])}; "
+        f"mean depth on answer / free / syntax tokens: {_fmt(m['answer'])} / {_fmt(m['free'])} / "
+        f"{_fmt(m['syntax'])}.</p>",
+        "<table><tr><th>class</th><th>tokens</th><th>mean depth</th>"
+        + "".join(f'<th><span class="swatch d{d}">depth {d}</span></th>' for d in range(K1))
+        + "<th>mean loss</th><th>accuracy</th></tr>",
+    ]
+    for name, c in s["classes"].items():
+        hist = c.get("depth_hist") or [None] * K1
+        out.append(
+            f"<tr><th>{html.escape(name)}</th><td>{c['tokens']:,}</td><td>{_fmt(c['mean_depth'])}</td>"
+            + "".join(f"<td>{_fmt(h)}</td>" for h in hist)
+            + f"<td>{_fmt(c['loss'])}</td><td>{_fmt(c['acc'])}</td></tr>"
+        )
+    out.append("</table>")
     return "\n".join(out)
 
 
 def render_html(text: dict, stats: dict, meta: dict) -> str:
-    """A standalone page: the text's tokens coloured by depth (tooltips: depth, loss, entropy)."""
+    """A standalone page: the text's tokens coloured by depth (tooltips: depth, loss, entropy); for
+    a labelled dataset, the first validation document coloured by the depth spent predicting each
+    token, with its class under it."""
     esc = html.escape
     colors = depth_colors(meta["K"])
     css = "\n".join(f".d{d} {{ background: {c}; }}" for d, c in enumerate(colors))
     legend = " ".join(f'<span class="swatch d{d}">depth {d}</span>' for d in range(len(colors)))
-    spans = []
-    for t in text["per_token"]:
-        title = f"depth {t['depth']} | loss {_fmt(t['loss'])} | entropy {_fmt(t['entropy'])}"
-        if t["next"] is not None:
-            title += f" | next {t['next']!r}"
-        spans.append(f'<span class="tok d{t["depth"]}" title="{esc(title)}">{esc(_visible(t["token"]))}</span>')
+    if "predicted" in text:
+        css += LABELLED_CSS
+        body = _html_predicted(text, legend)
+    else:
+        body = _html_text(text, legend)
     head = (
         f"method {meta['method']}, K={meta['K']}, tau={meta['tau']:g}; hard-pruned inference computation. "
         f"Checkpoint {meta['checkpoint']}."
@@ -233,23 +283,69 @@ code {{ white-space: pre; }}
 </style></head><body>
 <h1>Per-token ponder depth</h1>
 <p>{esc(head)}</p>
-<p>Text: {esc(text["source"])}, {len(text["per_token"])} tokens, mean depth {text["mean_depth"]:.3f}.
-Each token is coloured by the depth its slot pondered; hover for the loss and entropy of the
-prediction made there. Legend: {legend}</p>
-<div class="text">{"".join(spans)}</div>
+{body}
 {_html_tables(stats)}
 </body></html>
 """
 
 
-def _layout(tokens: list[str], width: int) -> list[tuple[int, int, int]]:
-    """Wrap tokens into lines of ``width`` character cells, breaking after newlines.
+def _html_text(text: dict, legend: str) -> str:
+    """The text, each token coloured by the depth its own slot pondered."""
+    esc = html.escape
+    spans = []
+    for t in text["per_token"]:
+        title = f"depth {t['depth']} | loss {_fmt(t['loss'])} | entropy {_fmt(t['entropy'])}"
+        if t["next"] is not None:
+            title += f" | next {t['next']!r}"
+        spans.append(f'<span class="tok d{t["depth"]}" title="{esc(title)}">{esc(_visible(t["token"]))}</span>')
+    return f"""<p>Text: {esc(text["source"])}, {len(text["per_token"])} tokens, mean depth {text["mean_depth"]:.3f}.
+Each token is coloured by the depth its slot pondered; hover for the loss and entropy of the
+prediction made there. Legend: {legend}</p>
+<div class="text">{"".join(spans)}</div>"""
+
+
+LABELLED_CSS = """
+.cell { display: inline-flex; flex-direction: column; align-items: center; margin: 0 2px 6px 0; line-height: 1.3; }
+.ptok { padding: 0 4px; border-radius: 2px; min-width: 1em; text-align: center; }
+.ptok.none { outline: 1px dashed #999; }
+.cell:hover .ptok { outline: 1px solid #000; }
+.tag { font-size: 70%; color: #666; }
+.tag.answer { color: #6a3d9a; font-weight: bold; }
+"""
+
+
+def _html_predicted(text: dict, legend: str) -> str:
+    """The first validation document: each token coloured by the depth spent predicting it (at
+    the previous position), its class's tag under it."""
+    esc = html.escape
+    cells = []
+    for t in text["predicted"]:
+        if t["depth"] is None:
+            shade, title = "none", "not predicted within the window"
+        else:
+            shade, title = f"d{t['depth']}", f"predicted at depth {t['depth']} | loss {_fmt(t['loss'])}"
+        kind = "answer" if t["class"].startswith("answer-") else "other"
+        cells.append(
+            f'<span class="cell" title="{esc(t["class"] + " | " + title)}"><span class="ptok {shade}">'
+            f'{esc(_png_label(t["token"]))}</span><span class="tag {kind}">{esc(tag(t["class"]))}</span></span>'
+        )
+    return f"""<p>Text: the first validation document ({len(cells)} tokens, up to its end of text or the window's end).
+Each token is coloured by the depth <em>spent predicting it</em>: the depth of the previous position, whose output
+is the prediction of this token (the first token is not predicted within the window: no colour). Under each
+token, its class: S syntax, F free, A<i>d</i> answer-<i>d</i>. Hover for the loss of the prediction.
+Legend: {legend}</p>
+<div class="text">{"".join(cells)}</div>"""
+
+
+def _layout(tokens: list[str], width: int, min_cells: int = 1) -> list[tuple[int, int, int]]:
+    """Wrap tokens into lines of ``width`` character cells, breaking after newlines; a token takes
+    at least ``min_cells`` cells.
 
     Returns (row, column, cells) per token.
     """
     out, row, col = [], 0, 0
     for s in tokens:
-        n = max(1, min(len(_png_label(s)), width))
+        n = max(min_cells, min(len(_png_label(s)), width))
         if col and col + n > width:
             row, col = row + 1, 0
         out.append((row, col, n))
@@ -260,52 +356,122 @@ def _layout(tokens: list[str], width: int) -> list[tuple[int, int, int]]:
 
 
 def render_png(text: dict, stats: dict, meta: dict) -> bytes:
-    """Top: the text's tokens coloured by depth; bottom: depth histogram, loss/entropy per depth."""
+    """Top: the text's tokens coloured by depth (for a labelled dataset: the first validation
+    document, coloured by the depth spent predicting each token, its class under it); bottom: depth
+    histogram, loss/entropy per depth and, for a labelled dataset, the depths of each class."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     colors = depth_colors(meta["K"])
-    toks = text["per_token"][:PNG_TOKENS]
+    labelled = "predicted" in text
+    toks = (text["predicted"] if labelled else text["per_token"])[:PNG_TOKENS]
     width, fig_w, left, right = 140, 14.0, 0.05, 0.98  # characters per line, inches, margins
     font = (right - left) * fig_w * 72 / width / 0.62  # DejaVu Sans Mono advances 0.6 em per character
-    cells = _layout([t["token"] for t in toks], width)
+    cells = _layout([t["token"] for t in toks], width, min_cells=2 if labelled else 1)
+    pitch = 2 if labelled else 1  # a labelled line holds the tokens and, under them, their classes
     n_rows = cells[-1][0] + 1
-    top_h, bot_h, gap = n_rows * font * 1.5 / 72 + 0.1, 3.0, 0.7  # inches
-    fig_h = top_h + bot_h + gap + 0.5 + 0.6  # + title above, labels below
+    top_h, bot_h, gap = n_rows * pitch * font * 1.5 / 72 + 0.1, 3.0, 0.7  # inches
+    fig_h = top_h + bot_h + gap + 0.5 + 0.2 * labelled + 0.6  # + title above, labels below
     fig = Figure(figsize=(fig_w, fig_h), dpi=110)
     FigureCanvasAgg(fig)
+    n_cols = 3 if "classes" in stats else 2
     gs = fig.add_gridspec(
-        2, 2, height_ratios=[top_h, bot_h], left=left, right=right, top=1 - 0.5 / fig_h, bottom=0.6 / fig_h,
-        hspace=gap / ((top_h + bot_h) / 2), wspace=0.15,
+        2, n_cols, height_ratios=[top_h, bot_h], left=left, right=right, top=1 - (0.5 + 0.2 * labelled) / fig_h,
+        bottom=0.6 / fig_h, hspace=gap / ((top_h + bot_h) / 2), wspace=0.15 if n_cols == 2 else 0.4,
     )  # fmt: skip
     ax = fig.add_subplot(gs[0, :])
     ax.set_xlim(0, width)
-    ax.set_ylim(n_rows, 0)
+    ax.set_ylim(n_rows * pitch, 0)
     ax.axis("off")
-    _png_tokens(ax, toks, cells, colors, font)
-    n = len(text["per_token"])
-    shown = f"{n} tokens" + (" (truncated to max_seq_len)" if text["truncated"] else "")
-    shown += f", first {len(toks)} shown" if len(toks) < n else ""
-    ax.set_title(f"{text['source']}, {shown}: coloured by realised depth (tau={meta['tau']:g})", loc="left")
+    if labelled:
+        _png_predicted(ax, toks, cells, colors, font)
+    else:
+        _png_tokens(ax, toks, cells, colors, font)
+    ax.set_title(_png_title(text, meta, len(toks)), loc="left")
     _png_histogram(fig.add_subplot(gs[1, 0]), stats, colors)
     _png_per_depth(fig.add_subplot(gs[1, 1]), stats, len(colors))
+    if n_cols == 3:
+        _png_classes(fig.add_subplot(gs[1, 2]), stats, colors)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
+def _png_title(text: dict, meta: dict, shown_tokens: int) -> str:
+    """The text panel's title: what is shown and what its colours mean."""
+    if "predicted" in text:
+        n = len(text["predicted"])
+        whole = text["predicted"][-1]["token"] == EOT  # else the window ends inside the document
+        shown = f"first {shown_tokens} of " if shown_tokens < n else ""
+        what = "First validation document" if whole and shown_tokens == n else "Start of the first validation document"
+        return (
+            f"{what}, {shown}{n} tokens (tau={meta['tau']:g}): each token coloured by the depth "
+            "spent predicting it,\ni.e. at the previous position (no colour: not predicted in the window); under it, "
+            "its class: S syntax, F free, Ad answer-d"
+        )
+    n = len(text["per_token"])
+    shown = f"{n} tokens" + (" (truncated to max_seq_len)" if text["truncated"] else "")
+    shown += f", first {shown_tokens} shown" if shown_tokens < n else ""
+    return f"{text['source']}, {shown}: coloured by realised depth (tau={meta['tau']:g})"
+
+
 def _png_tokens(ax, toks: list[dict], cells: list[tuple[int, int, int]], colors: list[str], font: float) -> None:
     """The text panel: one cell per token in its depth's colour, with the legend of depths above."""
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Rectangle
 
     for t, (r, c, w) in zip(toks, cells, strict=True):
         ax.add_patch(Rectangle((c, r + 0.06), w, 0.88, facecolor=colors[t["depth"]], edgecolor="white", lw=0.8))
         label = _png_label(t["token"])[:w]
         ax.text(c, r + 0.5, label, va="center", fontsize=font, family="DejaVu Sans Mono", parse_math=False)
+    _png_depth_legend(ax, colors)
+
+
+def _png_depth_legend(ax, colors: list[str]) -> None:
+    from matplotlib.patches import Patch
+
     ax.legend(
         handles=[Patch(color=c, label=f"depth {d}") for d, c in enumerate(colors)],
         loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(colors), frameon=False, fontsize=9,
     )  # fmt: skip
+
+
+TAG_COLORS = {"S": "#777777", "F": "#1f77b4"}  # answers: ANSWER_COLOR
+ANSWER_COLOR = "#6a3d9a"
+
+
+def _png_predicted(ax, toks: list[dict], cells: list[tuple[int, int, int]], colors: list[str], font: float) -> None:
+    """The labelled text panel: each token in the colour of the depth spent predicting it, its
+    class's tag under it (two rows of the axes per line)."""
+    from matplotlib.patches import Rectangle
+
+    for t, (r, c, w) in zip(toks, cells, strict=True):
+        y = 2 * r
+        face, edge = ("white", "#999") if t["depth"] is None else (colors[t["depth"]], "white")
+        ax.add_patch(Rectangle((c, y + 0.06), w, 0.88, facecolor=face, edgecolor=edge, lw=0.8))
+        ax.text(c + w / 2, y + 0.5, _png_label(t["token"])[:w], ha="center", va="center", fontsize=font,
+                family="DejaVu Sans Mono", parse_math=False)  # fmt: skip
+        label = tag(t["class"])
+        ax.text(c + w / 2, y + 1.35, label[:w], ha="center", va="center", fontsize=font * 0.8,
+                family="DejaVu Sans Mono", parse_math=False, color=TAG_COLORS.get(label, ANSWER_COLOR),
+                fontweight="normal" if label in TAG_COLORS else "bold")  # fmt: skip
+    _png_depth_legend(ax, colors)
+
+
+def _png_classes(ax, stats: dict, colors: list[str]) -> None:
+    """One bar per class of the predicted token: the share of its tokens at each depth."""
+    names = list(stats["classes"])
+    for y, name in enumerate(names):
+        left = 0.0
+        for d, share in enumerate(stats["classes"][name].get("depth_hist") or []):
+            ax.barh(y, share, left=left, color=colors[d], edgecolor="#555", lw=0.5)
+            left += share
+    ticks = [f"{n}\n{c['tokens']:,} tok, mean {_fmt(c['mean_depth'], '.2f')}" for n, c in stats["classes"].items()]
+    ax.set_yticks(range(len(names)), ticks, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the class's tokens at each depth")
+    rho = _fmt(stats["difficulty"]["spearman_depth_d"])
+    ax.set_title(f"depth per class of the predicted token\nSpearman(depth, d) over answers: {rho}", fontsize=10)
 
 
 def _png_histogram(ax, stats: dict, colors: list[str]) -> None:
@@ -333,10 +499,16 @@ def _png_per_depth(ax, stats: dict, n_depths: int) -> None:
 
 
 # ------------------------------------------------------------------ driver
-def _val_windows(ck_dir: Path, data_dir: Path | None, seq_len: int, n: int) -> tuple[Path, torch.Tensor]:
-    """The validation windows of the checkpoint's dataset (sharing its tokenizer)."""
-    data_dir, _ = checkpoint_dataset(ck_dir, data_dir)
-    return data_dir, eval_windows(TokenShards(data_dir, "val"), seq_len, n)
+def _val_windows(ck_dir: Path, data_dir: Path | None, seq_len: int,
+                 n: int) -> tuple[Path, torch.Tensor, tuple[list[str], torch.Tensor] | None]:  # fmt: skip
+    """The validation windows of the checkpoint's dataset (sharing its tokenizer) and, for a
+    dataset with token labels, (class names, the windows' class ids), else None."""
+    data_dir, meta = checkpoint_dataset(ck_dir, data_dir)
+    windows = eval_windows(TokenShards(data_dir, "val"), seq_len, n)
+    if "labels" not in meta:
+        return data_dir, windows, None
+    shards = LabelShards(data_dir, "val")
+    return data_dir, windows, (shards.classes, label_windows(shards, seq_len, n))
 
 
 def _text_tokens(model: PonderLM, tok: Tokenizer, ids: list[int], tau: float) -> list[dict]:
@@ -403,10 +575,13 @@ def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_siz
             raise DataError("the text to visualise is empty after tokenization")
         if len(ids) > cfg.max_seq_len:
             log(f"note: the text has {len(ids)} tokens; showing the first {cfg.max_seq_len} (max_seq_len)")
-    data_dir, val = _val_windows(ck_dir, data_dir, cfg.max_seq_len, windows)
+    data_dir, val, labels = _val_windows(ck_dir, data_dir, cfg.max_seq_len, windows)
     meta = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "tau": tau}
     log(f"analyze: {cfg.method} K={cfg.max_depth} tau={tau:g} on {len(val)} validation windows of {data_dir}")
-    stats = depth_summary(collect(model, val, tau, batch_size), cfg.max_depth, tok)
+    positions = collect(model, val, tau, batch_size)
+    stats = depth_summary(positions, cfg.max_depth, tok)
+    if labels is not None:  # a labelled (synthetic) dataset: depth per class of the predicted token
+        stats.update(class_summary(positions, labels[1], labels[0], cfg.max_depth))
 
     if text is None:
         ids, source = val[0].tolist(), "first validation window"  # L+1 tokens: every position has a target
@@ -418,11 +593,37 @@ def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_siz
         "mean_depth": sum(t["depth"] for t in per_token) / len(per_token),
         "per_token": per_token,
     }
+    if text is None and labels is not None:
+        text_res["predicted"] = _predicted(tok, ids, per_token, labels[0], labels[1][0].tolist())
     res = {**meta, "data_dir": str(data_dir), "windows": len(val), **stats, "text": text_res}
 
     files = {"depth.html": render_html(text_res, stats, meta), "depth.png": render_png(text_res, stats, meta),
              "analysis.json": json.dumps(res, indent=2) + "\n"}  # fmt: skip
     write_result_files(out, "analysis", files)
+    _log_summary(stats, log)
+    log(f"wrote {out / 'analysis.json'}, {out / 'depth.html'}, {out / 'depth.png'}")
+    return res
+
+
+def _predicted(tok: Tokenizer, ids: list[int], per_token: list[dict], classes: list[str],
+               labels: list[int]) -> list[dict]:  # fmt: skip
+    """The first validation window up to the end of its first document (the first window starts
+    one), token by token: its class and the depth and loss of its prediction, made at the
+    previous position (None for the window's first token, which nothing in the window predicts)."""
+    eot = tok.eot_id
+    end = next((j for j in range(1, len(ids)) if ids[j] == eot), len(ids) - 1)  # inclusive
+    return [
+        {
+            "token": tok.decode([ids[j]]),
+            "class": classes[labels[j]],
+            "depth": per_token[j - 1]["depth"] if j else None,
+            "loss": per_token[j - 1]["loss"] if j else None,
+        }
+        for j in range(end + 1)
+    ]
+
+
+def _log_summary(stats: dict, log) -> None:
     c = stats["correlations"]
     log(
         f"mean depth {stats['mean_depth']:.3f}; histogram "
@@ -430,5 +631,7 @@ def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_siz
         + f"; corr(depth, loss) Pearson {_fmt(c['loss']['pearson'])} Spearman {_fmt(c['loss']['spearman'])}"
         + f"; corr(depth, entropy) Pearson {_fmt(c['entropy']['pearson'])} Spearman {_fmt(c['entropy']['spearman'])}"
     )
-    log(f"wrote {out / 'analysis.json'}, {out / 'depth.html'}, {out / 'depth.png'}")
-    return res
+    if "classes" in stats:
+        per = ", ".join(f"{k} {_fmt(v['mean_depth'], '.2f')}" for k, v in stats["classes"].items())
+        log(f"mean depth per class of the predicted token: {per}; Spearman(depth, d) over answers "
+            f"{_fmt(stats['difficulty']['spearman_depth_d'])}")  # fmt: skip

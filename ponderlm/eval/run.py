@@ -13,7 +13,7 @@ import torch
 
 from .. import owned
 from ..config import ConfigError, ModelConfig, check_tau
-from ..data import DataError, TokenShards, eval_windows
+from ..data import DataError, LabelShards, TokenShards, eval_windows, label_windows
 from ..data.tokenizer import Tokenizer
 from ..errors import describe_os_error
 from ..loading import checkpoint_dataset, load_model
@@ -70,8 +70,8 @@ def evaluate_checkpoint(
     model, tok, ck_dir = load_model(checkpoint, device)
     cfg = model.cfg
     zs = [t for t in tasks if t not in PPL_SETS]
-    windows = _perplexity_windows(ck_dir, data_dir, [t for t in tasks if t in PPL_SETS], cfg.max_seq_len,
-                                  ppl_windows, log)  # fmt: skip
+    windows, labels = _perplexity_windows(ck_dir, data_dir, [t for t in tasks if t in PPL_SETS], cfg.max_seq_len,
+                                          ppl_windows, log)  # fmt: skip
     taus = _resolve_taus(cfg, ck_dir, taus, ablation, zs)
     docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
     results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": [],
@@ -80,7 +80,7 @@ def evaluate_checkpoint(
     if ablation is not None:
         results["ablation"] = ablation.label
     for tau in taus:
-        results["rows"] += _score_at(model, tok, tau, windows, docs, batch_size, ablation, log, scoring)
+        results["rows"] += _score_at(model, tok, tau, windows, labels, docs, batch_size, ablation, log, scoring)
     return results
 
 
@@ -114,18 +114,23 @@ def _check_options(tasks: list[str], taus: list[float], **counts: int | None) ->
 
 
 def _perplexity_windows(ck_dir: Path, data_dir: Path | None, sets: list[str], seq_len: int, n: int,
-                        log) -> dict[str, torch.Tensor]:  # fmt: skip
+                        log) -> tuple[dict[str, torch.Tensor], dict[str, tuple[list[str], torch.Tensor]]]:  # fmt: skip
     """The first ``n`` windows of each perplexity set in the checkpoint's dataset (or ``data_dir``):
-    set -> (n, seq_len + 1) token ids. A set the dataset lacks is skipped with a note."""
-    windows = {}
+    set -> (n, seq_len + 1) token ids. A set the dataset lacks is skipped with a note. Second, for
+    a dataset with token labels (``ponderlm data synthetic``): set -> (class names, the windows'
+    (n, seq_len + 1) class ids)."""
+    windows, labels = {}, {}
     if sets:
         data_dir, meta = checkpoint_dataset(ck_dir, data_dir)
         for s in sets:
-            if s in meta["splits"]:
-                windows[s] = eval_windows(TokenShards(data_dir, s), seq_len, n)
-            else:
+            if s not in meta["splits"]:
                 log(f"note: {data_dir} has no {s!r} split; skipped")
-    return windows
+                continue
+            windows[s] = eval_windows(TokenShards(data_dir, s), seq_len, n)
+            if "labels" in meta:
+                shards = LabelShards(data_dir, s)
+                labels[s] = (shards.classes, label_windows(shards, seq_len, n))
+    return windows, labels
 
 
 def _resolve_taus(cfg: ModelConfig, ck_dir: Path, taus: list[float], ablation: Ablation | None,
@@ -147,15 +152,20 @@ def _resolve_taus(cfg: ModelConfig, ck_dir: Path, taus: list[float], ablation: A
     return taus[:1] if ablation.policy == "fixed" else taus
 
 
-def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, torch.Tensor], docs: dict,
-              batch_size: int, ablation: Ablation | None, log, scoring: dict) -> list[dict]:  # fmt: skip
-    """The result rows at one tau: each perplexity set, then each zero-shot task."""
+def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, torch.Tensor], labels: dict,
+              docs: dict, batch_size: int, ablation: Ablation | None, log, scoring: dict) -> list[dict]:  # fmt: skip
+    """The result rows at one tau: each perplexity set (per class too where ``labels`` has it: see
+    :func:`_perplexity_windows`), then each zero-shot task."""
     rows = []
     for s, w in windows.items():
         t0 = time.time()
-        r = perplexity(model, w, tau=tau, batch_size=batch_size, ablation=ablation, **scoring)
+        classes, lab = labels.get(s, (None, None))
+        r = perplexity(model, w, tau=tau, batch_size=batch_size, ablation=ablation, labels=lab, classes=classes,
+                       **scoring)  # fmt: skip
         rows.append({"tau": tau, "task": s, "n": len(w), **r, "seconds": time.time() - t0})
         log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f}")
+        if lab is not None:
+            log(f"tau={tau:g} {s}: {_difficulty_phrase(r['difficulty'])}")
     for name, ds in docs.items():
         t0 = time.time()
         jacobi = {k: v for k, v in scoring.items() if k != "mode" and v is not None}
@@ -163,6 +173,44 @@ def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, to
         rows.append({"tau": tau, "task": name, **r, "seconds": time.time() - t0})
         log(f"tau={tau:g} {name}: acc {r['acc']:.4f} depth {r['mean_depth']:.2f} ({len(ds)} docs)")
     return rows
+
+
+def _num(v: float | None, spec: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _difficulty_phrase(d: dict) -> str:
+    """One line: does depth follow the difficulty of the answers (:func:`~.perplexity.difficulty`)?"""
+    m = d["mean_depth"]
+    return (
+        f"Spearman(depth, d) over {d['answer_tokens']:,} answer tokens {_num(d['spearman_depth_d'])}; "
+        f"mean depth on answer {_num(m['answer'], '.2f')}, free {_num(m['free'], '.2f')}, "
+        f"syntax {_num(m['syntax'], '.2f')} tokens"
+    )
+
+
+def _class_lines(rows: list[dict]) -> list[str]:
+    """The per-class table of the perplexity rows that have one (labelled datasets)."""
+    rows = [r for r in rows if "classes" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Per class of the target token (the loss, accuracy and depth at position t belong to token t+1, the token "
+        "predicted there):",
+        "",
+        "| tau | task | class | tokens | loss | acc | mean depth | depth histogram |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        for name, c in r["classes"].items():
+            hist = " / ".join(f"{h:.2f}" for h in c["depth_hist"]) if c.get("depth_hist") else ""
+            lines.append(
+                f"| {r['tau']:g} | {r['task']} | {name} | {c['tokens']} | {_num(c['loss'], '.4f')} | "
+                f"{_num(c['acc'], '.4f')} | {_num(c['mean_depth'], '.2f')} | {hist} |"
+            )
+    lines += ["", *(f"- tau {r['tau']:g} {r['task']}: {_difficulty_phrase(r['difficulty'])}" for r in rows)]
+    return lines
 
 
 def _scoring_phrase(scoring: dict | None) -> str:
@@ -208,6 +256,7 @@ def markdown(results: dict) -> str:
             accs = [r["acc"] for r in zs if r["tau"] == tau]
             if accs:
                 lines.append(f"- tau {tau:g}: {sum(accs) / len(accs):.4f} over {len(accs)} tasks")
+    lines += _class_lines(results["rows"])
     return "\n".join(lines) + "\n"
 
 
