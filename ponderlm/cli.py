@@ -292,13 +292,14 @@ def _add_eval(sub) -> None:
         "--jacobi-iters",
         type=_int_at_least(1),
         default=None,
-        help="hard mode: Jacobi refinements (default: the model's, 3); with --jacobi-tol, the cap",
+        help="hard mode: exactly this many Jacobi refinements (3 is the PonderLM-2 authors' setting); with "
+        "--jacobi-tol, the cap (default: refine until the latents settle, as generate's prefill does)",
     )
     p.add_argument(
         "--jacobi-tol",
         type=_number(above=0),
         default=None,
-        help="hard mode: refine until no latent moves by more than this",
+        help="hard mode: refine until no latent moves by more than this (default 1e-4, at most 30 refinements)",
     )
     p.add_argument("--batch-size", type=_int_at_least(1), default=16)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")

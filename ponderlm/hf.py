@@ -42,7 +42,7 @@ class PonderLMConfig(PretrainedConfig):
         **kwargs,
     ) -> None:
         self.ponder = dict(ponder) if ponder else ModelConfig().to_dict()
-        mc = ModelConfig.from_dict(self.ponder)  # validates
+        mc = ModelConfig.from_saved(self.ponder)  # validates
         self.tau = check_tau(mc.tau if tau is None else tau)
         if prefill not in ("auto", "exact", "parallel", "converged"):
             raise ValueError(f"prefill must be 'auto', 'exact', 'parallel' or 'converged', got {prefill!r}")
@@ -58,7 +58,7 @@ class PonderLMConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.ponder)
+        return ModelConfig.from_saved(self.ponder)
 
 
 @dataclass
@@ -134,14 +134,11 @@ class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
         mask = attention_mask.bool() if attention_mask is not None else None
         m = self.model
         if cache is None:
-            how = m.resolve_prefill(cfg.prefill)
-            if use_cache:  # the prompt through the model's prefill; the cache tracks each row's next position
-                capacity = 2 * input_ids.shape[1] * m.cfg.slots_per_token
-                out, cache = m.prefill(input_ids, tau=tau, attention_mask=mask, how=how,
-                                       jacobi_iters=cfg.jacobi_iters, capacity=capacity)  # fmt: skip
-            else:
-                out = m(input_ids, mode="exact" if how == "exact" else "hard", tau=tau,
-                        jacobi_iters=cfg.jacobi_iters, attention_mask=mask)  # fmt: skip
+            # the prompt through the model's prefill (the computation generate runs, with or without
+            # a cache to return); the cache tracks each row's next position
+            capacity = (2 if use_cache else 1) * input_ids.shape[1] * m.cfg.slots_per_token
+            out, cache = m.prefill(input_ids, tau=tau, attention_mask=mask, how=cfg.prefill,
+                                   jacobi_iters=cfg.jacobi_iters, capacity=capacity)  # fmt: skip
         else:  # new tokens appended to the cache; the mask covers all tokens so far
             if getattr(cache, "next_pos", None) is None:
                 raise ValueError("this cache was not filled by PonderLMForCausalLM (no next_pos)")

@@ -123,6 +123,18 @@ class _Pace:
     tok_last: int
 
 
+def compile_blocks(model: PonderLM) -> None:
+    """``train.compile``: torch.compile each block, not the whole forward: the pass loop runs over
+    sequences of several lengths (warm-up stages, pruning), which dynamic shapes absorb per block."""
+    from torch import _dynamo
+
+    cfg_d = _dynamo.config
+    name = "recompile_limit" if hasattr(cfg_d, "recompile_limit") else "cache_size_limit"
+    setattr(cfg_d, name, max(64, getattr(cfg_d, name)))  # bias/no-bias, train/eval, pruned
+    for block in model.layers:
+        block.compile(dynamic=True)
+
+
 class Trainer:
     """One training run in ``train.out_dir``. Construction checks everything that can be checked
     before any file is written (the config, the dataset, the run directory and, with ``resume``,
@@ -371,15 +383,7 @@ class Trainer:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
             wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if tc.compile:
-            # compile the blocks, not the whole forward: the pass loop runs over sequences of
-            # several lengths (warm-up stages, pruning), which dynamic shapes absorb per block
-            from torch import _dynamo
-
-            cfg_d = _dynamo.config
-            name = "recompile_limit" if hasattr(cfg_d, "recompile_limit") else "cache_size_limit"
-            setattr(cfg_d, name, max(64, getattr(cfg_d, name)))  # bias/no-bias, train/eval, pruned
-            for block in model.layers:
-                block.compile(dynamic=True)
+            compile_blocks(model)
         return wrapped
 
     def _full_state(self) -> tuple[dict, dict]:

@@ -15,6 +15,7 @@ from ponderlm.data import DataError
 from ponderlm.eval import analyze as analyze_mod
 from ponderlm.eval.analyze import _layout, analyze, collect, pearson, ranks, render_png, spearman
 from ponderlm.eval.perplexity import perplexity
+from ponderlm.model import CONVERGED
 from ponderlm.owned import OwnershipError
 
 from conftest import tiny_model
@@ -59,13 +60,13 @@ def test_collect_matches_perplexity():
     model = tiny_model("ponderlm3")
     windows = torch.randint(0, 61, (5, 33))
     s = collect(model, windows, tau=0.4, batch_size=2)
-    ref = perplexity(model, windows, mode="hard", tau=0.4, batch_size=5)
+    ref = perplexity(model, windows, mode="hard", tau=0.4, batch_size=5, **CONVERGED)  # eval's default computation
     assert s["depth"].shape == (5 * 32,) and len(s["depth"].unique()) > 1
     assert float(s["loss"].mean()) == pytest.approx(ref["loss"], rel=1e-6)  # perplexity() scores in float32
     assert (torch.bincount(s["depth"], minlength=3) / len(s["depth"])).tolist() == pytest.approx(ref["depth_hist"])
     assert torch.equal(s["ids"], windows[:, :-1].flatten())
     with torch.no_grad():
-        logits = model(windows[:2, :-1], mode="hard", tau=0.4).logits
+        logits = model(windows[:2, :-1], mode="hard", tau=0.4, **CONVERGED).logits
     want = torch.distributions.Categorical(logits=logits).entropy().flatten()
     assert torch.allclose(s["entropy"][: 2 * 32], want, atol=1e-12)
 

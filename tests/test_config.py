@@ -68,3 +68,18 @@ def test_check_tau():
     for bad in (-1, 0, 1, 2, float("nan")):
         with pytest.raises(ConfigError):
             check_tau(bad)
+
+
+def test_a_saved_config_that_predates_a_field_keeps_the_value_it_was_trained_with(tmp_path):
+    """jacobi_grad_passes arrived after runs were saved with every pass backpropagated: a saved
+    model config without it reads as 0 (that computation), whatever today's default is; a config
+    written by the user takes today's default."""
+    from ponderlm.config import SAVED_BEFORE_FIELD
+
+    saved = ModelConfig(vocab_size=64, jacobi_grad_passes=2).to_dict()
+    del saved["jacobi_grad_passes"]
+    p = tmp_path / "model_config.json"
+    p.write_text(json.dumps(saved))
+    assert ModelConfig.load(p).jacobi_grad_passes == SAVED_BEFORE_FIELD["jacobi_grad_passes"] == 0
+    assert ModelConfig.from_saved({**saved, "jacobi_grad_passes": 1}).jacobi_grad_passes == 1
+    assert ModelConfig.from_dict(saved).jacobi_grad_passes == ModelConfig().jacobi_grad_passes

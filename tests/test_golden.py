@@ -1,6 +1,7 @@
 """Golden outputs of every method, pinned before the architecture refactor (issue 14) and checked
 after every change: logits and depths of the three modes, greedy and sampled ``generate`` in both
-schedules (tokens, depths, the committed KV-cache entries) and the FLOPs counts, on tiny float64
+schedules with the exact prefill (tokens, depths, the committed KV-cache entries; the default
+converged prefill equals it within its tolerance: tests/test_generate.py) and the FLOPs counts, on tiny float64
 models. Token ids, depths, cache lengths and FLOPs must match exactly; floating-point values to
 1e-12 relative (float64 round-off from another SIMD path, not a change of computation);
 ``GOLDEN_TOL=0 OMP_NUM_THREADS=1`` demands bit-identity, which holds on the machine that recorded
@@ -59,7 +60,8 @@ def _generate(model, ids, mask, **kw) -> dict:
 
     model.new_cache = capture
     try:
-        out = model.generate(ids, 8, attention_mask=mask, tau=TAU, **kw)
+        prefill = "exact" if model.cfg.uses_jacobi else "auto"  # as recorded (auto was exact for latent thoughts)
+        out = model.generate(ids, 8, attention_mask=mask, tau=TAU, prefill=prefill, **kw)
     finally:
         del model.new_cache
     rec = {"tokens": _ints(out.tokens), "depth": _ints(out.depth), "prompt_depth": _ints(out.prompt_depth),

@@ -12,6 +12,7 @@ from ponderlm.config import RunConfig
 from ponderlm.data.tokenizer import Tokenizer
 from ponderlm.eval.tasks import TASKS, load_tasks
 from ponderlm.eval.zeroshot import score_task
+from ponderlm.model import CONVERGED
 
 from conftest import tiny_model
 from fakepkgs import WORDS, make_fake_olmo_eval, paragraph
@@ -63,7 +64,7 @@ def test_lm_eval_agrees_with_our_scorer(setup):
     }
     assert set(seen) == ours_pairs  # the same prompts, built independently by lm-eval's templates
     for name, docs in ours.items():
-        mine = score_task(model, tok, docs, tau=0.4)
+        mine = score_task(model, tok, docs, tau=0.4, jacobi=CONVERGED)  # `ponderlm eval`'s default computation
         theirs = res[f"ponderlm_{name}"]
         assert theirs["acc,none"] == pytest.approx(mine["acc"], abs=1e-12), name
         if "acc_norm" in mine:

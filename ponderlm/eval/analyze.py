@@ -22,7 +22,7 @@ from ..config import ConfigError, check_tau
 from ..data import DataError, LabelShards, TokenShards, eval_windows, label_windows
 from ..data.tokenizer import EOT, Tokenizer
 from ..loading import checkpoint_dataset, load_model
-from ..model import PonderLM
+from ..model import CONVERGED, PonderLM
 from ..owned import DirLock
 from .perplexity import class_sums, summarize_classes
 from .run import check_results_dir, write_result_files
@@ -74,7 +74,7 @@ def position_stats(model: PonderLM, x: torch.Tensor, y: torch.Tensor, tau: float
     Returns ids (the input token, long), depth (realised steps, long), loss (-log p(y), float64),
     entropy (of the predictive distribution in nats, float64) and correct (bool: argmax == y).
     """
-    out = model(x, mode="hard", tau=tau)
+    out = model(x, mode="hard", tau=tau, **CONVERGED)  # eval's default computation
     logits = out.logits
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # (B, T, V)
     entropy = -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)  # (B, T)

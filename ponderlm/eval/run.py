@@ -17,7 +17,7 @@ from ..data import DataError, LabelShards, TokenShards, eval_windows, label_wind
 from ..data.tokenizer import Tokenizer
 from ..errors import describe_os_error
 from ..loading import checkpoint_dataset, load_model
-from ..model import PonderLM
+from ..model import CONVERGED, PonderLM
 from .ablations import Ablation
 from .perplexity import perplexity
 from .tasks import TASKS, load_tasks
@@ -75,8 +75,8 @@ def evaluate_checkpoint(
     taus = _resolve_taus(cfg, ck_dir, taus, ablation, zs)
     docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
     results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": [],
-               "scoring": {"mode": mode, "jacobi_iters": jacobi_iters or (cfg.jacobi_iters if mode == "hard" else None),
-                           "jacobi_tol": jacobi_tol}}  # fmt: skip
+               "scoring": {"mode": mode, "jacobi_iters": scoring.get("jacobi_iters"),
+                           "jacobi_tol": scoring.get("jacobi_tol")}}  # fmt: skip
     if ablation is not None:
         results["ablation"] = ablation.label
     for tau in taus:
@@ -96,6 +96,10 @@ def _check_scoring(mode: str, jacobi_iters: int | None, jacobi_tol: float | None
         raise ConfigError(f"--jacobi-tol must be > 0, got {jacobi_tol}")
     if mode == "exact":
         return {"mode": "exact"}
+    if jacobi_iters is None and jacobi_tol is None:  # the default: the computation generate's prefill runs
+        return {"mode": "hard", **CONVERGED}
+    if jacobi_tol is not None and jacobi_iters is None:
+        jacobi_iters = CONVERGED["jacobi_iters"]
     return {"mode": "hard", "jacobi_iters": jacobi_iters, "jacobi_tol": jacobi_tol}
 
 
@@ -218,8 +222,9 @@ def _scoring_phrase(scoring: dict | None) -> str:
     if not scoring or scoring["mode"] == "hard":
         J = (scoring or {}).get("jacobi_iters") or 3
         tol = (scoring or {}).get("jacobi_tol")
-        how = f"until the latents move < {tol:g}, at most {J} refinements" if tol else f"J={J} refinements"
-        return f"hard-pruned parallel computation ({how})"
+        if tol:  # the rule of generate's default prefill: the recurrence, to that tolerance
+            return f"hard-pruned parallel computation until the latents move < {tol:g} (at most {J} refinements)"
+        return f"hard-pruned parallel computation (J={J} refinements)"
     return "exact recurrence (what `generate` runs)"
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import latest_checkpoint, list_checkpoints
-from ..config import ConfigError, RunConfig, load_run_config
+from ..config import ConfigError, RunConfig, load_run_config, read_yaml_mapping, with_saved_defaults
 from ..data import TokenShards, eval_windows, load_meta
 from ..data.tokenizer import Tokenizer
 from ..eval.ablations import Ablation
@@ -26,7 +26,7 @@ from ..eval.perplexity import perplexity
 from ..eval.tasks import load_tasks
 from ..eval.zeroshot import score_task
 from ..loading import load_model
-from ..model import PonderLM
+from ..model import CONVERGED, PonderLM
 from ..owned import DirLock, OwnershipError, atomic_write, is_empty_dir, is_kind, make_owned_dir, read_marker
 from ..train import resolve_model_config, train
 from .config import ExperimentConfig
@@ -53,7 +53,10 @@ def config_differences(run_dir: Path, requested: RunConfig) -> list[str]:
     want = RunConfig(model=requested.model.replace(), train=requested.train)
     meta = load_meta(Path(requested.train.data_dir))
     resolve_model_config(want, set(), int(meta["tokenizer"]["vocab_size"]))
-    have, _ = load_run_config(run_dir / "config.yaml")
+    saved = read_yaml_mapping(run_dir / "config.yaml", "config")
+    if isinstance(saved.get("model"), dict):
+        saved["model"] = with_saved_defaults(saved["model"])
+    have, _ = load_run_config(saved)
     diffs = []
     for section in ("model", "train"):
         a, b = getattr(have, section).__dict__, getattr(want, section).__dict__
@@ -120,10 +123,11 @@ def _tau_rows(model: PonderLM, tok: Tokenizer, val: torch.Tensor, taus: list[flo
     """Validation loss (hard mode) at each tau, with the zero-shot accuracies when tasks are given."""
     rows = []
     for tau in taus:
-        r = perplexity(model, val, mode="hard", tau=tau, batch_size=16)
+        r = perplexity(model, val, mode="hard", tau=tau, batch_size=16, **CONVERGED)
         row = {"tau": tau, **r}
         if tasks:
-            accs = {name: score_task(model, tok, docs, tau=tau)["acc"] for name, docs in tasks.items()}
+            accs = {name: score_task(model, tok, docs, tau=tau, jacobi=CONVERGED)["acc"]
+                    for name, docs in tasks.items()}  # fmt: skip
             row["zeroshot"] = accs
             row["zeroshot_avg"] = sum(accs.values()) / len(accs)
         rows.append(row)
@@ -137,11 +141,11 @@ def _ablation_rows(model: PonderLM, val: torch.Tensor, taus: list[float], ablati
     for policy in ablations:
         if policy == "fixed":
             for d in range(model.cfg.max_depth + 1):
-                r = perplexity(model, val, mode="hard", batch_size=16, ablation=Ablation("fixed", depth=d))
+                r = perplexity(model, val, mode="hard", batch_size=16, ablation=Ablation("fixed", depth=d), **CONVERGED)
                 rows.append({"policy": "fixed", "depth": d, "tau": None, **r})
         else:
             for tau in taus:
-                r = perplexity(model, val, mode="hard", tau=tau, batch_size=16, ablation=Ablation(policy))
+                r = perplexity(model, val, mode="hard", tau=tau, batch_size=16, ablation=Ablation(policy), **CONVERGED)
                 rows.append({"policy": policy, "depth": None, "tau": tau, **r})
     return rows
 

@@ -78,9 +78,10 @@ def markdown(title: str, points: list[dict], minutes: float | None = None) -> st
     if minutes is not None:
         lines += [f"{minutes:.1f} min in all.", ""]
     lines += [
-        "Validation loss in the hard-pruned inference computation; cost is inference FLOPs per token at the",
-        "realised depths. `*` marks the Pareto frontier (no other point has both lower cost and lower loss);",
-        "rows with [brackets] are inference-time ablations of a PonderLM-3 run, not on the frontier by design.",
+        "Validation loss in the hard-pruned inference computation (Jacobi passes until the latents settle:",
+        "the recurrence `generate` runs, to 1e-4); cost is inference FLOPs per token at the realised depths.",
+        "`*` marks the Pareto frontier (no other point has both lower cost and lower loss); rows with",
+        "[brackets] are inference-time ablations of a PonderLM-3 run, not on the frontier by design.",
         "",
         "| run | method | K | λ | tau | seeds | val loss | ± std | ppl | mean depth | MFLOPs/token | frontier |"
         + (" zero-shot avg |" if any("zeroshot_avg" in p for p in points) else ""),
