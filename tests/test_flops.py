@@ -102,7 +102,7 @@ def test_pruning_reduces_inference_flops_monotonically():
 
 
 def test_padding_costs_nothing_and_training_is_3x_forward():
-    cfg = tiny_model("ponderlm2").cfg
+    cfg = tiny_model("ponderlm2", jacobi_grad_passes=0).cfg  # every pass backpropagated
     d = torch.full((1, 6), 2)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
     padded = flops.inference_flops(cfg, d, mask)
@@ -117,7 +117,7 @@ def test_padding_costs_nothing_and_training_is_3x_forward():
 def test_truncated_backprop_counts_the_passes_it_differentiates():
     """With jacobi_grad_passes=n the passes before the last n are forward only (1x), the last n
     forward and backward (3x); n >= the number of passes is the full count."""
-    cfg = tiny_config("ponderlm3", max_ponder_steps=3)
+    cfg = tiny_config("ponderlm3", max_ponder_steps=3, jacobi_grad_passes=0)
     T, J = 16, 3
     per_pass = [flops.forward_flops_soft(cfg, T, J, slice(p, p + 1)).per_token for p in range(7)]
     assert abs(sum(per_pass) - flops.forward_flops_soft(cfg, T, J).per_token) < 1e-6

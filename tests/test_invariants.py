@@ -158,8 +158,9 @@ def test_causality(method, mode):
 # ------------------------------------------------------------- invariant 7
 def test_router_gradient_through_mask_and_mixture():
     """The router runs once per pass: its last output only feeds the mixture, the earlier ones
-    only feed the next pass's attention bias. Both must receive gradient."""
-    model = tiny_model("ponderlm3", dtype=torch.float32)
+    only feed the next pass's attention bias. Both must receive gradient (every pass
+    backpropagated; tests/test_truncated_backprop.py covers the truncated default)."""
+    model = tiny_model("ponderlm3", dtype=torch.float32, jacobi_grad_passes=0)
     outs = []
 
     def keep_output(module, inputs, output):

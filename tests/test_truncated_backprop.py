@@ -6,6 +6,8 @@ detached - and differ from the full gradients."""
 import pytest
 import torch
 
+from ponderlm import ModelConfig
+
 from conftest import tiny_model
 
 
@@ -35,7 +37,7 @@ def grads(model, ids, J, cut_at=None):
 @pytest.mark.parametrize("n", [1, 2])
 def test_truncated_backprop_equals_a_manual_cut(method, n):
     torch.manual_seed(0)
-    full = tiny_model(method, seed=1)
+    full = tiny_model(method, seed=1, jacobi_grad_passes=0)
     trunc = tiny_model(method, seed=1, jacobi_grad_passes=n)
     ids = torch.randint(0, 61, (2, 9))
     J = 3
@@ -53,6 +55,20 @@ def test_truncated_backprop_equals_a_manual_cut(method, n):
 @pytest.mark.parametrize("method", ["vanilla", "pause", "loop", "ponderlm1"])
 def test_truncation_leaves_exact_methods_alone(method):
     ids = torch.randint(0, 61, (2, 9))
-    _, a = grads(tiny_model(method, seed=1), ids, 3)
+    _, a = grads(tiny_model(method, seed=1, jacobi_grad_passes=0), ids, 3)
     _, b = grads(tiny_model(method, seed=1, jacobi_grad_passes=1), ids, 3)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_default_backpropagates_the_last_pass_only():
+    """The measured default (docs/PERFORMANCE.md): gradients through the final pass; the router
+    learns through the mixture, and the attention-bias path of earlier passes gets none."""
+    assert ModelConfig().jacobi_grad_passes == 1
+    torch.manual_seed(0)
+    ids = torch.randint(0, 61, (2, 9))
+    passes = len(tiny_model("ponderlm3").cfg.pass_schedule(3))
+    cut_logits, ref = grads(tiny_model("ponderlm3", seed=1, jacobi_grad_passes=0), ids, 3, cut_at=passes - 1)
+    logits, got = grads(tiny_model("ponderlm3", seed=1), ids, 3)
+    assert torch.equal(logits, cut_logits) and sorted(got) == sorted(ref)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-12, rtol=0)

@@ -26,44 +26,13 @@ from ..model import CONVERGED, PonderLM
 from ..owned import DirLock
 from .perplexity import class_sums, summarize_classes
 from .run import check_results_dir, write_result_files
+from .stats import pearson, ranks, spearman  # noqa: F401 -- part of this module's interface
 
 FILES = ("analysis.json", "depth.html", "depth.png")
 MIN_COUNT = 20  # a token needs this many occurrences to enter the deepest/shallowest tables
 TOP = 20  # rows in each of those tables
 PNG_TOKENS = 512  # the figure shows at most this many tokens of the text
 IGNORE = -1  # target id of a position with nothing to predict (the last token of a text)
-
-
-# ------------------------------------------------------------------ statistics
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of x (n,), ties sharing the average of the ranks they span."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    first = np.r_[True, xs[1:] != xs[:-1]]  # (n,) start of each run of equal values
-    group = np.cumsum(first) - 1
-    starts = np.flatnonzero(first)
-    ends = np.r_[starts[1:], len(x)] - 1
-    out = np.empty(len(x), dtype=np.float64)
-    out[order] = ((starts + ends) / 2 + 1)[group]
-    return out
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Pearson correlation of two (n,) arrays; None when either is constant (undefined)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 2:
-        return None
-    xc, yc = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
-    if den == 0.0 or not math.isfinite(den):
-        return None
-    return float(np.clip(float(xc @ yc) / den, -1.0, 1.0))
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Spearman rank correlation (Pearson of average ranks, so ties are handled); None if undefined."""
-    return pearson(ranks(x), ranks(y)) if len(x) >= 2 else None
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import flops as flops_mod
 from ..model import PonderLM
 from .ablations import ablation_depths
+from .stats import spearman
 
 # layout of the accumulator returned by score_batch
 CE, TOKENS, FLOPS, DEPTH, HIST = 0, 1, 2, 3, 4
@@ -178,7 +179,6 @@ def difficulty(sums: torch.Tensor, classes: list[str]) -> dict:
     """Does depth follow difficulty? From :func:`class_sums`: over the ``answer-d`` tokens, the
     Spearman correlation of realised depth with d (None when undefined: no answers, one d, or a
     constant depth), and the mean depth on answer, ``free`` and ``syntax`` tokens."""
-    from .analyze import spearman  # imported here: analyze builds on this module
 
     answers = [(i, int(m.group(1))) for i, c in enumerate(classes) if (m := ANSWER.fullmatch(c))]
     rows = [i for i, _ in answers]

@@ -193,6 +193,7 @@ def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str
         "tasks": list(cfg.tasks),
         "task_limit": cfg.task_limit,
         "ablations": list(cfg.ablations),
+        "scoring": {"mode": "hard", **CONVERGED},  # results scored otherwise (before: J=3) are recomputed
     }
     path = run_dir / "experiment_eval.json"
     if path.is_file():
