@@ -122,9 +122,9 @@ class ModelConfig:
     jacobi_warmup: str = "staged"  # "staged": K growing warm-up passes; "zeros": latents start at 0
     # training: backpropagate through the last n passes only (0 = all, as the PonderLM-2 reference
     # does); earlier passes run without autograd. Latent-thought methods only; forward unchanged.
-    # 1: measured not to change validation loss beyond the seed spread at two sizes, 2.1-2.2x faster
-    # steps in fp32 (docs/PERFORMANCE.md); paper-scale presets pin 0
-    jacobi_grad_passes: int = 1
+    # Truncation is 1.9-2.2x faster per step, but n=1 cost PonderLM-2 0.26 nats on the quickstart
+    # and leaves PonderLM-3 near depth 0 (docs/PERFORMANCE.md): an option, not the default.
+    jacobi_grad_passes: int = 0
 
     # --- PonderLM-3 router ---
     router: str = "linear"  # "linear" or "mlp" (2 layers, SiLU)
