@@ -167,17 +167,28 @@ def finish(result: dict, out: Path | None) -> None:
     print(line)
 
 
-def train_step_fn(args, device: torch.device, amp_dtype: torch.dtype | None, **model_overrides) -> tuple:
+def bench_config(args, method: str, **model_overrides):
+    """The ModelConfig of a benchmark's random model of ``method`` (add_model_args, --seq-len)."""
+    from ponderlm import ModelConfig
+
+    return ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                       d_ff=args.d_ff, max_seq_len=args.seq_len, method=method, max_ponder_steps=args.K,
+                       penalty_weight=0.05 if method == "ponderlm3" else 0.0, **model_overrides)  # fmt: skip
+
+
+def train_step_fn(args, device: torch.device, amp_dtype: torch.dtype | None, compile_blocks: bool = False,
+                  **model_overrides) -> tuple:  # fmt: skip
     """A PonderLM soft-mode training step (forward, loss, backward, AdamW) on random tokens, with
     the backbone of ``args`` (add_model_args, --seq-len, --batch, --jacobi). Returns (cfg, step)."""
-    from ponderlm import ModelConfig, PonderLM, ponder_loss
+    from ponderlm import PonderLM, ponder_loss
 
-    method = model_overrides.pop("method")
-    cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                      d_ff=args.d_ff, max_seq_len=args.seq_len, method=method, max_ponder_steps=args.K,
-                      penalty_weight=0.05 if method == "ponderlm3" else 0.0, **model_overrides)  # fmt: skip
+    cfg = bench_config(args, **model_overrides)
     torch.manual_seed(0)
     model = PonderLM(cfg).to(device)
+    if compile_blocks:  # as train.compile does
+        from ponderlm.train import compile_blocks as compile_
+
+        compile_(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
     use_amp = amp_dtype is not None and amp_dtype != torch.float32
