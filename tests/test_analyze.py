@@ -13,8 +13,9 @@ import torch
 
 from ponderlm.data import DataError
 from ponderlm.eval import analyze as analyze_mod
-from ponderlm.eval.analyze import _layout, analyze, collect, pearson, ranks, render_png, spearman
+from ponderlm.eval.analyze import _layout, analyze, collect, render_png
 from ponderlm.eval.perplexity import perplexity
+from ponderlm.eval.stats import pearson, ranks, spearman
 from ponderlm.model import CONVERGED
 from ponderlm.owned import OwnershipError
 

@@ -13,11 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ponderlm.data import LabelShards, SyntheticConfig, TokenShards, eval_windows, label_windows, synthesize
+from ponderlm.data import LabelShards, SyntheticConfig, TokenShards, eval_windows, synthesize
 from ponderlm.eval.ablations import Ablation
-from ponderlm.eval.analyze import analyze, spearman
+from ponderlm.eval.analyze import analyze
 from ponderlm.eval.perplexity import class_sums, difficulty
 from ponderlm.eval.run import evaluate_checkpoint, markdown
+from ponderlm.eval.stats import spearman
 from ponderlm.loading import load_model
 
 from errorcases import TINY, run_cli
@@ -58,7 +59,7 @@ def world(tmp_path_factory):
         "plain": plain,
         "run": root / "run",
         "windows": eval_windows(TokenShards(ds, "val"), SEQ, WINDOWS),
-        "labels": label_windows(labels, SEQ, WINDOWS),
+        "labels": eval_windows(labels, SEQ, WINDOWS),
         "classes": labels.classes,
     }
 

@@ -25,7 +25,6 @@ from ponderlm.data import (
     check_dataset,
     eval_windows,
     generate_documents,
-    label_windows,
     load_labels,
     load_meta,
     synthesize,
@@ -183,10 +182,10 @@ def test_the_dataset_is_an_ordinary_dataset_with_aligned_labels(datasets):
             assert [classes[i] for i in labels] == expected
 
 
-def test_label_windows_label_the_evaluation_windows(datasets):
+def test_label_shards_label_the_evaluation_windows(datasets):
     ds = datasets["chains"]
     tokens, labels = TokenShards(ds, "val"), LabelShards(ds, "val")
-    x, y = eval_windows(tokens, 32, 20), label_windows(labels, 32, 20)
+    x, y = eval_windows(tokens, 32, 20), eval_windows(labels, 32, 20)
     assert x.shape == y.shape == (20, 33)
     answer = y >= labels.classes.index("answer-1")
     digits = Tokenizer.load(ds / "tokenizer.json").encode(" ".join("0123456789"))

@@ -7,9 +7,9 @@ from .synthetic import (
     LabelShards,
     SyntheticConfig,
     generate_documents,
-    label_windows,
     load_labels,
     synthesize,
+    window_labels,
 )
 from .tokenizer import Tokenizer
 
@@ -26,11 +26,11 @@ __all__ = [
     "check_dataset",
     "eval_windows",
     "generate_documents",
-    "label_windows",
     "load_labels",
     "load_meta",
     "prepare",
     "remember_verified",
     "synthesize",
     "verify",
+    "window_labels",
 ]

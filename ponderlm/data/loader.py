@@ -32,15 +32,23 @@ def map_shards(data_dir: Path, shards: list[dict], dtype, what: str) -> tuple[li
 
 
 class TokenShards:
-    """The memmapped shards of one split."""
+    """The memmapped shards of one split: its token ids or, with ``labels``, the per-token class ids
+    of a labelled dataset (``ponderlm data synthetic``), addressed alike; ``classes`` names them."""
 
-    def __init__(self, data_dir: str | Path, split: str) -> None:
+    def __init__(self, data_dir: str | Path, split: str, labels: bool = False) -> None:
         self.data_dir = Path(data_dir)
-        meta = load_meta(self.data_dir)
+        meta = load_meta(self.data_dir)  # validated: label shards line up with the token shards
+        if labels and "labels" not in meta:
+            raise DataError(f"{data_dir} has no token labels; make a labelled dataset with `ponderlm data synthetic`")
         if split not in meta["splits"]:
             raise DataError(f"{data_dir} has no {split!r} split (has: {', '.join(meta['splits'])})")
         self.meta = meta
-        self.arrays, self.sizes = map_shards(self.data_dir, meta["splits"][split]["shards"], meta["dtype"], "tokens")
+        if labels:
+            self.classes: list[str] = list(meta["labels"]["classes"])
+            entries, dtype, what = meta["labels"]["splits"][split]["shards"], np.uint8, "labels"
+        else:
+            entries, dtype, what = meta["splits"][split]["shards"], meta["dtype"], "tokens"
+        self.arrays, self.sizes = map_shards(self.data_dir, entries, dtype, what)
 
     @property
     def n_tokens(self) -> int:

@@ -31,14 +31,13 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from .loader import map_shards, window_starts
+from .loader import TokenShards, eval_windows
 from .prepare import (
     FORMAT_VERSION,
     TRAIN,
     VAL,
     ShardWriter,
     build_dataset,
-    load_meta,
     write_meta,
 )
 from .sources import DataError
@@ -322,27 +321,13 @@ def summary(meta: dict) -> str:
 
 
 # ------------------------------------------------------------------ reading labels
-class LabelShards:
+class LabelShards(TokenShards):
     """The label shards of one split: ``window(shard, start, length)`` gives the class ids of the
-    tokens ``TokenShards(data_dir, split).window(shard, start, length)`` gives; ``classes`` names them."""
+    tokens ``TokenShards(data_dir, split).window(shard, start, length)`` gives, so
+    :func:`ponderlm.data.eval_windows` takes the labels of its windows; ``classes`` names them."""
 
     def __init__(self, data_dir: str | Path, split: str) -> None:
-        self.data_dir = Path(data_dir)
-        meta = load_meta(self.data_dir)  # validated: label shards line up with the token shards
-        if "labels" not in meta:
-            raise DataError(f"{data_dir} has no token labels; make a labelled dataset with `ponderlm data synthetic`")
-        if split not in meta["splits"]:
-            raise DataError(f"{data_dir} has no {split!r} split (has: {', '.join(meta['splits'])})")
-        self.classes: list[str] = list(meta["labels"]["classes"])
-        self.arrays, self.sizes = map_shards(self.data_dir, meta["labels"]["splits"][split]["shards"], np.uint8,
-                                             "labels")  # fmt: skip
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.sizes.sum())
-
-    def window(self, shard: int, start: int, length: int) -> np.ndarray:
-        return np.asarray(self.arrays[shard][start : start + length], dtype=np.int64)
+        super().__init__(data_dir, split, labels=True)
 
 
 def load_labels(data_dir: str | Path, split: str) -> tuple[list[str], np.ndarray]:
@@ -353,10 +338,12 @@ def load_labels(data_dir: str | Path, split: str) -> tuple[list[str], np.ndarray
     return shards.classes, arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
 
 
-def label_windows(labels: LabelShards, seq_len: int, max_windows: int) -> torch.Tensor:
-    """The labels of the windows :func:`ponderlm.data.eval_windows` takes from the same split:
-    (N, seq_len + 1), row i labelling row i of ``eval_windows(TokenShards(...), seq_len, max_windows)``."""
-    out = [labels.window(k, start, seq_len + 1) for k, start in window_starts(labels.sizes, seq_len, max_windows)]
-    if not out:
-        raise DataError(f"the split ({labels.n_tokens:,} tokens) is too small for seq_len {seq_len}")
-    return torch.from_numpy(np.stack(out))
+def window_labels(data_dir: Path, meta: dict, split: str, seq_len: int,
+                  max_windows: int) -> tuple[list[str], torch.Tensor] | None:  # fmt: skip
+    """For a labelled dataset: (class names, the (N, seq_len + 1) class ids of the windows
+    ``eval_windows(TokenShards(data_dir, split), seq_len, max_windows)`` takes, row for row);
+    None for a dataset without labels."""
+    if "labels" not in meta:
+        return None
+    shards = LabelShards(data_dir, split)
+    return shards.classes, eval_windows(shards, seq_len, max_windows)

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, check_tau
-from ..data import DataError, LabelShards, TokenShards, eval_windows, label_windows
+from ..data import DataError, TokenShards, eval_windows, window_labels
 from ..data.tokenizer import EOT, Tokenizer
 from ..loading import checkpoint_dataset, load_model
 from ..model import CONVERGED, PonderLM
 from ..owned import DirLock
 from .perplexity import class_sums, summarize_classes
 from .run import check_results_dir, write_result_files
-from .stats import pearson, ranks, spearman  # noqa: F401 -- part of this module's interface
+from .stats import pearson, spearman
 
 FILES = ("analysis.json", "depth.html", "depth.png")
 MIN_COUNT = 20  # a token needs this many occurrences to enter the deepest/shallowest tables
@@ -474,10 +474,7 @@ def _val_windows(ck_dir: Path, data_dir: Path | None, seq_len: int,
     dataset with token labels, (class names, the windows' class ids), else None."""
     data_dir, meta = checkpoint_dataset(ck_dir, data_dir)
     windows = eval_windows(TokenShards(data_dir, "val"), seq_len, n)
-    if "labels" not in meta:
-        return data_dir, windows, None
-    shards = LabelShards(data_dir, "val")
-    return data_dir, windows, (shards.classes, label_windows(shards, seq_len, n))
+    return data_dir, windows, window_labels(data_dir, meta, "val", seq_len, n)
 
 
 def _text_tokens(model: PonderLM, tok: Tokenizer, ids: list[int], tau: float) -> list[dict]:

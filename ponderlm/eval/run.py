@@ -13,7 +13,7 @@ import torch
 
 from .. import owned
 from ..config import ConfigError, ModelConfig, check_tau
-from ..data import DataError, LabelShards, TokenShards, eval_windows, label_windows
+from ..data import DataError, TokenShards, eval_windows, window_labels
 from ..data.tokenizer import Tokenizer
 from ..errors import describe_os_error
 from ..loading import checkpoint_dataset, load_model
@@ -131,9 +131,8 @@ def _perplexity_windows(ck_dir: Path, data_dir: Path | None, sets: list[str], se
                 log(f"note: {data_dir} has no {s!r} split; skipped")
                 continue
             windows[s] = eval_windows(TokenShards(data_dir, s), seq_len, n)
-            if "labels" in meta:
-                shards = LabelShards(data_dir, s)
-                labels[s] = (shards.classes, label_windows(shards, seq_len, n))
+            if (lab := window_labels(data_dir, meta, s, seq_len, n)) is not None:
+                labels[s] = lab
     return windows, labels
 
 
