@@ -84,16 +84,6 @@ def check_finite_floats(obj: Any, prefix: str = "") -> None:
             raise ConfigError(f"{prefix}{f.name} must be a finite number, got {v}")
 
 
-# ModelConfig fields whose default changed after runs were saved without them: a saved config that
-# lacks one was trained with this value (jacobi_grad_passes: every pass backpropagated before issue 15)
-SAVED_BEFORE_FIELD: dict[str, Any] = {"jacobi_grad_passes": 0}
-
-
-def with_saved_defaults(model: dict[str, Any]) -> dict[str, Any]:
-    """A saved model config mapping with the fields it predates filled in (:data:`SAVED_BEFORE_FIELD`)."""
-    return {**SAVED_BEFORE_FIELD, **model}
-
-
 @dataclass
 class ModelConfig:
     # --- backbone (Llama-style) ---
@@ -289,12 +279,6 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_saved(cls, d: dict[str, Any]) -> ModelConfig:
-        """A config a run or checkpoint saved: fields it predates take the value it computed with
-        (:data:`SAVED_BEFORE_FIELD`), not today's default."""
-        return cls.from_dict(with_saved_defaults(d))
-
-    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -315,8 +299,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        """A saved model_config.json (see :meth:`from_saved`)."""
-        return cls.from_saved(json.loads(Path(path).read_text()))
+        return cls.from_json(Path(path).read_text())
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed."""

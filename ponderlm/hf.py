@@ -42,7 +42,7 @@ class PonderLMConfig(PretrainedConfig):
         **kwargs,
     ) -> None:
         self.ponder = dict(ponder) if ponder else ModelConfig().to_dict()
-        mc = ModelConfig.from_saved(self.ponder)  # validates
+        mc = ModelConfig.from_dict(self.ponder)  # validates
         self.tau = check_tau(mc.tau if tau is None else tau)
         if prefill not in ("auto", "exact", "parallel", "converged"):
             raise ValueError(f"prefill must be 'auto', 'exact', 'parallel' or 'converged', got {prefill!r}")
@@ -58,7 +58,7 @@ class PonderLMConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig.from_saved(self.ponder)
+        return ModelConfig.from_dict(self.ponder)
 
 
 @dataclass

@@ -78,7 +78,9 @@ class PonderLMEval(LM):
                 chunk = ids[i : i + L]
                 inp = torch.tensor([(prev + chunk)[-(L + 1) : -1]])
                 with torch.no_grad():
-                    kw = {"tau": self.tau, **(CONVERGED if self.mode == "hard" else {})} if self.mode != "soft" else {}
+                    kw = {} if self.mode == "soft" else {"tau": self.tau}
+                    if self.mode == "hard":  # `ponderlm eval`'s default computation
+                        kw.update(CONVERGED)
                     res = self.model(inp, mode=self.mode, **kw)
                 lp = res.logits[0, -len(chunk) :].float().log_softmax(-1)
                 total += float(lp.gather(-1, torch.tensor(chunk)[:, None]).sum())

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import latest_checkpoint, list_checkpoints
-from ..config import ConfigError, RunConfig, load_run_config, read_yaml_mapping, with_saved_defaults
+from ..config import ConfigError, RunConfig, load_run_config
 from ..data import TokenShards, eval_windows, load_meta
 from ..data.tokenizer import Tokenizer
 from ..eval.ablations import Ablation
@@ -41,6 +41,9 @@ def finished(run_dir: Path, steps: int) -> bool:
     return ck is not None and json.loads((ck / "trainer_state.json").read_text())["step"] >= steps
 
 
+# how every run is scored: hard pruning, Jacobi passes until the latents settle (generate's prefill rule)
+SCORING = {"mode": "hard", **CONVERGED}
+
 # train.* fields that do not change what a run learns: a finished run is reused whatever they say
 BOOKKEEPING = {"out_dir", "progress", "log_interval", "eval_interval", "eval_windows", "eval_tau", "ckpt_interval",
                "keep_last", "tensorboard", "wandb", "wandb_project", "device", "threads", "dist_timeout_s", "compile",
@@ -53,10 +56,7 @@ def config_differences(run_dir: Path, requested: RunConfig) -> list[str]:
     want = RunConfig(model=requested.model.replace(), train=requested.train)
     meta = load_meta(Path(requested.train.data_dir))
     resolve_model_config(want, set(), int(meta["tokenizer"]["vocab_size"]))
-    saved = read_yaml_mapping(run_dir / "config.yaml", "config")
-    if isinstance(saved.get("model"), dict):
-        saved["model"] = with_saved_defaults(saved["model"])
-    have, _ = load_run_config(saved)
+    have, _ = load_run_config(run_dir / "config.yaml")
     diffs = []
     for section in ("model", "train"):
         a, b = getattr(have, section).__dict__, getattr(want, section).__dict__
@@ -123,7 +123,7 @@ def _tau_rows(model: PonderLM, tok: Tokenizer, val: torch.Tensor, taus: list[flo
     """Validation loss (hard mode) at each tau, with the zero-shot accuracies when tasks are given."""
     rows = []
     for tau in taus:
-        r = perplexity(model, val, mode="hard", tau=tau, batch_size=16, **CONVERGED)
+        r = perplexity(model, val, tau=tau, batch_size=16, **SCORING)
         row = {"tau": tau, **r}
         if tasks:
             accs = {name: score_task(model, tok, docs, tau=tau, jacobi=CONVERGED)["acc"]
@@ -141,11 +141,11 @@ def _ablation_rows(model: PonderLM, val: torch.Tensor, taus: list[float], ablati
     for policy in ablations:
         if policy == "fixed":
             for d in range(model.cfg.max_depth + 1):
-                r = perplexity(model, val, mode="hard", batch_size=16, ablation=Ablation("fixed", depth=d), **CONVERGED)
+                r = perplexity(model, val, batch_size=16, ablation=Ablation("fixed", depth=d), **SCORING)
                 rows.append({"policy": "fixed", "depth": d, "tau": None, **r})
         else:
             for tau in taus:
-                r = perplexity(model, val, mode="hard", tau=tau, batch_size=16, ablation=Ablation(policy), **CONVERGED)
+                r = perplexity(model, val, tau=tau, batch_size=16, ablation=Ablation(policy), **SCORING)
                 rows.append({"policy": policy, "depth": None, "tau": tau, **r})
     return rows
 
@@ -193,7 +193,7 @@ def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str
         "tasks": list(cfg.tasks),
         "task_limit": cfg.task_limit,
         "ablations": list(cfg.ablations),
-        "scoring": {"mode": "hard", **CONVERGED},  # results scored otherwise (before: J=3) are recomputed
+        "scoring": SCORING,  # results scored otherwise (before: J=3) are recomputed
     }
     path = run_dir / "experiment_eval.json"
     if path.is_file():
