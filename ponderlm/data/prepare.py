@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -263,15 +264,13 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     uses_cache = bool(cfg.sources) or cfg.tokenizer == "neox"
     check_disjoint(out, inputs + ([Path(cfg.cache_dir)] if uses_cache else []), "--out")
     fp = cfg.fingerprint()
-    tok = {"file": file_tok}
 
-    def fetch_tokenizer() -> None:  # under the lock, before the build: no temporary while downloading
-        if cfg.tokenizer == "neox":
-            tok["file"] = Tokenizer.neox(cfg.cache_dir, log)
+    def tokenizer() -> Tokenizer | None:  # under the lock, before the build: no temporary while downloading
+        return Tokenizer.neox(cfg.cache_dir, log) if cfg.tokenizer == "neox" else file_tok
 
     t0 = time.time()
-    meta, built = build_dataset(out, fp, cfg.overwrite, lambda tmp: _build(cfg, tmp, fp, texts, bins, tok["file"], log),
-                                log, before=fetch_tokenizer)  # fmt: skip
+    meta, built = build_dataset(out, fp, cfg.overwrite, lambda tmp, tok: _build(cfg, tmp, fp, texts, bins, tok, log),
+                                log, before=tokenizer)  # fmt: skip
     if built:
         log(summary_table(meta))
         log(f"wrote {out} in {time.time() - t0:.0f}s")
@@ -281,12 +280,12 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
 EXISTS_HINT = "it holds a dataset built with other settings; pass --overwrite to rebuild it or choose another --out"
 
 
-def build_dataset(out: Path, fp: str, overwrite: bool, build: Callable[[Path], dict], log,
-                  before: Callable[[], None] | None = None) -> tuple[dict, bool]:  # fmt: skip
+def build_dataset(out: Path, fp: str, overwrite: bool, build: Callable[[Path, Any], dict], log,
+                  before: Callable[[], Any] = lambda: None) -> tuple[dict, bool]:  # fmt: skip
     """The protocol every dataset builder follows: under a lock on ``out``, find the dataset with
     fingerprint ``fp`` up to date (and intact) and do nothing, or check that ``out`` may be
-    replaced, run ``before()`` and then ``build(tmp)`` in a hidden marked sibling renamed into place.
-    Returns (meta, whether it was built)."""
+    replaced, run ``before()`` (e.g. a download) and then ``build(tmp, what before returned)`` in a
+    hidden marked sibling renamed into place. Returns (meta, whether it was built)."""
     target = _target(out)
     lock = DirLock(target, "--out")
     try:
@@ -312,10 +311,9 @@ def build_dataset(out: Path, fp: str, overwrite: bool, build: Callable[[Path], d
             raise DataError(
                 f"--out {out} is a mount point, which cannot be replaced by a rename; choose a directory in it"
             )
-        if before is not None:
-            before()
+        ready = before()
         with building(target, "dataset") as tmp:
-            return build(tmp), True
+            return build(tmp, ready), True
     finally:
         lock.release()
 

@@ -264,7 +264,7 @@ def synthesize(cfg: SyntheticConfig, log=print) -> dict:
     out = Path(cfg.out_dir)
     fp = cfg.fingerprint()
     t0 = time.time()
-    meta, built = build_dataset(out, fp, cfg.overwrite, lambda tmp: _build(cfg, tmp, fp), log)
+    meta, built = build_dataset(out, fp, cfg.overwrite, lambda tmp, _: _build(cfg, tmp, fp), log)
     if built:
         log(summary(meta))
         log(f"wrote {out} in {time.time() - t0:.1f}s")
