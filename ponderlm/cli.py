@@ -131,10 +131,10 @@ def _add_data(sub) -> None:
 # the options of one task: (task, flag, SyntheticConfig's default, help); parsed as None when not given,
 # so that an option of the other task is refused rather than ignored
 SYNTHETIC_OPTIONS = (
-    ("chains", "--episodes", 5, "episodes per document"),
-    ("chains", "--assignments", 12, "assignments per episode, at most 12"),
-    ("chains", "--queries", 3, "queries per episode, each on its own chain"),
-    ("chains", "--max-hops", 4, "H, the longest chain and the most hops a query needs"),
+    ("chains", "--episodes", 3, "episodes per document"),
+    ("chains", "--chains", 4, "C, chains per episode (at most 8), each ending in its own digit"),
+    ("chains", "--max-hops", 3, "H, variables per chain: a query needs 1..H look-ups (C x H at most 24)"),
+    ("chains", "--queries", 6, "queries per episode, each of a variable not asked before"),
     ("modsum", "--lines", 40, "sums per document"),
     ("modsum", "--max-operands", 6, "N, the most operands of a sum"),
 )

@@ -20,11 +20,12 @@ from ponderlm.eval.perplexity import class_sums, difficulty
 from ponderlm.eval.run import evaluate_checkpoint, markdown
 from ponderlm.eval.stats import spearman
 from ponderlm.loading import load_model
+from ponderlm.model import CONVERGED
 
 from errorcases import TINY, run_cli
 
-# short chains episodes (K=7, Q=2, H=3), so that six validation documents hold every answer class
-CHAINS = SyntheticConfig(task="chains", train_docs=60, val_docs=6, episodes=3, assignments=7, queries=2, max_hops=3)
+# short chains episodes (C=2, H=3, Q=3), so that six validation documents hold every answer class
+CHAINS = SyntheticConfig(task="chains", train_docs=60, val_docs=6, episodes=3, chains=2, max_hops=3, queries=3)
 SEQ = 32  # the run's max_seq_len: windows of 33 tokens
 WINDOWS, BATCH, TAU = 12, 4, 0.3
 OLD_KEYS = {"tau", "task", "n", "loss", "ppl", "mean_depth", "flops_per_token", "depth_hist", "seconds"}
@@ -79,7 +80,7 @@ def by_hand(world, target_shift: int = 1) -> dict[str, dict[str, float]]:
     logits, depth = [], []
     with torch.no_grad():
         for i in range(0, len(w), BATCH):  # the batches eval uses: the same float32 arithmetic
-            out = model(w[i : i + BATCH, :-1], mode="hard", tau=TAU)
+            out = model(w[i : i + BATCH, :-1], mode="hard", tau=TAU, **CONVERGED)  # eval's default scoring
             logits.append(out.logits)
             depth.append(out.depth)
     logits, depth = torch.cat(logits).double(), torch.cat(depth).double()  # (N, T, V), (N, T)

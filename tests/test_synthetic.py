@@ -9,6 +9,7 @@ import json
 import shutil
 from collections import Counter
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,8 +55,11 @@ def datasets(tmp_path_factory):
 
 # ------------------------------------------------------------ independent solvers
 def solve_chains(symbols: list[str], cfg: SyntheticConfig) -> list[str]:
-    """The label every token should have, worked out from the text alone: each query is answered by
-    following the assignments, counting hops. Asserts the format and the facts the labels rest on."""
+    """The label every token should have, worked out from the text alone. An assignment's side is
+    ``free`` when another symbol there would still let the episode be completed (found by trying
+    every symbol), a query's answer ``answer-h`` with h the look-ups from the queried variable to a
+    digit, earlier queries counting as statements. Asserts the format and the facts the labels rest on."""
+    C, H = cfg.chains, cfg.max_hops
     labels: list[str] = []
     episodes = " ".join(symbols).split(" | ")
     assert len(episodes) == cfg.episodes
@@ -63,50 +67,67 @@ def solve_chains(symbols: list[str], cfg: SyntheticConfig) -> list[str]:
         statements = [s.split() for s in text.split(";")]
         assert statements[-1] == [] and all(len(s) == 3 for s in statements[:-1]), text
         statements = statements[:-1]
-        assert [s[1] for s in statements] == ["="] * cfg.assignments + ["?"] * cfg.queries
-        value: dict[str, str] = {}
-        for lhs, _, rhs in statements[: cfg.assignments]:
-            assert lhs.isalpha() and len(lhs) == 1 and lhs not in value  # each variable assigned once
-            named = set(value) | (set(value.values()) - DIGITS)
-            assert 26 - len(named) >= 2  # the left side could have been one of several fresh names
-            assert rhs in DIGITS or (rhs.isalpha() and rhs != lhs)
-            value[lhs] = rhs
-        refs = [v for v in value.values() if v not in DIGITS]
-        assert len(refs) == len(set(refs))  # chains, not trees: a variable is referenced once at most
-        ends = {v: resolve(v, value) for v in value}
-        resolved = {v for v, r in ends.items() if r is not None}
-        assert all(ends[v][1] <= cfg.max_hops for v in resolved)
-        bottom = {v: next(u for u in _walk(v, value) if value[u] in DIGITS) for v in resolved}  # its chain
-        assert len({value[b] for b in bottom.values()}) >= 2  # answers are never all the same digit
-        asked: set[str] = set()
+        assert [s[1] for s in statements] == ["="] * (C * H) + ["?"] * cfg.queries
         if e:
             labels.append("syntax")  # the separator
-        labels += ["free", "syntax", "free", "syntax"] * cfg.assignments
-        for var, _, answer in statements[cfg.assignments :]:
-            others = [v for v in resolved if bottom[v] not in asked]
-            assert var in others and len(others) >= 2  # the queried variable was one of several possible
-            asked.add(bottom[var])
-            digit, hops = ends[var]
+        value: dict[str, str] = {}
+        for lhs, _, rhs in statements[: C * H]:
+            lefts = {x for x in LETTERS if x not in value and any(completable({**value, x: r}, C, H) for r in SYMBOLS)}
+            rights = {r for r in SYMBOLS if completable({**value, lhs: r}, C, H)}
+            assert lhs in lefts and rhs in rights
+            labels += [
+                "free" if len(lefts) > 1 else "syntax",
+                "syntax",
+                "free" if len(rights) > 1 else "syntax",
+                "syntax",
+            ]
+            value[lhs] = rhs
+        assert completable(value, C, H) and len(value) == C * H  # the episode: C chains of H, own digits
+        asked: dict[str, str] = {}
+        for var, _, answer in statements[C * H :]:
+            assert var in value and var not in asked and len(value) - len(asked) >= 2
+            digit, hops = var, 0
+            while digit not in DIGITS:  # down the chain; a variable asked earlier: its answer
+                digit, hops = asked[digit] if digit in asked else value[digit], hops + 1
             assert answer == digit
+            asked[var] = answer
             labels += ["free", "syntax", f"answer-{hops}", "syntax"]
     return labels
 
 
-def resolve(v: str, value: dict[str, str]) -> tuple[str, int] | None:
-    """(digit, hops) of variable ``v`` under the assignments ``value``; None for a dead end."""
-    for hops in range(1, len(value) + 1):
-        if v not in value:
-            return None
-        v = value[v]
-        if v in DIGITS:
-            return v, hops
-    raise AssertionError(f"a cycle through {v}")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SYMBOLS = "0123456789" + LETTERS
 
 
-def _walk(v: str, value: dict[str, str]):
-    while v in value:
-        yield v
-        v = value[v]
+def completable(value: dict[str, str], C: int, H: int) -> bool:
+    """Whether assignments ``value`` (each variable once) can be extended into C chains of exactly
+    H variables ending in C distinct digits: by search over which chain each piece goes into."""
+    refs = [v for v in value.values() if v not in DIGITS]
+    digits = [v for v in value.values() if v in DIGITS]
+    if len(refs) != len(set(refs)) or len(digits) != len(set(digits)) or len(digits) > C:
+        return False
+    pieces = []  # (variables, ends in a digit)
+    for top in set(value) - set(refs):
+        n, v = 1, value[top]
+        while v in value:
+            n, v = n + 1, value[v]
+        pieces.append((n + (v not in DIGITS), v in DIGITS))
+    if sum(n for n, _ in pieces) < len(set(value) | set(refs)):
+        return False  # a cycle: some variable is on no piece
+    return _pack(tuple(sorted(pieces)), tuple([(0, False)] * C), H)
+
+
+@cache
+def _pack(pieces: tuple, chains: tuple, H: int) -> bool:
+    if not pieces:
+        return True
+    (n, d), rest = pieces[-1], pieces[:-1]
+    for i, (used, has_digit) in enumerate(chains):
+        if used + n <= H and not (d and has_digit):
+            nxt = tuple(sorted((*chains[:i], (used + n, has_digit or d), *chains[i + 1 :])))
+            if _pack(rest, nxt, H):
+                return True
+    return False
 
 
 def solve_modsum(symbols: list[str], cfg: SyntheticConfig) -> list[str]:
@@ -132,9 +153,10 @@ SOLVE = {"chains": solve_chains, "modsum": solve_modsum}
 # ------------------------------------------------------------ the documents
 @pytest.mark.parametrize(
     "cfg",
-    [CHAINS, MODSUM, replace(CHAINS, max_hops=6, assignments=9, queries=2, episodes=2),
-     replace(CHAINS, max_hops=1, assignments=4, queries=3), replace(MODSUM, max_operands=2, lines=5)],
-    ids=["chains", "modsum", "chains_h6", "chains_h1", "modsum_n2"],
+    [CHAINS, MODSUM, replace(CHAINS, max_hops=6, chains=3, queries=5, episodes=2),
+     replace(CHAINS, max_hops=1, chains=5, queries=4), replace(CHAINS, max_hops=2, chains=2, queries=3),
+     replace(MODSUM, max_operands=2, lines=5)],
+    ids=["chains", "modsum", "chains_h6", "chains_h1", "chains_c2", "modsum_n2"],
 )  # fmt: skip
 def test_an_independent_solver_agrees_with_every_answer_and_label(cfg):
     docs = generate_documents(cfg, "train", 40)
@@ -252,7 +274,7 @@ def copy_of(ds: Path, dest: Path, edit=None) -> Path:
      (lambda m: m["labels"]["splits"]["val"]["shards"][0].update(file="val_000.bin"),
       "labels.splits.val.shards[0].file 'val_000.bin' is listed twice"),
      (lambda m: m["labels"]["splits"]["val"]["shards"][0].update(tokens=7),
-      "labels.splits.val.shards[0] has 7 labels for 1830 tokens"),
+      "labels.splits.val.shards[0] has 7 labels for 1314 tokens"),
      (lambda m: m.update(labels=[]), "labels must be an object")],
 )  # fmt: skip
 def test_a_malformed_labels_entry_is_a_clear_error(datasets, tmp_path, edit, message):
@@ -273,7 +295,7 @@ def test_check_dataset_checks_label_shards_like_token_shards(datasets, tmp_path)
     shard.write_bytes(shard.read_bytes()[:-1])
     with pytest.raises(DataError) as e:
         check_dataset(ds)
-    assert "val_labels_000.bin has 1,829 bytes, meta.json says 1,830 tokens" in str(e.value)
+    assert "val_labels_000.bin has 1,313 bytes, meta.json says 1,314 tokens" in str(e.value)
 
 
 def test_a_dataset_without_labels_says_so(datasets, tmp_path):
@@ -335,10 +357,13 @@ CASES = [  # rows of docs/ERRORS.md (tests/errorcases.CASE_MODULES)
     Case("synthetic_no_val_documents", lambda w, s: _chains("--val-docs", "-3"), "--val-docs must be >= 1, got -3"),
     Case("synthetic_one_operand", lambda w, s: _syn("--task", "modsum", "--out", "d", "--max-operands", "1"),
          "--max-operands must be >= 2, got 1"),
-    Case("synthetic_too_many_assignments", lambda w, s: _chains("--assignments", "13"),
-         "--assignments must be in [--max-hops + --queries, 12] = [7, 12] for --max-hops 4 --queries 3, got 13"),
-    Case("synthetic_too_few_assignments", lambda w, s: _chains("--assignments", "5", "--max-hops", "3"),
-         "--assignments must be in [--max-hops + --queries, 12] = [6, 12] for --max-hops 3 --queries 3, got 5"),
+    Case("synthetic_too_many_chains", lambda w, s: _chains("--chains", "9", "--max-hops", "2"),
+         "--chains must be <= 8 (each chain ends in its own digit), got 9"),
+    Case("synthetic_too_many_variables", lambda w, s: _chains("--chains", "5", "--max-hops", "5"),
+         "--chains x --max-hops must be <= 24 (single-letter variables), got 5 x 5 = 25"),
+    Case("synthetic_too_many_queries", lambda w, s: _chains("--chains", "2", "--max-hops", "2", "--queries", "4"),
+         "--queries must be < --chains x --max-hops = 4 (the last query still has two variables to choose from), "
+         "got 4"),
     Case("synthetic_option_of_the_other_task", lambda w, s: _chains("--max-operands", "5"),
          "--max-operands applies to --task modsum, not chains"),
     Case("synthetic_not_an_integer", lambda w, s: _chains("--queries", "two"),

@@ -44,19 +44,15 @@ from .sources import DataError
 from .tokenizer import EOT, Tokenizer
 
 TASKS = ("chains", "modsum")
-GENERATOR_VERSION = 1  # part of the fingerprint: bump when the same options would give other documents
+GENERATOR_VERSION = 2  # part of the fingerprint: bump when the same options would give other documents
 LETTERS = tuple("abcdefghijklmnopqrstuvwxyz")  # variable names
 DIGITS = tuple("0123456789")
 SEP = "|"  # between the episodes of a chains document
 VOCAB = (EOT, "<unk>", *DIGITS, *LETTERS, "=", ";", "?", "+", SEP)  # id = position; <unk> only for foreign text
 SYNTAX, FREE = "syntax", "free"
-# an assignment names at most two new variables, so 12 of them leave >= 4 unused letters for every left side
-MAX_ASSIGNMENTS = 12
+MAX_VARIABLES = 24  # of an episode: >= 2 letters stay unused, so a fresh left side is never forced
+MAX_CHAINS = 8  # each ends in its own digit: >= 3 digits stay possible for the last one
 MAX_OPERANDS = 20
-# how the chains grow (probabilities, not rules: every alternative keeps a positive probability); these
-# values give queries of each hop count about equally often (H=4, K=12, Q=3: 28/28/24/20 %)
-P_PENDING = 0.8  # left side: a referenced, unassigned variable (when there is one) rather than a fresh name
-P_JOIN = 0.8  # right side, when the chain goes on: the top of another fragment (when one fits) rather than a fresh name
 _CHUNK = 1000  # documents generated and written at a time
 
 
@@ -70,10 +66,10 @@ class SyntheticConfig:
     train_docs: int = 10_000
     val_docs: int = 200
     # chains
-    episodes: int = 5  # episodes per document
-    assignments: int = 12  # assignments per episode (K)
-    queries: int = 3  # queries per episode (Q), each on its own chain
-    max_hops: int = 4  # H: chains hold 1..H assignments; a query needs 1..H hops
+    episodes: int = 3  # episodes per document
+    chains: int = 4  # C: chains per episode, each ending in its own digit
+    max_hops: int = 3  # H: variables per chain; a query needs 1..H look-ups
+    queries: int = 6  # Q: queries per episode, each of a variable not asked before
     # modsum
     lines: int = 40  # sums per document
     max_operands: int = 6  # N: a sum has 2..N operands
@@ -87,25 +83,30 @@ class SyntheticConfig:
         at_least = [("--train-docs", self.train_docs, 1), ("--val-docs", self.val_docs, 1),
                     ("--shard-tokens", self.shard_tokens, 1024)]  # fmt: skip
         if self.task == "chains":
-            at_least += [("--episodes", self.episodes, 1), ("--queries", self.queries, 1),
-                         ("--max-hops", self.max_hops, 1)]  # fmt: skip
+            at_least += [("--episodes", self.episodes, 1), ("--chains", self.chains, 2),
+                         ("--max-hops", self.max_hops, 1), ("--queries", self.queries, 1)]  # fmt: skip
         else:
             at_least += [("--lines", self.lines, 1), ("--max-operands", self.max_operands, 2)]
         for option, value, lo in at_least:
             if value < lo:
                 raise DataError(f"{option} must be >= {lo}, got {value}")
-        if self.task == "chains" and not self.max_hops + self.queries <= self.assignments <= MAX_ASSIGNMENTS:
-            lo = self.max_hops + self.queries  # a chain of H assignments and Q more chains to query
-            raise DataError(
-                f"--assignments must be in [--max-hops + --queries, {MAX_ASSIGNMENTS}] = [{lo}, {MAX_ASSIGNMENTS}] for "
-                f"--max-hops {self.max_hops} --queries {self.queries}, got {self.assignments}"
-            )
+        if self.task == "chains":
+            if self.chains > MAX_CHAINS:
+                raise DataError(
+                    f"--chains must be <= {MAX_CHAINS} (each chain ends in its own digit), got {self.chains}"
+                )
+            if self.chains * self.max_hops > MAX_VARIABLES:
+                raise DataError(f"--chains x --max-hops must be <= {MAX_VARIABLES} (single-letter variables), got "
+                                f"{self.chains} x {self.max_hops} = {self.chains * self.max_hops}")  # fmt: skip
+            if self.queries >= self.chains * self.max_hops:
+                raise DataError(f"--queries must be < --chains x --max-hops = {self.chains * self.max_hops} (the last "
+                                f"query still has two variables to choose from), got {self.queries}")  # fmt: skip
         if self.task == "modsum" and self.max_operands > MAX_OPERANDS:
             raise DataError(f"--max-operands must be <= {MAX_OPERANDS}, got {self.max_operands}")
 
     def options(self) -> dict:
         """The settings that decide the documents of this task."""
-        chains = ("episodes", "assignments", "queries", "max_hops")
+        chains = ("episodes", "chains", "max_hops", "queries")
         return {k: getattr(self, k) for k in (chains if self.task == "chains" else ("lines", "max_operands"))}
 
     def classes(self) -> list[str]:
@@ -120,92 +121,124 @@ class SyntheticConfig:
 
 
 # ------------------------------------------------------------------ chains
-class _Episode:
-    """The assignments of one chains episode, drawn one at a time so that what may come next is
-    explicit: the left side is a referenced variable not yet assigned or a fresh name (always >= 4
-    of those); the right side is a digit (always allowed: the chain may end here), a fresh name, or
-    the top of another fragment, keeping every chain at most H variables long. A reference left
-    unassigned is a dead end, never queried."""
-
-    def __init__(self, rng: random.Random, H: int) -> None:
-        self.rng, self.H = rng, H
-        self.unseen = list(LETTERS)
-        self.value: dict[str, str] = {}  # assigned variable -> its right side (a variable or a digit)
-        self.parent: dict[str, str] = {}  # referenced variable -> the variable assigned to it
-        self.pending: dict[str, None] = {}  # referenced, not yet assigned (dicts: ordered sets, for determinism)
-        self.tops: dict[str, None] = {}  # assigned, not referenced: where a fragment may grow upwards
-        self.digits: list[str] = []  # the digits ending the chains, in the order they were written
-
-    def fresh(self) -> str:
-        return self.unseen.pop(self.rng.randrange(len(self.unseen)))
-
-    def below(self, t: str) -> int:
-        """Variables from ``t`` down to the bottom of its fragment."""
-        n, v = 1, self.value.get(t)
-        while v is not None and not v.isdigit():
-            n, v = n + 1, self.value.get(v)
-        return n
-
-    def left(self) -> str:
-        x = self.rng.choice(list(self.pending)) if self.pending and self.rng.random() < P_PENDING else self.fresh()
-        self.pending.pop(x, None)
-        return x
-
-    def right(self, x: str, end_chain: bool) -> str:
-        """Draw and record the right side of ``x = ...``; ``end_chain`` forces a digit."""
-        top, m = x, 1  # the top of x's fragment and x's depth in it
-        while top in self.parent:
-            top, m = self.parent[top], m + 1
-        if end_chain or self.rng.random() * (self.H - m + 1) < 1:  # chain lengths spread over m..H
-            first = self.digits[0] if len(self.digits) == 1 else None  # two chains at least end differently
-            rhs = self.rng.choice([d for d in DIGITS if d != first])
-            self.digits.append(rhs)
-        else:
-            joinable = [t for t in self.tops if t != top and m + self.below(t) <= self.H]
-            rhs = self.rng.choice(joinable) if joinable and self.rng.random() < P_JOIN else self.fresh()
-            if rhs in self.tops:
-                del self.tops[rhs]
-            else:
-                self.pending[rhs] = None
-            self.parent[rhs] = x
-        self.value[x] = rhs
-        if x not in self.parent:
-            self.tops[x] = None
-        return rhs
-
-    def chains(self) -> list[list[str]]:
-        """The chains ending in a digit, each listed upwards from the variable assigned the digit (1 hop)."""
-        out = []
-        for v, rhs in self.value.items():
-            if rhs.isdigit():
-                chain = [v]
-                while chain[-1] in self.parent:
-                    chain.append(self.parent[chain[-1]])
-                out.append(chain)
-        return out
+def _fragments(value: dict[str, str]) -> list[tuple[int, bool]]:
+    """The pieces the assignments ``value`` (variable -> variable or digit) have built so far, as
+    (variables, ends in a digit): each runs from a variable nothing refers to down to a digit or to a
+    variable not assigned yet (counted)."""
+    referenced = {v for v in value.values() if not v.isdigit()}
+    out = []
+    for top in value:
+        if top in referenced:
+            continue
+        n, v = 1, value[top]
+        while not v.isdigit() and v in value:
+            n, v = n + 1, value[v]
+        out.append((n + (not v.isdigit()), v.isdigit()))
+    return out
 
 
-def _chains_episode(rng: random.Random, K: int, Q: int, H: int, sym: list[str], lab: list[str]) -> None:
-    """Append one episode: K assignments (Q + 1 chains at least end in a digit), then Q queries,
-    each on another of those chains, its hop count h uniform in 1..H among those they offer."""
-    ep = _Episode(rng, H)
-    for i in range(K):
-        x = ep.left()
-        rhs = ep.right(x, end_chain=Q + 1 - len(ep.digits) >= K - i)  # the last slots make the chains queries need
+def _completable(value: dict[str, str], C: int, H: int) -> bool:
+    """Whether more assignments can turn ``value`` into an episode: C chains of exactly H variables,
+    each ending in its own digit. Fresh letters pad any piece, so this is packing the pieces into C
+    chains of capacity H with at most one digit-ended piece (at the bottom) in each."""
+    frags = sorted(_fragments(value), reverse=True)
+    if any(n > H for n, _ in frags) or sum(d for _, d in frags) > C:
+        return False
+    room, digit = [H] * C, [False] * C
+
+    def place(i: int) -> bool:
+        if i == len(frags):
+            return True
+        n, d = frags[i]
+        seen = set()
+        for b in range(C):
+            key = (room[b], digit[b])
+            if key in seen or room[b] < n or (d and digit[b]):
+                continue
+            seen.add(key)  # bins alike are tried once
+            room[b] -= n
+            digit[b] |= d
+            if place(i + 1):
+                return True
+            room[b] += n
+            digit[b] = key[1]
+        return False
+
+    return place(0)
+
+
+def _next_assignments(value: dict[str, str], C: int, H: int) -> dict[str, set[str]]:
+    """Every left side that may come next, with the right sides it may take (the episode still
+    completable). One fresh letter and one unused digit stand for all of them: ``*`` and ``#``."""
+    referenced = {v for v in value.values() if not v.isdigit()}
+    pending = sorted(referenced - set(value))
+    tops = [t for t in value if t not in referenced]
+    out: dict[str, set[str]] = {}
+    for x in [*pending, "*"]:
+        lhs = "\x00" if x == "*" else x  # a fresh letter: a name no letter can clash with
+        options = {"#", "*", *tops}
+        if x != "*":  # x's own piece cannot be joined under x (a cycle)
+            top, parents = x, {v: u for u, v in value.items()}
+            while top in parents:
+                top = parents[top]
+            options.discard(top)
+        ok = {r for r in options if _completable({**value, lhs: {"#": "0", "*": "\x01"}.get(r, r)}, C, H)}
+        if "#" in ok and not _digit_left(value, C):
+            ok.discard("#")
+        if ok:
+            out[x] = ok
+    return out
+
+
+def _digit_left(value: dict[str, str], C: int) -> bool:
+    return sum(v.isdigit() for v in value.values()) < C
+
+
+def _chains_episode(rng: random.Random, C: int, H: int, Q: int, sym: list[str], lab: list[str]) -> None:
+    """Append one episode: C chains of H variables each ending in its own digit, their C * H
+    assignments in a random order, then Q queries of distinct variables. A query's hop count h is
+    the number of look-ups that reach a digit, earlier queries counting as assignments; h is drawn
+    uniform among the counts the unasked variables offer. Assignment tokens are ``free`` when the
+    episode could go on with another symbol there, ``syntax`` when the counts force it."""
+    letters = rng.sample(LETTERS, C * H)
+    digits = rng.sample(DIGITS, C)
+    chains = [letters[c * H : (c + 1) * H] for c in range(C)]  # chain c from its top down to its digit
+    stmts = [
+        (v, chain[i + 1] if i + 1 < H else digits[c]) for c, chain in enumerate(chains) for i, v in enumerate(chain)
+    ]
+    rng.shuffle(stmts)
+    value: dict[str, str] = {}
+    for x, rhs in stmts:
+        nxt = _next_assignments(value, C, H)
+        lhs_free = len(nxt) > 1 or "*" in nxt
+        key = x if x in nxt else "*"
+        rights = nxt[key]
+        rhs_free = len(rights) > 1 or bool(rights & {"#", "*"})  # a fresh letter or unused digit: several
         sym += (x, "=", rhs, ";")
-        lab += (FREE, SYNTAX, FREE, SYNTAX)
-    chains = ep.chains()
-    unasked = list(range(len(chains)))
+        lab += (FREE if lhs_free else SYNTAX, SYNTAX, FREE if rhs_free else SYNTAX, SYNTAX)
+        value[x] = rhs
+    answer = {v: digits[c] for c, chain in enumerate(chains) for v in chain}
+    asked: set[str] = set()
     for _ in range(Q):
-        while True:
-            h = rng.randint(1, H)
-            picks = [c for c in unasked if len(chains[c]) >= h]
-            if picks:
-                break
-        c = rng.choice(picks)
-        unasked.remove(c)
-        sym += (chains[c][h - 1], "?", ep.value[chains[c][0]], ";")
+        hops = {v: _hops(v, value, asked) for v in letters if v not in asked}
+        offered = sorted(set(hops.values()))
+        h = rng.choice(offered)
+        v = rng.choice([u for u in letters if hops.get(u) == h])
+        asked.add(v)
+        sym += (v, "?", answer[v], ";")
         lab += (FREE, SYNTAX, f"answer-{h}", SYNTAX)
+
+
+def _hops(v: str, value: dict[str, str], asked: set[str]) -> int:
+    """Look-ups from ``v`` to a digit: down its chain, stopping early at a variable already queried
+    (its query states its digit: one more look-up)."""
+    n = 1
+    while not value[v].isdigit():
+        v = value[v]
+        n += 1
+        if v in asked:
+            return n
+    return n
 
 
 def _chains_document(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[str], list[str]]:
@@ -215,7 +248,7 @@ def _chains_document(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[str
         if e:
             sym.append(SEP)
             lab.append(SYNTAX)
-        _chains_episode(rng, cfg.assignments, cfg.queries, cfg.max_hops, sym, lab)
+        _chains_episode(rng, cfg.chains, cfg.max_hops, cfg.queries, sym, lab)
     return sym, lab
 
 
