@@ -1,6 +1,7 @@
 """The Pareto experiment: config validation, frontier, seed aggregation, and a tiny end-to-end run."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import yaml
 
 from ponderlm.config import ConfigError
 from ponderlm.experiments import ExperimentConfig, pareto, run_experiment
-from ponderlm.experiments.report import collect_points, pareto_front
+from ponderlm.experiments.report import collect_points, markdown, pareto_front
 
 from fakepkgs import build_fake_dataset
 
@@ -119,3 +120,75 @@ def test_tiny_experiment_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert not (tmp_path / "exp" / "new").exists()
     assert "Not finished, left out: new." in (tmp_path / "exp" / "pareto.md").read_text()
     assert len(part["points"]) == len(out["points"])
+
+
+def _labelled(run, seed, flops, accs, depth=0.0):
+    """A result row on a labelled dataset: accs = (answer-1, answer-2) accuracy, 10 and 30 tokens."""
+    classes = {"syntax": {"tokens": 50, "loss": 0.1, "acc": 0.9, "mean_depth": depth},
+               "free": {"tokens": 40, "loss": 3.0, "acc": 0.1, "mean_depth": depth},
+               "answer-1": {"tokens": 10, "loss": 1.0, "acc": accs[0], "mean_depth": depth},
+               "answer-2": {"tokens": 30, "loss": 1.5, "acc": accs[1], "mean_depth": depth}}  # fmt: skip
+    diff = {
+        "answer_tokens": 40,
+        "spearman_depth_d": None,
+        "mean_depth": {"answer": depth, "free": depth, "syntax": depth},
+    }
+    return {"run": run, "seed": seed, "method": "vanilla", "K": 0, "penalty_weight": None, "router": False,
+            "evals": [{"tau": 1e-4, "loss": 2.0, "mean_depth": depth, "flops_per_token": flops, "classes": classes,
+                       "difficulty": diff}]}  # fmt: skip
+
+
+def test_collect_points_pools_answer_classes_and_marks_accuracy_frontiers():
+    pts = {p["run"]: p for p in collect_points([
+        _labelled("small", 0, 1e6, (0.5, 0.1)), _labelled("small", 1, 1e6, (0.7, 0.3)),
+        _labelled("big", 0, 2e6, (0.9, 0.2)),  # better on all answers pooled, worse on the hardest
+        _labelled("waste", 0, 3e6, (0.6, 0.2)),  # beaten by "big" on both, at more cost
+    ])}  # fmt: skip
+    small = pts["small"]
+    assert small["class_acc"]["answer-1"] == pytest.approx(0.6) and small["class_acc_std"]["answer-1"] == pytest.approx(
+        0.02**0.5
+    )
+    # pooled per seed, weighted by tokens: (10 * 0.5 + 30 * 0.1) / 40 = 0.2 and (7 + 9) / 40 = 0.4
+    assert small["answer_acc"] == pytest.approx(0.3) and small["answer_acc_std"] == pytest.approx(0.02**0.5)
+    assert small["hardest"] == "answer-2" and small["hardest_acc"] == pytest.approx(0.2)
+    assert pts["big"]["answer_acc"] == pytest.approx((9 + 6) / 40)
+    assert [pts[r]["pareto_answer"] for r in ("small", "big", "waste")] == [True, True, False]
+    assert [pts[r]["pareto_hardest"] for r in ("small", "big", "waste")] == [True, False, False]
+    md = markdown("t", list(pts.values()))
+    assert "| small |  | 2 | 1.000 | 0.300 | 0.141 | 0.200 | 0.141 | 0.600 | 0.200 | 3.000 | 0.100 |" in md
+
+
+def test_collect_points_without_labels_has_no_accuracy_keys():
+    row = {"tau": 1e-4, "loss": 2.0, "mean_depth": 0.0, "flops_per_token": 1.0}
+    pts = collect_points([{"run": "v", "seed": 0, "method": "vanilla", "K": 0, "penalty_weight": None, "evals": [row]}])
+    assert "answer_acc" not in pts[0] and "pareto_answer" not in pts[0]
+    assert "Accuracy per class" not in markdown("t", pts)
+
+
+def test_run_placeholders_name_the_same_seeds_earlier_run(tmp_path):
+    p2 = {"name": "p2", "set": ["model.method=ponderlm2", "train.init_from={run:base}"]}
+    raw = {"name": "x", "out_dir": str(tmp_path / "e"), "base": {}, "seeds": [0, 3], "runs": [{"name": "base"}, p2]}
+    p = tmp_path / "e.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    cfg = ExperimentConfig.load(p)
+    p2 = cfg.runs[1]
+    assert cfg.run_config(p2, 0).train.init_from == str(tmp_path / "e" / "base")
+    assert cfg.run_config(p2, 3).train.init_from == str(tmp_path / "e" / "base-s3")
+    assert [(s, r["name"]) for s, r in cfg.jobs()] == [(0, "base"), (0, "p2"), (3, "base"), (3, "p2")]
+
+
+@pytest.mark.parametrize(
+    "runs, needle",
+    [
+        ([{"name": "a", "set": ["train.init_from={run:b}"]}, {"name": "b"}],
+         "{run:b} must name a run listed before it"),
+        ([{"name": "a", "set": ["train.init_from={run:nope}"]}], "{run:nope} must name a run listed before it"),
+        ([{"name": "b", "seeds": [1]}, {"name": "a", "set": ["train.init_from={run:b}"]}],
+         "{run:b} is not trained with seed 0"),
+    ],
+)  # fmt: skip
+def test_run_placeholders_are_checked_when_the_file_loads(tmp_path, runs, needle):
+    p = tmp_path / "e.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "out_dir": str(tmp_path), "base": {}, "runs": runs}))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        ExperimentConfig.load(p)

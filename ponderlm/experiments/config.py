@@ -16,12 +16,16 @@ config, and how to evaluate them::
     task_limit: null
     ablations: []               # on PonderLM-3 runs: fixed, random, entropy (eval.ablations)
 
+In ``set``, ``{run:NAME}`` stands for the directory of the run NAME (listed earlier) trained with
+the same seed: ``train.init_from={run:base}`` makes every seed continue from its own base run.
+
 A run trained with the first seed lives in ``out_dir/<name>``, other seeds in
 ``out_dir/<name>-s<seed>``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from typing import Any
 from ..config import ConfigError, RunConfig, check_tau, load_run_config, read_yaml_mapping
 from ..eval.ablations import ABLATIONS
 
+PLACEHOLDER = re.compile(r"\{run:([^}]*)\}")  # in a run's overrides: another run's directory, same seed
 # the type of each key an experiment file may give (checked before the dataclass is built)
 SHAPES = {"name": str, "out_dir": str, "base": dict, "runs": list, "taus": list, "seeds": list, "tasks": list,
           "ablations": list, "eval_windows": int}  # fmt: skip
@@ -95,12 +100,29 @@ class ExperimentConfig:
     def run_seeds(self, run: dict[str, Any]) -> list[int]:
         return list(run.get("seeds", self.seeds))
 
+    def run_dir(self, name: str, seed: int) -> Path:
+        """Where run ``name`` trained with ``seed`` lives."""
+        return Path(self.out_dir) / (name if seed == self.seeds[0] else f"{name}-s{seed}")
+
+    def _placeholders(self, run: dict[str, Any], value: str, seed: int) -> str:
+        """``{run:NAME}`` in an override: the directory of the earlier run NAME trained with the same
+        seed (e.g. ``train.init_from={run:base}``: every seed continues its own base run)."""
+        names = [r["name"] for r in self.runs]
+        for ref in PLACEHOLDER.findall(value):
+            if ref not in names or names.index(ref) >= names.index(run["name"]):
+                raise ConfigError(f"run {run['name']!r}: {{run:{ref}}} must name a run listed before it")
+            other = self.runs[names.index(ref)]
+            if seed not in self.run_seeds(other):
+                raise ConfigError(f"run {run['name']!r}: {{run:{ref}}} is not trained with seed {seed}")
+            value = value.replace(f"{{run:{ref}}}", str(self.run_dir(ref, seed)))
+        return value
+
     def run_config(self, run: dict[str, Any], seed: int) -> RunConfig:
         unknown = sorted(set(run) - {"name", "set", "seeds"})
         if unknown:
             raise ConfigError(f"run {run.get('name')!r}: unknown key(s) {', '.join(unknown)} (use name, set, seeds)")
-        out = Path(self.out_dir) / (run["name"] if seed == self.seeds[0] else f"{run['name']}-s{seed}")
-        overrides = [*run.get("set", []), f"train.out_dir={out}", f"train.seed={seed}"]
+        sets = [self._placeholders(run, v, seed) for v in run.get("set", [])]
+        overrides = [*sets, f"train.out_dir={self.run_dir(run['name'], seed)}", f"train.seed={seed}"]
         cfg, _ = load_run_config(self.base, overrides)
         return cfg
 

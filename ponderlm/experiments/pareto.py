@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import latest_checkpoint, list_checkpoints
 from ..config import ConfigError, RunConfig, load_run_config
-from ..data import TokenShards, eval_windows, load_meta
+from ..data import TokenShards, eval_windows, load_meta, window_labels
 from ..data.tokenizer import Tokenizer
 from ..eval.ablations import Ablation
 from ..eval.perplexity import perplexity
@@ -119,11 +119,13 @@ def _prepare_run(rc: RunConfig, overwrite: bool, eval_only: bool, log, tag: str)
 
 
 # ------------------------------------------------------------------ evaluation
-def _tau_rows(model: PonderLM, tok: Tokenizer, val: torch.Tensor, taus: list[float], tasks: dict | None) -> list[dict]:
-    """Validation loss (hard mode) at each tau, with the zero-shot accuracies when tasks are given."""
+def _tau_rows(model: PonderLM, tok: Tokenizer, val: torch.Tensor, taus: list[float], tasks: dict | None,
+              labelled: dict) -> list[dict]:  # fmt: skip
+    """Validation loss (hard mode) at each tau, with the zero-shot accuracies when tasks are given
+    (and the per-class metrics on a labelled dataset: ``labelled`` holds labels and classes)."""
     rows = []
     for tau in taus:
-        r = perplexity(model, val, tau=tau, batch_size=16, **SCORING)
+        r = perplexity(model, val, tau=tau, batch_size=16, **labelled, **SCORING)
         row = {"tau": tau, **r}
         if tasks:
             accs = {name: score_task(model, tok, docs, tau=tau, jacobi=CONVERGED)["acc"]
@@ -134,18 +136,19 @@ def _tau_rows(model: PonderLM, tok: Tokenizer, val: torch.Tensor, taus: list[flo
     return rows
 
 
-def _ablation_rows(model: PonderLM, val: torch.Tensor, taus: list[float], ablations: list[str]) -> list[dict]:
+def _ablation_rows(model: PonderLM, val: torch.Tensor, taus: list[float], ablations: list[str],
+                   labelled: dict) -> list[dict]:  # fmt: skip
     """Validation loss of a PonderLM-3 model under each ablation: every fixed depth 0..K, and the
     random/entropy re-assignments of the router's depths at every tau."""
     rows = []
     for policy in ablations:
         if policy == "fixed":
             for d in range(model.cfg.max_depth + 1):
-                r = perplexity(model, val, batch_size=16, ablation=Ablation("fixed", depth=d), **SCORING)
+                r = perplexity(model, val, batch_size=16, ablation=Ablation("fixed", depth=d), **labelled, **SCORING)
                 rows.append({"policy": "fixed", "depth": d, "tau": None, **r})
         else:
             for tau in taus:
-                r = perplexity(model, val, tau=tau, batch_size=16, ablation=Ablation(policy), **SCORING)
+                r = perplexity(model, val, tau=tau, batch_size=16, ablation=Ablation(policy), **labelled, **SCORING)
                 rows.append({"policy": policy, "depth": None, "tau": tau, **r})
     return rows
 
@@ -160,12 +163,16 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Validation loss (hard mode) at each tau (one tau for methods without a router), with mean
     depth and inference FLOPs/token; zero-shot average accuracy when tasks are given; for
-    PonderLM-3 the requested ablations (fixed depths 0..K; random/entropy at every tau)."""
+    PonderLM-3 the requested ablations (fixed depths 0..K; random/entropy at every tau). On a
+    dataset with token labels (``ponderlm data synthetic``) every row also has the per-class
+    ``classes`` and ``difficulty`` of :func:`ponderlm.eval.perplexity.summarize_classes`."""
     model, tok, ck = load_model(run_dir)
     cfg = model.cfg
     val = eval_windows(TokenShards(data_dir, "val"), cfg.max_seq_len, windows)
-    rows = _tau_rows(model, tok, val, taus if cfg.has_router else taus[:1], tasks)
-    abl = _ablation_rows(model, val, taus, list(ablations)) if cfg.has_router else []
+    found = window_labels(data_dir, load_meta(data_dir), "val", cfg.max_seq_len, windows)
+    labelled = {} if found is None else {"classes": found[0], "labels": found[1]}
+    rows = _tau_rows(model, tok, val, taus if cfg.has_router else taus[:1], tasks, labelled)
+    abl = _ablation_rows(model, val, taus, list(ablations), labelled) if cfg.has_router else []
     soft = perplexity(model, val, mode="soft", batch_size=16)
     state = json.loads((ck / "trainer_state.json").read_text())
     return {

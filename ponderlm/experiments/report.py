@@ -35,11 +35,46 @@ def _group(results: list[dict]) -> dict[tuple[str, float, str | None], list[tupl
     return groups
 
 
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(xs) / len(xs)
+    return mean, (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def _answer_classes(classes: dict) -> list[str]:
+    """The ``answer-<d>`` classes by d."""
+    return sorted((c for c in classes if c.startswith("answer-")), key=lambda c: int(c.split("-")[1]))
+
+
+def _class_metrics(rows: list[dict]) -> dict[str, Any]:
+    """Per-class metrics of one point on a labelled dataset, over its seeds' rows: accuracy and loss
+    per class, the answer classes pooled, the hardest answer class, depth per class and the
+    Spearman correlation of depth with d."""
+    names = list(rows[0]["classes"])
+    answers = [c for c in _answer_classes(rows[0]["classes"]) if rows[0]["classes"][c]["tokens"]]
+    out: dict[str, Any] = {"class_acc": {}, "class_acc_std": {}, "class_loss": {}, "class_depth": {}}
+    for c in names:
+        if rows[0]["classes"][c]["tokens"]:
+            out["class_acc"][c], out["class_acc_std"][c] = _mean_std([r["classes"][c]["acc"] for r in rows])
+            out["class_loss"][c] = _mean_std([r["classes"][c]["loss"] for r in rows])[0]
+            out["class_depth"][c] = _mean_std([r["classes"][c]["mean_depth"] for r in rows])[0]
+    if answers:
+        pooled = [sum(r["classes"][c]["acc"] * r["classes"][c]["tokens"] for c in answers)
+                  / sum(r["classes"][c]["tokens"] for c in answers) for r in rows]  # fmt: skip
+        out["answer_acc"], out["answer_acc_std"] = _mean_std(pooled)
+        out["hardest"] = answers[-1]
+        out["hardest_acc"], out["hardest_acc_std"] = out["class_acc"][answers[-1]], out["class_acc_std"][answers[-1]]
+    pooled_depth = [r["difficulty"]["mean_depth"]["answer"] for r in rows]
+    out["answer_depth"] = None if None in pooled_depth else _mean_std(pooled_depth)[0]
+    rho = [r["difficulty"]["spearman_depth_d"] for r in rows if r["difficulty"]["spearman_depth_d"] is not None]
+    out["spearman_depth_d"] = _mean_std(rho)[0] if rho else None
+    return out
+
+
 def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, dict]]) -> dict[str, Any]:
-    """One point of the report: the seeds' mean (and sample std) of the loss, mean depth and cost."""
-    losses = [e["loss"] for _, e in items]
-    mean = sum(losses) / len(losses)
-    std = (sum((x - mean) ** 2 for x in losses) / (len(losses) - 1)) ** 0.5 if len(losses) > 1 else 0.0
+    """One point of the report: the seeds' mean (and sample std) of the loss, mean depth and cost
+    (and of the per-class accuracies on a labelled dataset)."""
+    mean, std = _mean_std([e["loss"] for _, e in items])
     r0, e0 = items[0]
     p = {
         "run": run if ablation is None else f"{run} [{ablation}]",
@@ -58,17 +93,31 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
     }
     if "zeroshot_avg" in e0:
         p["zeroshot_avg"] = sum(e["zeroshot_avg"] for _, e in items) / len(items)
+    if "classes" in e0:
+        p.update(_class_metrics([e for _, e in items]))
     return p
 
 
+# the frontiers the report marks: (point flag, quality key, lower is better)
+FRONTIERS = (("pareto", "loss", True), ("pareto_answer", "answer_acc", False), ("pareto_hardest", "hardest_acc", False))
+
+
 def collect_points(results: list[dict]) -> list[dict]:
-    """One point per (run, tau), averaged over seeds: cost, loss (mean, std) and depth."""
+    """One point per (run, tau), averaged over seeds: cost, loss (mean, std) and depth; the
+    frontier of loss against cost (``pareto``) and, on a labelled dataset, of answer accuracy
+    (``pareto_answer``, all answer classes pooled; ``pareto_hardest``, the hardest class)."""
     points = [_point(run, tau, ablation, items) for (run, tau, ablation), items in _group(results).items()]
     # the frontier is over trained configurations; ablations are diagnostics of one of them
     main = [i for i, p in enumerate(points) if p["ablation"] is None]
-    front = {main[j] for j in pareto_front([(points[i]["flops_per_token"], points[i]["loss"]) for i in main])}
-    for i, p in enumerate(points):
-        p["pareto"] = i in front
+    for flag, key, lower in FRONTIERS:
+        have = [i for i in main if key in points[i]]
+        if not have:
+            continue
+        sign = 1.0 if lower else -1.0
+        front = {have[j] for j in pareto_front([(points[i]["flops_per_token"], sign * points[i][key]) for i in have])}
+        for i, p in enumerate(points):
+            if key in p:
+                p[flag] = i in front
     return points
 
 
@@ -97,7 +146,42 @@ def markdown(title: str, points: list[dict], minutes: float | None = None) -> st
             f"{p['loss_std']:.4f} | {p['ppl']:.2f} | {p['mean_depth']:.2f} | {p['flops_per_token'] / 1e6:.3f} | "
             f"{'*' if p['pareto'] else ''} |" + zs
         )
+    if any("answer_acc" in p for p in points):
+        lines += ["", *_class_table(points)]
     return "\n".join(lines) + "\n"
+
+
+def _class_table(points: list[dict]) -> list[str]:
+    """Accuracy per class of the predicted token (labelled datasets): the answers pooled and the
+    hardest class with their seed std, each class, the loss on free and syntax tokens, depth per
+    class and the Spearman correlation of depth with the class's d."""
+    ps = sorted((p for p in points if "answer_acc" in p), key=lambda q: q["flops_per_token"])
+    answers = _answer_classes({c: None for p in ps for c in p["class_acc"]})
+    hardest = ps[0]["hardest"]
+    head = ["run", "tau", "seeds", "MFLOPs/token", "answer acc", "± std", f"{hardest} acc", "± std",
+            *(f"{c} acc" for c in answers), "free loss", "syntax loss", "depth answer", "depth free", "depth syntax",
+            "Spearman(depth, d)", "frontier (all / hardest)"]  # fmt: skip
+    lines = [
+        "Accuracy per class of the predicted token (the metrics at position t belong to token t + 1; "
+        "docs/SYNTHETIC.md): mean over seeds, ± the seeds' standard deviation. The frontier columns mark",
+        "the points no other trained configuration beats on both cost and answer accuracy (all answer "
+        f"classes pooled / {hardest} alone).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|---:|---:|" + "---:|" * (len(head) - 4) + ":---:|",
+    ]
+    f = lambda v, d=3: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for p in ps:
+        depth = p["class_depth"]
+        cells = [p["run"], "" if p["tau"] is None else f"{p['tau']:g}", str(p["seeds"]), f(p["flops_per_token"] / 1e6),
+                 f(p["answer_acc"]), f(p["answer_acc_std"]), f(p["hardest_acc"]), f(p["hardest_acc_std"]),
+                 *(f(p["class_acc"].get(c)) for c in answers), f(p["class_loss"].get("free")),
+                 f(p["class_loss"].get("syntax")),
+                 f(p["answer_depth"], 2),
+                 f(depth.get("free"), 2), f(depth.get("syntax"), 2), f(p["spearman_depth_d"], 2),
+                 f"{'*' if p.get('pareto_answer') else ''} / {'*' if p.get('pareto_hardest') else ''}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 # ------------------------------------------------------------------ plot
@@ -128,16 +212,17 @@ def _draw_series(ax, run: str, ps: list[dict], key: str, colour) -> None:
     else:
         m = ABLATION_MARKERS.get(abl, "|")
         ax.plot(xs, ys, marker=m, color=colour, alpha=0.6, ls=":", lw=0.8, ms=7, label=run)
-    if key == "loss" and any(q["loss_std"] > 0 for q in ps):
-        ax.errorbar(xs, ys, yerr=[q["loss_std"] for q in ps], fmt="none", color=colour, alpha=0.5)
+    std = f"{key}_std"
+    if any(q.get(std, 0) > 0 for q in ps):
+        ax.errorbar(xs, ys, yerr=[q.get(std, 0.0) for q in ps], fmt="none", color=colour, alpha=0.5, capsize=2)
     for q, x, y in zip(ps, xs, ys, strict=True):
         if q["tau"] is not None:
             ax.annotate(f"{q['tau']:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
 
 
-def _draw_frontier(ax, points: list[dict]) -> None:
-    fr = sorted((p for p in points if p["pareto"]), key=lambda q: q["flops_per_token"])
-    fx, fy = [q["flops_per_token"] / 1e6 for q in fr], [q["loss"] for q in fr]
+def _draw_frontier(ax, points: list[dict], key: str, flag: str) -> None:
+    fr = sorted((p for p in points if p.get(flag)), key=lambda q: q["flops_per_token"])
+    fx, fy = [q["flops_per_token"] / 1e6 for q in fr], [q[key] for q in fr]
     ax.step(fx, fy, where="post", color="black", lw=1, ls="--")
     ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="black", label="Pareto frontier")
 
@@ -149,8 +234,9 @@ def _draw_panel(ax, points: list[dict], key: str, label: str, palette) -> None:
     for run, ps in _series(points, key).items():
         base = run.rsplit(" [", 1)[0]
         _draw_series(ax, run, ps, key, colours.setdefault(base, palette[len(colours) % len(palette)]))
-    if key == "loss":
-        _draw_frontier(ax, points)
+    for flag, k, _ in FRONTIERS:
+        if k == key:
+            _draw_frontier(ax, points, key, flag)
     ax.set_xlabel("inference MFLOPs per token")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
@@ -164,18 +250,21 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_zs = any("zeroshot_avg" in p for p in points)
-    fig, axes = plt.subplots(1, 2 if has_zs else 1, figsize=(12 if has_zs else 7, 4.5), squeeze=False)
     panels = [("loss", "validation loss (hard mode)")]
-    if has_zs:
+    if any("zeroshot_avg" in p for p in points):
         panels.append(("zeroshot_avg", "zero-shot average accuracy"))
-    palette = plt.get_cmap("tab10").colors
+    hardest = next((p["hardest"] for p in points if "hardest" in p), None)
+    if hardest is not None:
+        panels += [("answer_acc", "answer accuracy (all answer classes)"), ("hardest_acc", f"{hardest} accuracy")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 2.5, 4.5), squeeze=False)
+    palette = plt.get_cmap("tab20").colors
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         _draw_panel(ax, points, key, label, palette)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
