@@ -137,6 +137,7 @@ SYNTHETIC_OPTIONS = (
     ("chains", "--queries", 6, "queries per episode, each of a variable not asked before"),
     ("modsum", "--lines", 40, "sums per document"),
     ("modsum", "--max-operands", 6, "N, the most operands of a sum"),
+    ("modsum", "--modulus", 10, "M: operands are digits 0..M-1, the answer their sum mod M (2..10)"),
 )
 
 
@@ -406,6 +407,14 @@ def _add_experiment(sub) -> None:
         action="store_true",
         help="train nothing: evaluate the finished runs and report without the others",
     )
+    par.add_argument(
+        "--jobs",
+        type=_int_at_least(1),
+        default=1,
+        metavar="N",
+        help="train up to N runs at once, each in its own process with cpu_count/N threads (logs in "
+        "OUT_DIR/.logs/); then evaluate as usual (default 1: one run after the other, in this process)",
+    )
     par.set_defaults(handler=cmd_experiment)
 
 
@@ -413,7 +422,7 @@ def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from .experiments import ExperimentConfig, run_experiment
 
     run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite,
-                   eval_only=args.eval_only)  # fmt: skip
+                   eval_only=args.eval_only, jobs=args.jobs)  # fmt: skip
     return 0
 
 

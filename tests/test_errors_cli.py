@@ -292,6 +292,8 @@ CASES = [
          "the following arguments are required: --checkpoint (see `ponderlm eval --help`)"),
     Case("not_a_number", lambda w, s: _eval(w, s, "--batch-size", "many"),
          "argument --batch-size: expected an integer >= 1, got 'many'"),
+    Case("experiment_jobs_zero", lambda w, s: ["experiment", "pareto", "--config", str(s / "e.yaml"), "--jobs", "0"],
+         "argument --jobs: must be >= 1, got 0"),
     Case("demo_steps_zero", lambda w, s: ["demo", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
     Case("demo_seed_huge", lambda w, s: ["demo", "--seed", str(2**63)],
          "argument --seed: must be an integer in [0, 2**63 - 1], got 9223372036854775808"),

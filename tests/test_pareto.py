@@ -1,10 +1,18 @@
 """The Pareto experiment: config validation, frontier, seed aggregation, and a tiny end-to-end run."""
 
 import json
+import math
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from ponderlm.config import ConfigError
@@ -192,3 +200,125 @@ def test_run_placeholders_are_checked_when_the_file_loads(tmp_path, runs, needle
     p.write_text(yaml.safe_dump({"name": "x", "out_dir": str(tmp_path), "base": {}, "runs": runs}))
     with pytest.raises(ConfigError, match=re.escape(needle)):
         ExperimentConfig.load(p)
+
+
+# ------------------------------------------------------------------ --jobs N: training in worker processes
+def _jobs_experiment(tmp_path: Path, out: str, runs: list[dict], seeds: list[int], steps: int = 3) -> Path:
+    """A tiny experiment file (one thread per training, so that any two trainings of a run agree)."""
+    data = tmp_path / "d" / "ds"
+    if not data.exists():
+        build_fake_dataset(tmp_path / "d")
+    raw = {
+        "name": out,
+        "out_dir": str(tmp_path / out),
+        "base": {
+            "model": {"d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64, "max_ponder_steps": 2},
+            "train": {"data_dir": str(data), "seq_len": 32, "batch_size": 4, "max_steps": steps, "eval_windows": 2,
+                      "progress": False, "log_interval": 1, "threads": 1},
+        },
+        "runs": runs,
+        "seeds": seeds,
+        "taus": [0.4],
+        "eval_windows": 2,
+    }  # fmt: skip
+    p = tmp_path / f"{out}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+DEPENDENT_RUNS = [
+    {"name": "base", "set": ["model.method=vanilla"]},
+    {"name": "p2", "set": ["model.method=ponderlm2", "train.init_from={run:base}"]},
+    {"name": "p3", "set": ["model.method=ponderlm3"]},
+]
+
+
+def test_jobs_trains_in_workers_after_their_init_from_run(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        par_logs: list[str] = []
+        spec = _jobs_experiment(tmp_path, "par", DEPENDENT_RUNS, [0, 1])
+        par = run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=par_logs.append, jobs=2)
+        seq = run_experiment(ExperimentConfig.load(_jobs_experiment(tmp_path, "seq", DEPENDENT_RUNS, [0, 1])),
+                             tmp_path / "cache", log=lambda *_: None)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "par"
+    names = ["base", "p2", "p3", "base-s1", "p2-s1", "p3-s1"]
+    for name in names:
+        assert pareto.finished(out / name, 3), name
+        assert (out / ".logs" / f"{name}.log").is_file(), name
+    assert (out / "pareto.md").is_file() and (out / "pareto.json").is_file()
+    for name, base in (("p2", "base"), ("p2-s1", "base-s1")):
+        assert f"initialised from {out / base}" in (out / ".logs" / f"{name}.log").read_text()
+    # started in cfg.jobs() order, a dependent run only once its base run has finished
+    started = [line.split()[3] for line in par_logs if " in worker " in line]
+    assert started[:2] == ["base", "p3"] and sorted(started) == sorted(names)  # p2 waits for base
+    ended = {line.split()[2]: i for i, line in enumerate(par_logs) if line.startswith("== [") and "trained" in line}
+    for name, base in (("p2", "base"), ("p2-s1", "base-s1")):
+        begun = next(i for i, line in enumerate(par_logs) if f" training {name} (" in line)
+        assert ended[base] < begun
+    # evaluation found every run finished; the report is the one of the same runs trained one after the other
+    assert sum("reusing it" in line for line in par_logs) == 6
+    assert par["points"] == seq["points"]
+    assert all(math.isfinite(pt["loss"]) for pt in par["points"])
+
+
+def test_jobs_failure_names_the_run_and_its_log_and_starts_no_dependent(tmp_path):
+    runs = [
+        {"name": "base", "set": ["model.method=vanilla"]},
+        {"name": "bad", "set": ["model.method=vanilla", f"train.data_dir={tmp_path / 'nodata'}"]},
+        {"name": "dep", "set": ["model.method=ponderlm2", "train.init_from={run:bad}"]},
+    ]
+    spec = _jobs_experiment(tmp_path, "exp", runs, [0])
+    out = tmp_path / "exp"
+    log = out / ".logs" / "bad.log"
+    why = f"{tmp_path / 'nodata'} is not a prepared dataset (no meta.json)"
+    with pytest.raises(ConfigError, match=re.escape(f"training bad failed ({why}")) as e:
+        run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=lambda *_: None, jobs=2)
+    assert str(e.value).endswith(f"its log: {log}; not started: dep. The runs that finished are kept: run the "
+                                 "command again to continue")  # fmt: skip
+    assert f"error: {why}" in log.read_text()
+    assert pareto.finished(out / "base", 3)  # the job running beside it finished, and is kept
+    assert not (out / "dep").exists() and not (out / ".logs" / "dep.log").exists()
+    assert not (out / "pareto.md").exists()
+
+
+def test_jobs_ctrl_c_stops_the_workers(tmp_path):
+    """SIGINT to the parent alone (as a signal sent to the command, not the terminal's process group):
+    it stops its workers, which are gone when it has exited."""
+    runs = [{"name": "a", "set": ["model.method=vanilla"]}, {"name": "b", "set": ["model.method=vanilla"]}]
+    spec = _jobs_experiment(tmp_path, "exp", runs, [0], steps=100000)
+    p = subprocess.Popen([sys.executable, "-m", "ponderlm", "experiment", "pareto", "--config", str(spec), "--jobs",
+                          "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+    try:
+        pids = []
+        while len(pids) < 2:
+            line = p.stdout.readline()
+            assert line, p.stderr.read()
+            if " in worker " in line:
+                pids.append(int(line.split(" in worker ")[1].split(",")[0]))
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again(tmp_path):
+    """A run directory with its config but no checkpoint yet (stopped early) is trained again from
+    step 0 by the next experiment command, without --overwrite."""
+    spec = _jobs_experiment(tmp_path, "exp", [{"name": "v", "set": ["model.method=vanilla"]}], [0])
+    run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=lambda *_: None)
+    run = tmp_path / "exp" / "v"
+    for ck in (run / "checkpoints").iterdir():
+        shutil.rmtree(ck)
+    assert (run / "config.yaml").is_file() and not pareto.finished(run, 3)
+    logs: list[str] = []
+    run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=logs.append)
+    assert pareto.finished(run, 3)
+    assert any("resuming v" in line for line in logs)

@@ -36,7 +36,7 @@ from errorcases import TINY, Case, check_case, run_cli
 
 CHAINS = SyntheticConfig(task="chains", train_docs=60, val_docs=6)
 MODSUM = SyntheticConfig(task="modsum", train_docs=60, val_docs=6)
-DIGITS = set("0123456789")
+DIGITS = "0123456789"
 
 
 def quiet(*_) -> None:
@@ -139,8 +139,8 @@ def solve_modsum(symbols: list[str], cfg: SyntheticConfig) -> list[str]:
         left, answer = line.split(" = ")
         operands = left.split(" + ")
         n = len(operands)
-        assert 2 <= n <= cfg.max_operands and all(o.strip() in DIGITS for o in operands)
-        assert int(answer) == sum(int(o) for o in operands) % 10
+        assert 2 <= n <= cfg.max_operands and all(o.strip() in DIGITS[: cfg.modulus] for o in operands)
+        assert int(answer) == sum(int(o) for o in operands) % cfg.modulus
         for k in range(1, n + 1):  # operand, then "+" or "="
             labels += ["free", "syntax" if k in (1, cfg.max_operands) else "free"]
         labels += [f"answer-{n}", "syntax"]
@@ -155,8 +155,8 @@ SOLVE = {"chains": solve_chains, "modsum": solve_modsum}
     "cfg",
     [CHAINS, MODSUM, replace(CHAINS, max_hops=6, chains=3, queries=5, episodes=2),
      replace(CHAINS, max_hops=1, chains=5, queries=4), replace(CHAINS, max_hops=2, chains=2, queries=3),
-     replace(MODSUM, max_operands=2, lines=5)],
-    ids=["chains", "modsum", "chains_h6", "chains_h1", "chains_c2", "modsum_n2"],
+     replace(MODSUM, max_operands=2, lines=5), replace(MODSUM, modulus=2)],
+    ids=["chains", "modsum", "chains_h6", "chains_h1", "chains_c2", "modsum_n2", "modsum_parity"],
 )  # fmt: skip
 def test_an_independent_solver_agrees_with_every_answer_and_label(cfg):
     docs = generate_documents(cfg, "train", 40)
@@ -311,7 +311,7 @@ def test_cli_writes_a_dataset_and_prints_a_summary(tmp_path):
                  "--max-operands", "4"], tmp_path)  # fmt: skip
     assert r.returncode == 0 and r.stderr == ""
     assert "| train | 20 |" in r.stdout and "answer-4" in r.stdout and "wrote d in" in r.stdout
-    assert load_meta(tmp_path / "d")["synthetic"]["options"] == {"lines": 40, "max_operands": 4}
+    assert load_meta(tmp_path / "d")["synthetic"]["options"] == {"lines": 40, "max_operands": 4, "modulus": 10}
     again = run_cli(["data", "synthetic", "--task", "modsum", "--out", "d", "--train-docs", "20", "--val-docs", "3",
                      "--max-operands", "4"], tmp_path)  # fmt: skip
     assert again.returncode == 0 and "up to date" in again.stdout
@@ -355,6 +355,8 @@ CASES = [  # rows of docs/ERRORS.md (tests/errorcases.CASE_MODULES)
     Case("synthetic_no_hops", lambda w, s: _chains("--max-hops", "0"), "--max-hops must be >= 1, got 0"),
     Case("synthetic_no_documents", lambda w, s: _chains("--train-docs", "0"), "--train-docs must be >= 1, got 0"),
     Case("synthetic_no_val_documents", lambda w, s: _chains("--val-docs", "-3"), "--val-docs must be >= 1, got -3"),
+    Case("synthetic_modulus_too_big", lambda w, s: _syn("--task", "modsum", "--out", "d", "--modulus", "11"),
+         "--modulus must be <= 10 (answers are single digits), got 11"),
     Case("synthetic_one_operand", lambda w, s: _syn("--task", "modsum", "--out", "d", "--max-operands", "1"),
          "--max-operands must be >= 2, got 1"),
     Case("synthetic_too_many_chains", lambda w, s: _chains("--chains", "9", "--max-hops", "2"),

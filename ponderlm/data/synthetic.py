@@ -7,7 +7,8 @@ the rule behind every label):
 
 - ``chains``: episodes of shuffled assignments ``x = y ;`` / ``y = 7 ;`` forming chains, then
   queries ``x ? 7 ;`` whose answer needs h hops (h in 1..H);
-- ``modsum``: sums ``4 + 9 + 1 = 4 ;`` mod 10 of n operands (n in 2..N), the answer ``answer-n``.
+- ``modsum``: sums ``4 + 9 + 1 = 4 ;`` mod M (10 by default) of n operands (n in 2..N), the
+  answer ``answer-n``.
 
 The result is an ordinary dataset directory (the meta.json, tokenizer.json and token shards
 ``data prepare`` writes, built the same way: under a lock, in a hidden sibling renamed into place)
@@ -73,6 +74,7 @@ class SyntheticConfig:
     # modsum
     lines: int = 40  # sums per document
     max_operands: int = 6  # N: a sum has 2..N operands
+    modulus: int = 10  # M: operands are digits 0..M-1, the answer their sum mod M
     shard_tokens: int = 50_000_000
     overwrite: bool = False
 
@@ -86,7 +88,8 @@ class SyntheticConfig:
             at_least += [("--episodes", self.episodes, 1), ("--chains", self.chains, 2),
                          ("--max-hops", self.max_hops, 1), ("--queries", self.queries, 1)]  # fmt: skip
         else:
-            at_least += [("--lines", self.lines, 1), ("--max-operands", self.max_operands, 2)]
+            at_least += [("--lines", self.lines, 1), ("--max-operands", self.max_operands, 2),
+                         ("--modulus", self.modulus, 2)]  # fmt: skip
         for option, value, lo in at_least:
             if value < lo:
                 raise DataError(f"{option} must be >= {lo}, got {value}")
@@ -103,11 +106,15 @@ class SyntheticConfig:
                                 f"query still has two variables to choose from), got {self.queries}")  # fmt: skip
         if self.task == "modsum" and self.max_operands > MAX_OPERANDS:
             raise DataError(f"--max-operands must be <= {MAX_OPERANDS}, got {self.max_operands}")
+        if self.task == "modsum" and self.modulus > len(DIGITS):
+            raise DataError(f"--modulus must be <= {len(DIGITS)} (answers are single digits), got {self.modulus}")
 
     def options(self) -> dict:
         """The settings that decide the documents of this task."""
         chains = ("episodes", "chains", "max_hops", "queries")
-        return {k: getattr(self, k) for k in (chains if self.task == "chains" else ("lines", "max_operands"))}
+        return {
+            k: getattr(self, k) for k in (chains if self.task == "chains" else ("lines", "max_operands", "modulus"))
+        }
 
     def classes(self) -> list[str]:
         """Class names; a label shard holds indices into this list."""
@@ -254,19 +261,19 @@ def _chains_document(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[str
 
 # ------------------------------------------------------------------ modsum
 def _modsum_document(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[str], list[str]]:
-    """``lines`` sums ``a + b (+ ...) = s ;`` of n uniform in 2..N digits, s their sum mod 10.
-    The sign after operand k is ``+`` for k = 1 (n >= 2) and ``=`` for k = N: syntax; between, it
-    says whether the sum goes on: free."""
-    N = cfg.max_operands
+    """``lines`` sums ``a + b (+ ...) = s ;`` of n uniform in 2..N digits (uniform in 0..M-1), s
+    their sum mod M. The sign after operand k is ``+`` for k = 1 (n >= 2) and ``=`` for k = N:
+    syntax; between, it says whether the sum goes on: free."""
+    N, M = cfg.max_operands, cfg.modulus
     sym: list[str] = []
     lab: list[str] = []
     for _ in range(cfg.lines):
         n = rng.randint(2, N)
-        ops = [rng.randrange(10) for _ in range(n)]
+        ops = [rng.randrange(M) for _ in range(n)]
         for k, a in enumerate(ops, 1):
             sym += (DIGITS[a], "+" if k < n else "=")
             lab += (FREE, SYNTAX if k in (1, N) else FREE)
-        sym += (DIGITS[sum(ops) % 10], ";")
+        sym += (DIGITS[sum(ops) % M], ";")
         lab += (f"answer-{n}", SYNTAX)
     return sym, lab
 

@@ -5,19 +5,35 @@ The experiment file is described in :mod:`ponderlm.experiments.config`, the repo
 :mod:`ponderlm.experiments.report`. Finished runs (a checkpoint at train.max_steps) are reused, so
 an interrupted experiment continues where it stopped, and so are their evaluations
 (``<run>/experiment_eval.json``, keyed by the checkpoint and every evaluation setting).
+
+With ``--jobs N`` (N > 1) the runs that need training are trained first, in up to N worker
+processes at once with ``cpu_count // N`` threads each (tiny models train faster as several
+single-thread processes than as one multi-thread one; a run's explicit ``train.threads`` still
+applies). A run whose ``train.init_from`` is another run of the experiment starts once that run has
+finished. Each worker rebuilds its run config from a snapshot of the experiment
+(``<out_dir>/.logs/experiment.yaml``) and writes its output to ``<out_dir>/.logs/<run>.log`` (not
+into the run directory, which the trainer creates and owns). After a failed worker nothing new
+starts; the running ones finish, and the error names the failed run and its log. Evaluation and
+the report then proceed as with one job, in this process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import site
+import subprocess
+import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import latest_checkpoint, list_checkpoints
+from ..checkpoint import latest_checkpoint
 from ..config import ConfigError, RunConfig, load_run_config
 from ..data import TokenShards, eval_windows, load_meta, window_labels
 from ..data.tokenizer import Tokenizer
@@ -28,7 +44,7 @@ from ..eval.zeroshot import score_task
 from ..loading import load_model
 from ..model import CONVERGED, PonderLM
 from ..owned import DirLock, OwnershipError, atomic_write, is_empty_dir, is_kind, make_owned_dir, read_marker
-from ..train import resolve_model_config, train
+from ..train import TrainingStopped, resolve_model_config, train
 from .config import ExperimentConfig
 from .report import collect_points, markdown, pareto_front, plot
 
@@ -105,17 +121,236 @@ def _prepare_run(rc: RunConfig, overwrite: bool, eval_only: bool, log, tag: str)
     resume it when unfinished, (re)train it when absent or --overwrite. A run trained with another
     config is refused. Returns False when --eval-only leaves it out."""
     run_dir = Path(rc.train.out_dir)
-    exists = run_dir.is_dir() and not is_empty_dir(run_dir)
-    if exists and not overwrite and finished(run_dir, rc.train.max_steps):
+    reuse, resume, replace = _decide(rc, overwrite)
+    if reuse:
         log(f"\n== {tag} {run_dir.name}: finished run found, reusing it")
         return True
     if eval_only:
         log(f"\n== {tag} {run_dir.name}: not finished, left out (--eval-only)")
         return False
-    resume = exists and not overwrite and bool(list_checkpoints(run_dir))
     log(f"\n== {tag} {'resuming' if resume else 'training'} {run_dir.name} ({rc.model.method})")
-    train(rc, set(), resume=resume, overwrite=overwrite and exists, log=log)
+    train(rc, set(), resume=resume, overwrite=replace, log=log)
     return True
+
+
+def _decide(rc: RunConfig, overwrite: bool) -> tuple[bool, bool, bool]:
+    """What to do with the run of ``rc``: (reuse it, as it is finished; resume it, as it was
+    started, with or without a checkpoint yet; replace it, under --overwrite). Neither reuse nor
+    resume: train it from scratch."""
+    run_dir = Path(rc.train.out_dir)
+    exists = run_dir.is_dir() and not is_empty_dir(run_dir)
+    if exists and not overwrite and finished(run_dir, rc.train.max_steps):
+        return True, False, False
+    return False, exists and not overwrite, overwrite and exists
+
+
+# ------------------------------------------------------------------ training in worker processes (--jobs N)
+LOGS = ".logs"  # in the experiment's out_dir: the snapshot the workers read, and one log per run they train
+POLL_S = 0.2  # how often the parent looks at its workers
+STOP_GRACE_S = 10.0  # how long stopped workers get to end before they are killed
+
+
+@dataclass(eq=False)
+class _Job:
+    """One (run, seed) to train in a worker process."""
+
+    tag: str  # "[n/N]", its place in cfg.jobs()
+    run: str
+    seed: int
+    rc: RunConfig
+    resume: bool
+    replace: bool
+    log_file: Path
+    after: _Job | None = None  # the job whose run this one starts from (train.init_from)
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return Path(self.rc.train.out_dir).name
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (a container's share)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _plan_training(cfg: ExperimentConfig, overwrite: bool, logs: Path) -> list[_Job]:
+    """The jobs that need training (the decisions of :func:`_prepare_run`), in cfg.jobs() order,
+    each with the job it must wait for: the one whose run directory is its train.init_from."""
+    every = cfg.jobs()
+    todo, by_dir = [], {}
+    for n, (seed, run) in enumerate(every, 1):
+        rc = cfg.run_config(run, seed)
+        reuse, resume, replace = _decide(rc, overwrite)
+        if reuse:
+            continue
+        run_dir = Path(rc.train.out_dir)
+        job = _Job(f"[{n}/{len(every)}]", run["name"], seed, rc, resume, replace, logs / f"{run_dir.name}.log")
+        todo.append(job)
+        by_dir[run_dir.resolve()] = job
+    for job in todo:
+        if job.rc.train.init_from:
+            job.after = by_dir.get(Path(job.rc.train.init_from).resolve())
+    return todo
+
+
+def _snapshot(cfg: ExperimentConfig, path: Path, todo: list[_Job]) -> None:
+    """Write the experiment the workers rebuild their run configs from (not the user's file, which
+    may be edited while the experiment runs), and check it gives every job exactly its config."""
+    import yaml
+
+    atomic_write(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
+    again = ExperimentConfig.load(path)
+    runs = {r["name"]: r for r in again.runs}
+    for job in todo:
+        if again.run_config(runs[job.run], job.seed) != job.rc:
+            raise RuntimeError(f"{path}: the experiment's config of {job.name} does not survive a YAML round trip")
+
+
+def _start(job: _Job, spec: Path, threads: int, log) -> None:
+    """Start the worker process of ``job``; its output goes to the end of its log file."""
+    import ponderlm
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    root = str(Path(ponderlm.__file__).resolve().parents[1])
+    if root not in {str(Path(p).resolve()) for p in site.getsitepackages()}:  # a source tree: import this very one
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    argv = [spec, job.run, job.seed, int(job.resume), int(job.replace), threads, os.getpid()]
+    code = "from ponderlm.experiments.pareto import _worker; _worker()"
+    verb = "resuming" if job.resume else "training"
+    with open(job.log_file, "a") as fh:  # the child has its own copy of the descriptor
+        fh.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {verb} {job.name} ({job.rc.model.method}), "
+                 f"{threads} thread(s)\n")  # fmt: skip
+        fh.flush()
+        job.proc = subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], stdin=subprocess.DEVNULL,
+                                    stdout=fh, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    job.started = time.time()
+    log(f"\n== {job.tag} {verb} {job.name} ({job.rc.model.method}) in worker {job.proc.pid}, log {job.log_file}")
+
+
+def _last_line(path: Path) -> str:
+    """What a failed worker said last (its error line, or the last line of its traceback)."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    last = lines[-1] if lines else ""
+    last = last.removeprefix("error: ")
+    return last if len(last) <= 300 else last[:297] + "..."
+
+
+def _stop(running: list[_Job], log) -> None:
+    """End the running workers (Ctrl-C, or any error in the parent): SIGTERM, then SIGKILL."""
+    for job in running:
+        if job.proc.poll() is None:
+            job.proc.terminate()
+    deadline = time.time() + STOP_GRACE_S
+    for job in running:
+        try:
+            job.proc.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            job.proc.kill()
+            job.proc.wait()
+    if running:
+        log(f"stopped {len(running)} worker(s): {', '.join(j.name for j in running)}")
+
+
+def _train_in_workers(cfg: ExperimentConfig, *, overwrite: bool, workers: int, log) -> None:
+    """Train every run of the experiment that needs it in up to ``workers`` processes at once, each
+    with its share of the cores. Jobs start in cfg.jobs() order, a job only once the run it is
+    initialised from has finished. After a failure the running jobs finish, nothing new starts,
+    and a one-line error names the failed run and its log."""
+    out = Path(cfg.out_dir)
+    logs = out / LOGS
+    todo = _plan_training(cfg, overwrite, logs)
+    if not todo:
+        return
+    logs.mkdir(exist_ok=True)
+    spec = logs / "experiment.yaml"
+    _snapshot(cfg, spec, todo)
+    threads = max(1, _cpu_count() // workers)
+    log(f"\n== training {len(todo)} run(s) in up to {workers} worker processes of {threads} thread(s); logs in {logs}")
+    pending, running, done, failed = list(todo), [], set(), []
+    try:
+        while pending or running:
+            for job in [] if failed else list(pending):
+                if len(running) < workers and (job.after is None or job.after in done):
+                    pending.remove(job)
+                    _start(job, spec, threads, log)
+                    running.append(job)
+            if not running:
+                if failed:
+                    break
+                waiting = ", ".join(f"{j.name} (after {j.after.name})" for j in pending)
+                raise ConfigError(f"runs wait for each other through train.init_from: {waiting}")
+            time.sleep(POLL_S)
+            for job in [j for j in running if j.proc.poll() is not None]:
+                running.remove(job)
+                took = time.time() - job.started
+                if job.proc.returncode == 0:
+                    done.add(job)
+                    log(f"== {job.tag} {job.name} trained ({took:.1f} s)")
+                else:
+                    failed.append(job)
+                    log(f"== {job.tag} {job.name} FAILED ({took:.1f} s, exit {job.proc.returncode}): "
+                        f"{_last_line(job.log_file)}; log {job.log_file}")  # fmt: skip
+    except BaseException:
+        _stop(running, log)
+        raise
+    if failed:
+        raise _failure(failed, pending)
+
+
+def _failure(failed: list[_Job], pending: list[_Job]) -> Exception:
+    """The one-line error of failed workers: a user error (exit 2) when every worker failed with
+    one, TrainingStopped (exit 3) otherwise."""
+    first = failed[0]
+    code = first.proc.returncode
+    why = _last_line(first.log_file) if code > 0 else f"killed by signal {-code}"
+    msg = f"training {first.name} failed ({why}); its log: {first.log_file}"
+    if len(failed) > 1:
+        msg += "; also failed: " + ", ".join(f"{j.name} (log: {j.log_file})" for j in failed[1:])
+    if pending:
+        msg += "; not started: " + ", ".join(j.name for j in pending)
+    msg += ". The runs that finished are kept: run the command again to continue"
+    return ConfigError(msg) if all(j.proc.returncode == 2 for j in failed) else TrainingStopped(msg)
+
+
+def _worker() -> None:
+    """A worker process (``python -c``): train one run of an experiment. argv: the experiment
+    snapshot, run name, seed, resume (0/1), replace (0/1), torch threads, the parent's pid. A user
+    error ends it with ``error: ...`` and status 2, a stopped training with 3 (as the CLI does)."""
+    from ..errors import UserError
+
+    spec, name, seed, resume, replace, threads, parent = sys.argv[1:]
+    _die_with(int(parent))
+    torch.set_num_threads(int(threads))
+    try:
+        cfg = ExperimentConfig.load(spec)
+        rc = cfg.run_config(next(r for r in cfg.runs if r["name"] == name), int(seed))
+        train(rc, set(), resume=resume == "1", overwrite=replace == "1", log=print)
+    except UserError as e:
+        print(f"error: {e}")
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(f"error: {e}")
+        sys.exit(3)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel end this worker when its parent dies, even killed (Linux); elsewhere the
+    parent's Ctrl-C handling stops its workers."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before that took effect
+        sys.exit(1)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -226,23 +461,31 @@ def run_experiment(
     eval_only: bool = False,
     log=print,
     stem: str = "pareto",
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train, resume or reuse every run of the experiment, evaluate, and write the report; the
-    experiment's out_dir is locked for the whole command."""
-
+    experiment's out_dir is locked for the whole command. With ``jobs`` > 1 the runs that need
+    training are first trained in up to ``jobs`` worker processes at once (:func:`_train_in_workers`)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(cfg.out_dir)
     with DirLock(out, "out_dir"):
         check_experiment_dir(out, {f"{stem}.{ext}" for ext in ("md", "json", "png")})
-        return _run_experiment(cfg, cache_dir, out, overwrite=overwrite, eval_only=eval_only, log=log, stem=stem)
+        return _run_experiment(cfg, cache_dir, out, overwrite=overwrite, eval_only=eval_only, log=log, stem=stem,
+                               jobs=jobs)  # fmt: skip
 
 
-def _run_experiment(cfg, cache_dir, out: Path, *, overwrite: bool, eval_only: bool, log, stem: str) -> dict[str, Any]:
+def _run_experiment(cfg, cache_dir, out: Path, *, overwrite: bool, eval_only: bool, log, stem: str,
+                    jobs: int = 1) -> dict[str, Any]:  # fmt: skip
     t0 = time.time()
     for r in cfg.runs:
         for seed in cfg.run_seeds(r):
             check_reusable(cfg.run_config(r, seed), overwrite)
     make_owned_dir(out, "experiment")
     tasks = load_tasks(cfg.tasks, cache_dir, limit=cfg.task_limit, log=log) if cfg.tasks else None
+    if jobs > 1 and not eval_only:
+        _train_in_workers(cfg, overwrite=overwrite, workers=jobs, log=log)
+        overwrite = False  # every run is trained now: the loop below reuses them
     results, missing = _train_and_evaluate(cfg, tasks, overwrite=overwrite, eval_only=eval_only, log=log)
     if not results:
         raise ConfigError("no finished run to report (--eval-only trains nothing)")
