@@ -40,7 +40,7 @@ def test_collect_points_averages_seeds():
     assert pts[0]["pareto"]
 
 
-@pytest.mark.parametrize("name", ["cpu", "cpu_baselines", "gpu_70m", "gpu_410m"])
+@pytest.mark.parametrize("name", ["cpu", "cpu_baselines", "gpu_70m", "gpu_410m", "difficulty"])
 def test_experiment_presets_load(name):
     cfg = ExperimentConfig.load(REPO / "configs" / "experiments" / f"{name}.yaml")
     for run in cfg.runs:

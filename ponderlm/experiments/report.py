@@ -215,9 +215,10 @@ def _draw_series(ax, run: str, ps: list[dict], key: str, colour) -> None:
     std = f"{key}_std"
     if any(q.get(std, 0) > 0 for q in ps):
         ax.errorbar(xs, ys, yerr=[q.get(std, 0.0) for q in ps], fmt="none", color=colour, alpha=0.5, capsize=2)
-    for q, x, y in zip(ps, xs, ys, strict=True):
-        if q["tau"] is not None:
-            ax.annotate(f"{q['tau']:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+    for i, (q, x, y) in enumerate(zip(ps, xs, ys, strict=True)):
+        if q["tau"] is not None and abl is None:  # neighbouring taus labelled on alternate sides
+            ax.annotate(f"τ={q['tau']:g}", (x, y), textcoords="offset points", xytext=(4, 4 if i % 2 else -10),
+                        fontsize=6, color=colour)  # fmt: skip
 
 
 def _draw_frontier(ax, points: list[dict], key: str, flag: str) -> None:
@@ -227,41 +228,102 @@ def _draw_frontier(ax, points: list[dict], key: str, flag: str) -> None:
     ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="black", label="Pareto frontier")
 
 
-def _draw_panel(ax, points: list[dict], key: str, label: str, palette) -> None:
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Round tick values (1, 1.5, 2, 3, 5, 7 times a power of ten) from lo to hi, at least two."""
+    ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+             for m in (1, 1.5, 2, 3, 5, 7)]  # fmt: skip
+    inside = [t for t in ticks if lo * 0.95 <= t <= hi * 1.05]
+    return inside if len(inside) >= 2 else [lo, hi]
+
+
+def _zoom(ax, points: list[dict], key: str) -> None:
+    """Fit the y axis to the bulk of the points (the middle 70% and the frontier, widened by half
+    their spread) when a few lie far outside; those are marked by an arrow at the edge with their
+    value, so that a far-off baseline does not squeeze every other point into a blob."""
+    ys = sorted(p[key] for p in points)
+    if len(ys) < 5:
+        return
+    keep = [p[key] for p in points if any(p.get(flag) for flag, k, _ in FRONTIERS if k == key)]
+    lo = min([ys[int(0.15 * (len(ys) - 1))], *keep])
+    hi = max([ys[int(0.85 * (len(ys) - 1))], *keep])
+    pad = 0.5 * (hi - lo) or 0.05 * abs(hi) or 0.05
+    lo, hi = lo - pad, hi + pad
+    if ys[0] >= lo and ys[-1] <= hi:
+        return
+    ax.set_ylim(lo, hi)
+    out = sorted((p for p in points if not lo <= p[key] <= hi), key=lambda q: q["flops_per_token"])
+    for i, p in enumerate(out):  # labels stacked, so that neighbours do not overwrite each other
+        y = p[key]
+        edge, down = (hi, -1) if y > hi else (lo, 1)
+        ax.annotate(f"{p['run']}: {y:.3g}", (p["flops_per_token"] / 1e6, edge), textcoords="offset points",
+                    xytext=(0, down * (12 + 9 * i)), ha="center", fontsize=6,
+                    arrowprops={"arrowstyle": "->", "lw": 0.6})  # fmt: skip
+
+
+def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str, Any], frontier: bool) -> None:
     """Quality ``key`` against inference MFLOPs per token: a line per run (a run and its
-    ablations share a colour), and the frontier on the loss panel."""
-    colours: dict[str, Any] = {}
+    ablations share a colour, the same in every panel), and the frontier when asked."""
     for run, ps in _series(points, key).items():
-        base = run.rsplit(" [", 1)[0]
-        _draw_series(ax, run, ps, key, colours.setdefault(base, palette[len(colours) % len(palette)]))
-    for flag, k, _ in FRONTIERS:
-        if k == key:
-            _draw_frontier(ax, points, key, flag)
-    ax.set_xlabel("inference MFLOPs per token")
+        _draw_series(ax, run, ps, key, colours[run.rsplit(" [", 1)[0]])
+    if frontier:
+        for flag, k, _ in FRONTIERS:
+            if k == key:
+                _draw_frontier(ax, points, key, flag)
+        _zoom(ax, [p for p in points if key in p], key)
+    ax.set_xscale("log")
+    xs = [p["flops_per_token"] / 1e6 for p in points]
+    if xs:
+        ticker = matplotlib_ticker()
+        ax.xaxis.set_major_locator(ticker.FixedLocator(_log_ticks(min(xs), max(xs))))
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.set_xlabel("inference MFLOPs per token (log scale)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
-    """Validation loss (and zero-shot average accuracy, when measured) against inference cost,
-    written to ``path`` through a hidden temporary."""
+    """Quality against inference cost, written to ``path`` through a hidden temporary: validation
+    loss, the zero-shot average (when measured) and answer accuracy (on a labelled dataset), each a
+    panel of the trained configurations only, so its axes fit them; the PonderLM-3 ablations, which
+    can be nats away, get a panel of their own beside their runs. The legend sits outside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("loss", "validation loss (hard mode)")]
-    if any("zeroshot_avg" in p for p in points):
-        panels.append(("zeroshot_avg", "zero-shot average accuracy"))
-    hardest = next((p["hardest"] for p in points if "hardest" in p), None)
+    main = [p for p in points if p["ablation"] is None]
+    ablations = [p for p in points if p["ablation"] is not None]
+    panels = [("loss", "validation loss (hard mode)", main, True)]
+    if any("zeroshot_avg" in p for p in main):
+        panels.append(("zeroshot_avg", "zero-shot average accuracy", main, False))
+    hardest = next((p["hardest"] for p in main if "hardest" in p), None)
     if hardest is not None:
-        panels += [("answer_acc", "answer accuracy (all answer classes)"), ("hardest_acc", f"{hardest} accuracy")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 2.5, 4.5), squeeze=False)
+        panels += [("answer_acc", "answer accuracy (all answer classes)", main, True),
+                   ("hardest_acc", f"{hardest} accuracy", main, True)]  # fmt: skip
+    if ablations:
+        ablated = {p["run"].rsplit(" [", 1)[0] for p in ablations}
+        their_runs = [p for p in main if p["run"] in ablated]
+        panels.append(("loss", "validation loss: PonderLM-3 ablations", ablations + their_runs, False))
     palette = plt.get_cmap("tab20").colors
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        _draw_panel(ax, points, key, label, palette)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    colours: dict[str, Any] = {}
+    for p in points:
+        colours.setdefault(p["run"].rsplit(" [", 1)[0], palette[len(colours) % len(palette)])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (key, label, ps, frontier) in zip(axes[0], panels, strict=True):
+        _draw_panel(ax, ps, key, label, colours, frontier)
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)  # fmt: skip
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
