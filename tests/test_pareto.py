@@ -163,7 +163,11 @@ def test_collect_points_pools_answer_classes_and_marks_accuracy_frontiers():
     assert [pts[r]["pareto_answer"] for r in ("small", "big", "waste")] == [True, True, False]
     assert [pts[r]["pareto_hardest"] for r in ("small", "big", "waste")] == [True, False, False]
     md = markdown("t", list(pts.values()))
-    assert "| small |  | 2 | 1.000 | 0.300 | 0.141 | 0.200 | 0.141 | 0.600 | 0.200 | 3.000 | 0.100 |" in md
+    # two seeds: the 95% half-width is t(1) * std / sqrt(2) = 12.706 * 0.1414 / 1.4142 = 1.271
+    assert small["answer_acc_ci95"] == pytest.approx(1.2706) and pts["big"]["answer_acc_ci95"] is None
+    assert (
+        "| small |  | 2 | 1.000 | 0.300 | 0.141 | 1.271 | 0.200 | 0.141 | 1.271 | 0.600 | 0.200 | 3.000 | 0.100 |" in md
+    )
 
 
 def test_collect_points_without_labels_has_no_accuracy_keys():
@@ -322,3 +326,15 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_again(tmp_path):
     run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=logs.append)
     assert pareto.finished(run, 3)
     assert any("resuming v" in line for line in logs)
+
+
+def test_t_interval_of_a_mean_over_seeds():
+    from ponderlm.eval.stats import ci95, t975
+
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(30) == 2.042
+    assert t975(31) == pytest.approx(2.0395, abs=1e-3) and t975(120) == pytest.approx(1.9799, abs=1e-3)
+    assert ci95([1.0]) is None and ci95([2.0, 2.0, 2.0]) == 0.0
+    xs = [1.0, 2.0, 3.0]  # std 1, n 3: 4.303 / sqrt(3)
+    assert ci95(xs) == pytest.approx(4.303 / 3**0.5)
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t975(0)

@@ -1,4 +1,5 @@
-"""Rank statistics for the depth analyses: ranks with ties, Pearson and Spearman correlation."""
+"""Small statistics: ranks with ties, Pearson and Spearman correlation (the depth analyses) and the
+t-distribution interval of a mean over seeds (experiment reports)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,34 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     """Spearman rank correlation (Pearson of average ranks, so ties are handled); None if undefined."""
     return pearson(ranks(x), ranks(y)) if len(x) >= 2 else None
+
+
+# two-sided 95% quantiles of Student's t, t_{0.975}(df), df = 1..30 (standard tables)
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """t_{0.975}(df): the table up to 30 degrees of freedom, then the Cornish-Fisher expansion to
+    second order, z + (z^3 + z) / (4 df) + (5z^5 + 16z^3 + 3z) / (96 df^2) (within 0.001 of the
+    exact value for df > 30)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def ci95(xs: list[float]) -> float | None:
+    """Half-width of the 95% confidence interval of the mean of ``xs`` (independent runs, t
+    distribution with n - 1 degrees of freedom); None for fewer than two values."""
+    n = len(xs)
+    if n < 2:
+        return None
+    mean = sum(xs) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return t975(n - 1) * std / math.sqrt(n)

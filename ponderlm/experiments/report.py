@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..eval.stats import ci95
+
 MARKERS = {"vanilla": "o", "pause": "P", "loop": "D", "ponderlm1": "v", "ponderlm2": "s", "ponderlm3": "^"}
 ABLATION_MARKERS = {"random": "x", "entropy": "+"}
 
@@ -62,8 +64,10 @@ def _class_metrics(rows: list[dict]) -> dict[str, Any]:
         pooled = [sum(r["classes"][c]["acc"] * r["classes"][c]["tokens"] for c in answers)
                   / sum(r["classes"][c]["tokens"] for c in answers) for r in rows]  # fmt: skip
         out["answer_acc"], out["answer_acc_std"] = _mean_std(pooled)
+        out["answer_acc_ci95"] = ci95(pooled)
         out["hardest"] = answers[-1]
         out["hardest_acc"], out["hardest_acc_std"] = out["class_acc"][answers[-1]], out["class_acc_std"][answers[-1]]
+        out["hardest_acc_ci95"] = ci95([r["classes"][answers[-1]]["acc"] for r in rows])
     pooled_depth = [r["difficulty"]["mean_depth"]["answer"] for r in rows]
     out["answer_depth"] = None if None in pooled_depth else _mean_std(pooled_depth)[0]
     rho = [r["difficulty"]["spearman_depth_d"] for r in rows if r["difficulty"]["spearman_depth_d"] is not None]
@@ -74,7 +78,8 @@ def _class_metrics(rows: list[dict]) -> dict[str, Any]:
 def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, dict]]) -> dict[str, Any]:
     """One point of the report: the seeds' mean (and sample std) of the loss, mean depth and cost
     (and of the per-class accuracies on a labelled dataset)."""
-    mean, std = _mean_std([e["loss"] for _, e in items])
+    losses = [e["loss"] for _, e in items]
+    mean, std = _mean_std(losses)
     r0, e0 = items[0]
     p = {
         "run": run if ablation is None else f"{run} [{ablation}]",
@@ -87,6 +92,7 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
         "seeds": len(items),
         "loss": mean,
         "loss_std": std,
+        "loss_ci95": ci95(losses),  # half-width of the t interval over seeds; None for one seed
         "ppl": math.exp(mean),
         "mean_depth": sum(e["mean_depth"] for _, e in items) / len(items),
         "flops_per_token": sum(e["flops_per_token"] for _, e in items) / len(items),
@@ -122,6 +128,10 @@ def collect_points(results: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ markdown
+def _opt(v: float | None, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
 def markdown(title: str, points: list[dict], minutes: float | None = None) -> str:
     lines = [f"# {title}", ""]
     if minutes is not None:
@@ -132,9 +142,12 @@ def markdown(title: str, points: list[dict], minutes: float | None = None) -> st
         "`*` marks the Pareto frontier (no other point has both lower cost and lower loss); rows with",
         "[brackets] are inference-time ablations of a PonderLM-3 run, not on the frontier by design.",
         "",
-        "| run | method | K | λ | tau | seeds | val loss | ± std | ppl | mean depth | MFLOPs/token | frontier |"
+        "`± std` is the seeds' standard deviation, `± 95%` the half-width of the t-distribution interval of",
+        "the mean over seeds (two differences are resolved when their intervals do not overlap).",
+        "",
+        "| run | method | K | λ | tau | seeds | val loss | ± std | ± 95% | ppl | mean depth | MFLOPs/token | frontier |"
         + (" zero-shot avg |" if any("zeroshot_avg" in p for p in points) else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"
         + ("---:|" if any("zeroshot_avg" in p for p in points) else ""),
     ]
     for p in sorted(points, key=lambda q: q["flops_per_token"]):
@@ -143,8 +156,8 @@ def markdown(title: str, points: list[dict], minutes: float | None = None) -> st
         zs = f" {p['zeroshot_avg']:.4f} |" if "zeroshot_avg" in p else ""
         lines.append(
             f"| {p['run']} | {p['method']} | {p['K']} | {lam} | {tau} | {p['seeds']} | {p['loss']:.4f} | "
-            f"{p['loss_std']:.4f} | {p['ppl']:.2f} | {p['mean_depth']:.2f} | {p['flops_per_token'] / 1e6:.3f} | "
-            f"{'*' if p['pareto'] else ''} |" + zs
+            f"{p['loss_std']:.4f} | {_opt(p.get('loss_ci95'), 4)} | {p['ppl']:.2f} | {p['mean_depth']:.2f} | "
+            f"{p['flops_per_token'] / 1e6:.3f} | {'*' if p['pareto'] else ''} |" + zs
         )
     if any("answer_acc" in p for p in points):
         lines += ["", *_class_table(points)]
@@ -158,7 +171,7 @@ def _class_table(points: list[dict]) -> list[str]:
     ps = sorted((p for p in points if "answer_acc" in p), key=lambda q: q["flops_per_token"])
     answers = _answer_classes({c: None for p in ps for c in p["class_acc"]})
     hardest = ps[0]["hardest"]
-    head = ["run", "tau", "seeds", "MFLOPs/token", "answer acc", "± std", f"{hardest} acc", "± std",
+    head = ["run", "tau", "seeds", "MFLOPs/token", "answer acc", "± std", "± 95%", f"{hardest} acc", "± std", "± 95%",
             *(f"{c} acc" for c in answers), "free loss", "syntax loss", "depth answer", "depth free", "depth syntax",
             "Spearman(depth, d)", "frontier (all / hardest)"]  # fmt: skip
     lines = [
@@ -174,7 +187,8 @@ def _class_table(points: list[dict]) -> list[str]:
     for p in ps:
         depth = p["class_depth"]
         cells = [p["run"], "" if p["tau"] is None else f"{p['tau']:g}", str(p["seeds"]), f(p["flops_per_token"] / 1e6),
-                 f(p["answer_acc"]), f(p["answer_acc_std"]), f(p["hardest_acc"]), f(p["hardest_acc_std"]),
+                 f(p["answer_acc"]), f(p["answer_acc_std"]), f(p.get("answer_acc_ci95")), f(p["hardest_acc"]),
+                 f(p["hardest_acc_std"]), f(p.get("hardest_acc_ci95")),
                  *(f(p["class_acc"].get(c)) for c in answers), f(p["class_loss"].get("free")),
                  f(p["class_loss"].get("syntax")),
                  f(p["answer_depth"], 2),
