@@ -65,6 +65,8 @@ def _class_metrics(rows: list[dict]) -> dict[str, Any]:
                   / sum(r["classes"][c]["tokens"] for c in answers) for r in rows]  # fmt: skip
         out["answer_acc"], out["answer_acc_std"] = _mean_std(pooled)
         out["answer_acc_ci95"] = ci95(pooled)
+        out["answer_acc_seeds"] = pooled  # in the order of the point's "seed_list"
+        out["hardest_acc_seeds"] = [r["classes"][answers[-1]]["acc"] for r in rows]
         out["hardest"] = answers[-1]
         out["hardest_acc"], out["hardest_acc_std"] = out["class_acc"][answers[-1]], out["class_acc_std"][answers[-1]]
         out["hardest_acc_ci95"] = ci95([r["classes"][answers[-1]]["acc"] for r in rows])
@@ -90,6 +92,7 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
         # tau is a knob of router models only (cached evaluations from before "router" existed: penalty_weight)
         "tau": tau if r0.get("router", r0["penalty_weight"] is not None) and tau is not None else None,
         "seeds": len(items),
+        "seed_list": [r.get("seed") for r, _ in items],
         "loss": mean,
         "loss_std": std,
         "loss_ci95": ci95(losses),  # half-width of the t interval over seeds; None for one seed
@@ -160,8 +163,31 @@ def markdown(title: str, points: list[dict], minutes: float | None = None) -> st
             f"{p['flops_per_token'] / 1e6:.3f} | {'*' if p['pareto'] else ''} |" + zs
         )
     if any("answer_acc" in p for p in points):
-        lines += ["", *_class_table(points)]
+        lines += ["", *_class_table(points), "", *_seed_table(points)]
     return "\n".join(lines) + "\n"
+
+
+def _seed_table(points: list[dict]) -> list[str]:
+    """Answer accuracy of every seed of the trained configurations (labelled datasets): when
+    seeds disagree, the mean hides it."""
+    ps = sorted((p for p in points if "answer_acc_seeds" in p and p["ablation"] is None),
+                key=lambda q: q["flops_per_token"])  # fmt: skip
+    seeds = sorted({s for p in ps for s in p["seed_list"] if s is not None})
+    hardest = ps[0]["hardest"]
+    lines = [
+        f"Per seed: answer accuracy (all answer classes) / {hardest} accuracy.",
+        "",
+        "| run | tau | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---:|" + "---:|" * len(seeds),
+    ]
+    for p in ps:
+        by_seed = dict(
+            zip(p["seed_list"], zip(p["answer_acc_seeds"], p["hardest_acc_seeds"], strict=True), strict=True)
+        )
+        cells = [f"{by_seed[s][0]:.3f} / {by_seed[s][1]:.3f}" if s in by_seed else "" for s in seeds]
+        tau = "" if p["tau"] is None else f"{p['tau']:g}"
+        lines.append(f"| {p['run']} | {tau} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _class_table(points: list[dict]) -> list[str]:
