@@ -23,6 +23,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -215,3 +216,10 @@ def _check(case: Case, w, scratch: Path) -> SimpleNamespace:
         assert r.stdout == "", r.stdout[-500:]
     assert snapshot(w.root, scratch) == before  # nothing created (no temporaries either), changed or removed
     return r
+
+
+def answer_ctrl_c() -> None:
+    """In a child about to exec: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt even when the tests themselves run with SIGINT ignored (as a shell does for
+    a command started in the background with `&`, which the child would inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

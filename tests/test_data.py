@@ -31,6 +31,7 @@ from ponderlm.data.tokenizer import Tokenizer, trainer_pieces
 from ponderlm.errors import UserError
 from ponderlm.owned import DirectoryLocked, DirLock, OwnershipError
 
+from errorcases import answer_ctrl_c
 from fakepkgs import WORDS, make_fake_packages
 
 prepare_mod = importlib.import_module("ponderlm.data.prepare")  # the module (ponderlm.data.prepare is the function)
@@ -412,7 +413,8 @@ def test_ctrl_c_during_bpe_training_ends_prepare_at_once(tmp_path):
     letters = np.random.default_rng(0).integers(ord("a"), ord("z") + 1, 3_000_000, dtype=np.uint8)
     (tmp_path / "nospace.txt").write_bytes(letters.tobytes())  # seconds of BPE training even with the bound
     p = subprocess.Popen([sys.executable, "-m", "ponderlm", "data", "prepare", "--input", "nospace.txt", "--out", "d"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=answer_ctrl_c)  # fmt: skip
     try:
         for line in p.stdout:
             if "training a byte-level BPE tokenizer" in line:

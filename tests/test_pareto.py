@@ -19,6 +19,7 @@ from ponderlm.config import ConfigError
 from ponderlm.experiments import ExperimentConfig, pareto, run_experiment
 from ponderlm.experiments.report import collect_points, markdown, pareto_front
 
+from errorcases import answer_ctrl_c
 from fakepkgs import build_fake_dataset
 
 REPO = Path(__file__).parents[1]
@@ -294,7 +295,8 @@ def test_jobs_ctrl_c_stops_the_workers(tmp_path):
     runs = [{"name": "a", "set": ["model.method=vanilla"]}, {"name": "b", "set": ["model.method=vanilla"]}]
     spec = _jobs_experiment(tmp_path, "exp", runs, [0], steps=100000)
     p = subprocess.Popen([sys.executable, "-m", "ponderlm", "experiment", "pareto", "--config", str(spec), "--jobs",
-                          "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
+                          "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         preexec_fn=answer_ctrl_c)  # fmt: skip
     try:
         pids = []
         while len(pids) < 2:
