@@ -180,25 +180,21 @@ def _next_assignments(value: dict[str, str], C: int, H: int) -> dict[str, set[st
     referenced = {v for v in value.values() if not v.isdigit()}
     pending = sorted(referenced - set(value))
     tops = [t for t in value if t not in referenced]
+    parents = {v: u for u, v in value.items()}
     out: dict[str, set[str]] = {}
     for x in [*pending, "*"]:
         lhs = "\x00" if x == "*" else x  # a fresh letter: a name no letter can clash with
         options = {"#", "*", *tops}
         if x != "*":  # x's own piece cannot be joined under x (a cycle)
-            top, parents = x, {v: u for u, v in value.items()}
+            top = x
             while top in parents:
                 top = parents[top]
             options.discard(top)
+        # a (C+1)-th digit makes C+1 digit-ended pieces, which _completable refuses
         ok = {r for r in options if _completable({**value, lhs: {"#": "0", "*": "\x01"}.get(r, r)}, C, H)}
-        if "#" in ok and not _digit_left(value, C):
-            ok.discard("#")
         if ok:
             out[x] = ok
     return out
-
-
-def _digit_left(value: dict[str, str], C: int) -> bool:
-    return sum(v.isdigit() for v in value.values()) < C
 
 
 def _chains_episode(rng: random.Random, C: int, H: int, Q: int, sym: list[str], lab: list[str]) -> None:

@@ -59,12 +59,15 @@ def t975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of ``xs`` (0 for a single value)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
+
+
 def ci95(xs: list[float]) -> float | None:
     """Half-width of the 95% confidence interval of the mean of ``xs`` (independent runs, t
     distribution with n - 1 degrees of freedom); None for fewer than two values."""
     n = len(xs)
-    if n < 2:
-        return None
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    return t975(n - 1) * std / math.sqrt(n)
+    return t975(n - 1) * mean_std(xs)[1] / math.sqrt(n) if n > 1 else None

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..eval.stats import ci95
+from ..eval.stats import ci95, mean_std
 
 MARKERS = {"vanilla": "o", "pause": "P", "loop": "D", "ponderlm1": "v", "ponderlm2": "s", "ponderlm3": "^"}
 ABLATION_MARKERS = {"random": "x", "entropy": "+"}
@@ -37,12 +37,6 @@ def _group(results: list[dict]) -> dict[tuple[str, float, str | None], list[tupl
     return groups
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    mean = sum(xs) / len(xs)
-    return mean, (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-
-
 def _answer_classes(classes: dict) -> list[str]:
     """The ``answer-<d>`` classes by d."""
     return sorted((c for c in classes if c.startswith("answer-")), key=lambda c: int(c.split("-")[1]))
@@ -57,23 +51,23 @@ def _class_metrics(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {"class_acc": {}, "class_acc_std": {}, "class_loss": {}, "class_depth": {}}
     for c in names:
         if rows[0]["classes"][c]["tokens"]:
-            out["class_acc"][c], out["class_acc_std"][c] = _mean_std([r["classes"][c]["acc"] for r in rows])
-            out["class_loss"][c] = _mean_std([r["classes"][c]["loss"] for r in rows])[0]
-            out["class_depth"][c] = _mean_std([r["classes"][c]["mean_depth"] for r in rows])[0]
+            out["class_acc"][c], out["class_acc_std"][c] = mean_std([r["classes"][c]["acc"] for r in rows])
+            out["class_loss"][c] = mean_std([r["classes"][c]["loss"] for r in rows])[0]
+            out["class_depth"][c] = mean_std([r["classes"][c]["mean_depth"] for r in rows])[0]
     if answers:
         pooled = [sum(r["classes"][c]["acc"] * r["classes"][c]["tokens"] for c in answers)
                   / sum(r["classes"][c]["tokens"] for c in answers) for r in rows]  # fmt: skip
-        out["answer_acc"], out["answer_acc_std"] = _mean_std(pooled)
+        out["answer_acc"], out["answer_acc_std"] = mean_std(pooled)
         out["answer_acc_ci95"] = ci95(pooled)
         out["answer_acc_seeds"] = pooled  # in the order of the point's "seed_list"
-        out["hardest_acc_seeds"] = [r["classes"][answers[-1]]["acc"] for r in rows]
+        out["hardest_acc_seeds"] = hardest = [r["classes"][answers[-1]]["acc"] for r in rows]
         out["hardest"] = answers[-1]
         out["hardest_acc"], out["hardest_acc_std"] = out["class_acc"][answers[-1]], out["class_acc_std"][answers[-1]]
-        out["hardest_acc_ci95"] = ci95([r["classes"][answers[-1]]["acc"] for r in rows])
+        out["hardest_acc_ci95"] = ci95(hardest)
     pooled_depth = [r["difficulty"]["mean_depth"]["answer"] for r in rows]
-    out["answer_depth"] = None if None in pooled_depth else _mean_std(pooled_depth)[0]
+    out["answer_depth"] = None if None in pooled_depth else mean_std(pooled_depth)[0]
     rho = [r["difficulty"]["spearman_depth_d"] for r in rows if r["difficulty"]["spearman_depth_d"] is not None]
-    out["spearman_depth_d"] = _mean_std(rho)[0] if rho else None
+    out["spearman_depth_d"] = mean_std(rho)[0] if rho else None
     return out
 
 
@@ -81,7 +75,7 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
     """One point of the report: the seeds' mean (and sample std) of the loss, mean depth and cost
     (and of the per-class accuracies on a labelled dataset)."""
     losses = [e["loss"] for _, e in items]
-    mean, std = _mean_std(losses)
+    mean, std = mean_std(losses)
     r0, e0 = items[0]
     p = {
         "run": run if ablation is None else f"{run} [{ablation}]",
@@ -131,7 +125,7 @@ def collect_points(results: list[dict]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ markdown
-def _opt(v: float | None, digits: int) -> str:
+def _opt(v: float | None, digits: int = 3) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
@@ -209,16 +203,16 @@ def _class_table(points: list[dict]) -> list[str]:
         "| " + " | ".join(head) + " |",
         "|---|---:|---:|" + "---:|" * (len(head) - 4) + ":---:|",
     ]
-    f = lambda v, d=3: "" if v is None else f"{v:.{d}f}"  # noqa: E731
     for p in ps:
         depth = p["class_depth"]
-        cells = [p["run"], "" if p["tau"] is None else f"{p['tau']:g}", str(p["seeds"]), f(p["flops_per_token"] / 1e6),
-                 f(p["answer_acc"]), f(p["answer_acc_std"]), f(p.get("answer_acc_ci95")), f(p["hardest_acc"]),
-                 f(p["hardest_acc_std"]), f(p.get("hardest_acc_ci95")),
-                 *(f(p["class_acc"].get(c)) for c in answers), f(p["class_loss"].get("free")),
-                 f(p["class_loss"].get("syntax")),
-                 f(p["answer_depth"], 2),
-                 f(depth.get("free"), 2), f(depth.get("syntax"), 2), f(p["spearman_depth_d"], 2),
+        tau = "" if p["tau"] is None else f"{p['tau']:g}"
+        cells = [p["run"], tau, str(p["seeds"]), _opt(p["flops_per_token"] / 1e6),
+                 _opt(p["answer_acc"]), _opt(p["answer_acc_std"]), _opt(p.get("answer_acc_ci95")),
+                 _opt(p["hardest_acc"]), _opt(p["hardest_acc_std"]), _opt(p.get("hardest_acc_ci95")),
+                 *(_opt(p["class_acc"].get(c)) for c in answers), _opt(p["class_loss"].get("free")),
+                 _opt(p["class_loss"].get("syntax")),
+                 _opt(p["answer_depth"], 2),
+                 _opt(depth.get("free"), 2), _opt(depth.get("syntax"), 2), _opt(p["spearman_depth_d"], 2),
                  f"{'*' if p.get('pareto_answer') else ''} / {'*' if p.get('pareto_hardest') else ''}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -268,12 +262,6 @@ def _draw_frontier(ax, points: list[dict], key: str, flag: str) -> None:
     ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="black", label="Pareto frontier")
 
 
-def matplotlib_ticker():
-    import matplotlib.ticker
-
-    return matplotlib.ticker
-
-
 def _log_ticks(lo: float, hi: float) -> list[float]:
     """Round tick values (1, 1.5, 2, 3, 5, 7 times a power of ten) from lo to hi, at least two."""
     ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
@@ -319,7 +307,8 @@ def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str,
     ax.set_xscale("log")
     xs = [p["flops_per_token"] / 1e6 for p in points]
     if xs:
-        ticker = matplotlib_ticker()
+        import matplotlib.ticker as ticker  # matplotlib is imported, Agg selected, by plot()
+
         ax.xaxis.set_major_locator(ticker.FixedLocator(_log_ticks(min(xs), max(xs))))
         ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(ticker.NullFormatter())
