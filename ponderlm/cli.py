@@ -412,8 +412,8 @@ def _add_experiment(sub) -> None:
         type=_int_at_least(1),
         default=1,
         metavar="N",
-        help="train up to N runs at once, each in its own process with cpu_count/N threads (logs in "
-        "OUT_DIR/.logs/); then evaluate as usual (default 1: one run after the other, in this process)",
+        help="train and evaluate up to N runs at once, each in its own process with cpu_count/N threads "
+        "(logs in OUT_DIR/.logs/; default 1: one run after the other, in this process)",
     )
     par.set_defaults(handler=cmd_experiment)
 

@@ -41,7 +41,7 @@ def test_collect_points_averages_seeds():
     assert pts[0]["pareto"]
 
 
-@pytest.mark.parametrize("name", ["cpu", "cpu_baselines", "gpu_70m", "gpu_410m", "difficulty"])
+@pytest.mark.parametrize("name", ["cpu", "cpu_baselines", "cpu_text", "gpu_70m", "gpu_410m", "difficulty"])
 def test_experiment_presets_load(name):
     cfg = ExperimentConfig.load(REPO / "configs" / "experiments" / f"{name}.yaml")
     for run in cfg.runs:
@@ -53,6 +53,34 @@ def test_experiment_presets_load(name):
         assert methods == {"vanilla", "pause", "loop", "ponderlm1", "ponderlm2", "ponderlm3"}
 
 
+def _grid(cfg: ExperimentConfig) -> list[tuple]:
+    """What an experiment compares, shape aside: per run its method, K, penalty, seeds, and depth
+    relative to the base model (the deeper vanillas)."""
+    base_layers = cfg.run_config(cfg.runs[0], cfg.seeds[0]).model.n_layers
+    out = []
+    for r in cfg.runs:
+        m = cfg.run_config(r, cfg.run_seeds(r)[0]).model
+        out.append((m.method, m.max_ponder_steps, m.penalty_weight, tuple(cfg.run_seeds(r)), m.n_layers / base_layers))
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpu_70m", "gpu_410m"])
+def test_gpu_presets_run_the_cpu_text_grid_with_the_release_settings(name):
+    """The GPU presets are cpu_text.yaml's grid and evaluation at other shapes, with the PonderLM-2
+    release's model settings (RMSNorm eps 0.1, J from {2,3,4} for the GPT-NeoX-sized grid and
+    {2,3} for the Llama one, every pass backpropagated, reference init, bf16)."""
+    cpu = ExperimentConfig.load(REPO / "configs" / "experiments" / "cpu_text.yaml")
+    gpu = ExperimentConfig.load(REPO / "configs" / "experiments" / f"{name}.yaml")
+    assert _grid(gpu) == _grid(cpu)
+    assert {2.0, 3.0} <= {g[-1] for g in _grid(cpu)}  # the 2x and 3x deeper vanillas
+    for key in ("taus", "test_splits", "ablations", "ablation_taus"):
+        assert getattr(gpu, key) == getattr(cpu, key), key
+    rc = gpu.run_config(gpu.runs[0], 0)
+    assert rc.model.norm_eps == 0.1 and rc.model.init == "reference" and rc.model.jacobi_grad_passes == 0
+    assert rc.model.jacobi_train_iters == ((2, 3, 4) if name == "gpu_70m" else (2, 3))
+    assert rc.train.dtype == "bf16"
+
+
 @pytest.mark.parametrize(
     "patch, needle",
     [
@@ -62,6 +90,9 @@ def test_experiment_presets_load(name):
         ({"taus": [2.0]}, "tau must be in the open interval"),
         ({"ablations": ["oracle"]}, "unknown ablation(s) oracle"),
         ({"runs": [{"name": "a", "seeds": []}]}, "seeds must be a non-empty list"),
+        ({"test_splits": ["val"]}, "test_splits must name other held-out splits than train and val"),
+        ({"ablation_taus": [0.0]}, "tau must be in the open interval"),
+        ({"test_splits": ["ptb_test", "ptb_test"]}, "once each"),
     ],
 )
 def test_experiment_config_errors(tmp_path, patch, needle):
@@ -340,3 +371,69 @@ def test_t_interval_of_a_mean_over_seeds():
     assert ci95(xs) == pytest.approx(4.303 / 3**0.5)
     with pytest.raises(ValueError, match="degrees of freedom"):
         t975(0)
+
+
+def test_test_splits_are_scored_in_workers_and_reported_against_vanilla(tmp_path):
+    """--jobs 2 trains and evaluates in the workers; each point carries the test split's loss; the
+    random ablation runs at its own tau only; the report compares every configuration with vanilla;
+    --eval-only --jobs 2 recomputes a missing evaluation in a worker and trains nothing."""
+    runs = [{"name": "vanilla", "set": ["model.method=vanilla"], "seeds": [0, 1]},
+            {"name": "p3", "set": ["model.method=ponderlm3"]}]  # fmt: skip
+    spec = _jobs_experiment(tmp_path, "exp", runs, [0])
+    raw = yaml.safe_load(spec.read_text())
+    splits = json.loads((Path(raw["base"]["train"]["data_dir"]) / "meta.json").read_text())["splits"]
+    test = next(s for s in splits if s not in ("train", "val"))
+    raw.update(test_splits=[test], taus=[1e-4, 0.4], ablations=["random"], ablation_taus=[0.4])
+    spec.write_text(yaml.safe_dump(raw))
+    logs: list[str] = []
+    out = run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=logs.append, jobs=2)
+    exp = tmp_path / "exp"
+    for name in ("vanilla", "vanilla-s1", "p3"):
+        saved = json.loads((exp / name / "experiment_eval.json").read_text())
+        assert saved["key"]["test_splits"] == [test]
+        row = saved["result"]["evals"][0]
+        assert math.isfinite(row["splits"][test]["loss"]) and row["splits"][test]["tokens"] > 0
+        assert 0 < saved["result"]["epoch_fraction"] < 1
+        assert f"evaluating {exp / name}" in (exp / ".logs" / f"{name}.log").read_text()
+    assert sum("trained and evaluated" in line for line in logs) == 3
+    van = next(p for p in out["points"] if p["run"] == "vanilla")
+    assert van["seeds"] == 2 and len(van["splits"][test]["loss_seeds"]) == 2
+    assert van["splits"][test]["loss_ci95"] > 0
+    assert [(p["run"], p["tau"]) for p in out["points"] if p["ablation"]] == [("p3 [random]", 0.4)]
+    md = (exp / "pareto.md").read_text()
+    assert f"{test} loss" in md and "Against `vanilla` (2 seed(s))" in md and "Per seed: validation loss." in md
+    # p3 has no interval: its differences are not resolved
+    assert "| p3 | 0.4 | 1 |" in md and "| p3 | 0.0001 | 1 |" in md and "one seed" in md
+
+    (exp / "p3" / "experiment_eval.json").unlink()
+    logs.clear()
+    again = run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=logs.append, jobs=2, eval_only=True)
+    assert [line for line in logs if " in worker " in line] and all(
+        " evaluating p3 " in line for line in logs if " in worker " in line
+    )
+    assert (exp / "p3" / "experiment_eval.json").is_file()
+    assert [p["run"] for p in again["points"]] == [p["run"] for p in out["points"]]
+
+
+def test_a_test_split_the_dataset_lacks_is_refused_before_training(tmp_path):
+    spec = _jobs_experiment(tmp_path, "exp", [{"name": "v", "set": ["model.method=vanilla"]}], [0])
+    raw = yaml.safe_load(spec.read_text())
+    raw["test_splits"] = ["wikitext_test"]
+    spec.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"has no 'wikitext_test' split .*remove it from test_splits"):
+        run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=lambda *_: None)
+    assert not (tmp_path / "exp" / "v").exists()
+
+
+@pytest.mark.parametrize(
+    "a, b, verdict",
+    [((4.0, 0.1), (5.0, 0.1), "lower"), ((5.0, 0.1), (4.0, 0.1), "higher"), ((4.9, 0.2), (5.0, 0.2), "overlap"),
+     ((4.0, None), (5.0, 0.1), "one seed")],
+)  # fmt: skip
+def test_a_difference_is_resolved_only_when_the_intervals_are_apart(a, b, verdict):
+    from ponderlm.experiments.report import _verdict
+
+    def pt(mean_ci):
+        return {"loss": mean_ci[0], "loss_ci95": mean_ci[1]}
+
+    assert _verdict(pt(a), pt(b)) == verdict

@@ -12,9 +12,11 @@ config, and how to evaluate them::
     taus: [1.0e-4, 0.05, 0.2]   # PonderLM-3 runs are evaluated at each; others once
     seeds: [0]                  # every run is trained once per seed (unless it lists its own)
     eval_windows: 128           # validation windows for perplexity
+    test_splits: [ptb_test]     # more held-out splits of the dataset, scored like val (optional)
     tasks: []                   # zero-shot tasks for an average accuracy (optional)
     task_limit: null
     ablations: []               # on PonderLM-3 runs: fixed, random, entropy (eval.ablations)
+    ablation_taus: [0.05]       # the taus of the random/entropy ablations (default: every tau)
 
 In ``set``, ``{run:NAME}`` stands for the directory of the run NAME (listed earlier) trained with
 the same seed: ``train.init_from={run:base}`` makes every seed continue from its own base run.
@@ -36,7 +38,9 @@ from ..eval.ablations import ABLATIONS
 PLACEHOLDER = re.compile(r"\{run:([^}]*)\}")  # in a run's overrides: another run's directory, same seed
 # the type of each key an experiment file may give (checked before the dataclass is built)
 SHAPES = {"name": str, "out_dir": str, "base": dict, "runs": list, "taus": list, "seeds": list, "tasks": list,
-          "ablations": list, "eval_windows": int}  # fmt: skip
+          "ablations": list, "eval_windows": int, "test_splits": list,
+          "ablation_taus": list}  # fmt: skip
+NULLABLE = {"ablation_taus"}  # keys whose null means their default
 
 
 @dataclass
@@ -51,6 +55,8 @@ class ExperimentConfig:
     tasks: list[str] = field(default_factory=list)
     task_limit: int | None = None
     ablations: list[str] = field(default_factory=list)
+    test_splits: list[str] = field(default_factory=list)
+    ablation_taus: list[float] | None = None  # None: every tau
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -64,7 +70,7 @@ class ExperimentConfig:
         if missing:
             raise ConfigError(f"{p}: missing {', '.join(missing)}")
         for key, kind in SHAPES.items():
-            if key in raw and not isinstance(raw[key], kind):
+            if key in raw and not isinstance(raw[key], kind) and not (key in NULLABLE and raw[key] is None):
                 raise ConfigError(f"{p}: {key} must be a {kind.__name__}, got {type(raw[key]).__name__}")
         if not all(isinstance(r, dict) for r in raw["runs"]):
             raise ConfigError(f"{p}: every entry of runs must be a mapping (name, set, seeds)")
@@ -73,13 +79,17 @@ class ExperimentConfig:
         return cfg
 
     def validate(self) -> None:
-        for t in self.taus:
+        for t in [*self.taus, *(self.ablation_taus or [])]:
             check_tau(t)
         bad = sorted(set(self.ablations) - set(ABLATIONS))
         if bad:
             raise ConfigError(f"unknown ablation(s) {', '.join(bad)}; known: {', '.join(ABLATIONS)}")
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
+        for s in self.test_splits:
+            if not isinstance(s, str) or s in ("", "train", "val") or self.test_splits.count(s) > 1:
+                raise ConfigError(f"test_splits must name other held-out splits than train and val, once each; "
+                                  f"got {s!r}")  # fmt: skip
         names = [r.get("name") for r in self.runs]
         if not self.runs or any(not isinstance(n, str) or not n for n in names):
             raise ConfigError("every experiment run needs a non-empty name")

@@ -6,15 +6,16 @@ The experiment file is described in :mod:`ponderlm.experiments.config`, the repo
 an interrupted experiment continues where it stopped, and so are their evaluations
 (``<run>/experiment_eval.json``, keyed by the checkpoint and every evaluation setting).
 
-With ``--jobs N`` (N > 1) the runs that need training are trained first, in up to N worker
-processes at once with ``cpu_count // N`` threads each (tiny models train faster as several
-single-thread processes than as one multi-thread one; a run's explicit ``train.threads`` still
-applies). A run whose ``train.init_from`` is another run of the experiment starts once that run has
-finished. Each worker rebuilds its run config from a snapshot of the experiment
+With ``--jobs N`` (N > 1) the runs that need training are trained, and every run without a
+current evaluation is evaluated, in up to N worker processes at once with ``cpu_count // N``
+threads each (tiny models train faster as several single-thread processes than as one multi-thread
+one; a run's explicit ``train.threads`` still applies); a worker evaluates its run as soon as it has
+trained it. A run whose ``train.init_from`` is another run of the experiment starts once that run
+has finished. Each worker rebuilds its run config from a snapshot of the experiment
 (``<out_dir>/.logs/experiment.yaml``) and writes its output to ``<out_dir>/.logs/<run>.log`` (not
 into the run directory, which the trainer creates and owns). After a failed worker nothing new
-starts; the running ones finish, and the error names the failed run and its log. Evaluation and
-the report then proceed as with one job, in this process.
+starts; the running ones finish, and the error names the failed run and its log. The report is then
+made in this process from the workers' saved evaluations, as with one job.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 # how every run is scored: hard pruning, Jacobi passes until the latents settle (generate's prefill rule)
 SCORING = {"mode": "hard", **CONVERGED}
+EVAL_FILE = "experiment_eval.json"  # in each run directory: its evaluation and what it was computed with
 
 # train.* fields that do not change what a run learns: a finished run is reused whatever they say
 BOOKKEEPING = {"out_dir", "progress", "log_interval", "eval_interval", "eval_windows", "eval_tau", "ckpt_interval",
@@ -152,7 +154,7 @@ STOP_GRACE_S = 10.0  # how long stopped workers get to end before they are kille
 
 @dataclass(eq=False)
 class _Job:
-    """One (run, seed) to train in a worker process."""
+    """One (run, seed) to train and evaluate, or only evaluate, in a worker process."""
 
     tag: str  # "[n/N]", its place in cfg.jobs()
     run: str
@@ -161,6 +163,7 @@ class _Job:
     resume: bool
     replace: bool
     log_file: Path
+    train: bool = True  # False: the run is finished and only its evaluation is missing
     after: _Job | None = None  # the job whose run this one starts from (train.init_from)
     proc: subprocess.Popen | None = None
     started: float = 0.0
@@ -168,6 +171,10 @@ class _Job:
     @property
     def name(self) -> str:
         return Path(self.rc.train.out_dir).name
+
+    @property
+    def verb(self) -> str:
+        return "evaluating" if not self.train else "resuming" if self.resume else "training"
 
 
 def _cpu_count() -> int:
@@ -177,22 +184,25 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _plan_training(cfg: ExperimentConfig, overwrite: bool, logs: Path) -> list[_Job]:
-    """The jobs that need training (the decisions of :func:`_prepare_run`), in cfg.jobs() order,
-    each with the job it must wait for: the one whose run directory is its train.init_from."""
+def _plan_work(cfg: ExperimentConfig, overwrite: bool, eval_only: bool, logs: Path) -> list[_Job]:
+    """The jobs for the workers, in cfg.jobs() order: the runs that need training (the decisions of
+    :func:`_prepare_run`; none under --eval-only), each with the job it must wait for (the one whose
+    run directory is its train.init_from), and the finished runs whose evaluation is not saved."""
     every = cfg.jobs()
     todo, by_dir = [], {}
     for n, (seed, run) in enumerate(every, 1):
         rc = cfg.run_config(run, seed)
-        reuse, resume, replace = _decide(rc, overwrite)
-        if reuse:
-            continue
         run_dir = Path(rc.train.out_dir)
-        job = _Job(f"[{n}/{len(every)}]", run["name"], seed, rc, resume, replace, logs / f"{run_dir.name}.log")
+        reuse, resume, replace = _decide(rc, overwrite)
+        if (reuse and cached_result(run_dir, cfg) is not None) or (eval_only and not reuse):
+            continue
+        job = _Job(f"[{n}/{len(every)}]", run["name"], seed, rc, resume, replace, logs / f"{run_dir.name}.log",
+                   train=not reuse)  # fmt: skip
         todo.append(job)
-        by_dir[run_dir.resolve()] = job
+        if job.train:
+            by_dir[run_dir.resolve()] = job
     for job in todo:
-        if job.rc.train.init_from:
+        if job.train and job.rc.train.init_from:
             job.after = by_dir.get(Path(job.rc.train.init_from).resolve())
     return todo
 
@@ -210,7 +220,7 @@ def _snapshot(cfg: ExperimentConfig, path: Path, todo: list[_Job]) -> None:
             raise RuntimeError(f"{path}: the experiment's config of {job.name} does not survive a YAML round trip")
 
 
-def _start(job: _Job, spec: Path, threads: int, log) -> None:
+def _start(job: _Job, spec: Path, threads: int, cache_dir: Path, log) -> None:
     """Start the worker process of ``job``; its output goes to the end of its log file."""
     import ponderlm
 
@@ -218,9 +228,10 @@ def _start(job: _Job, spec: Path, threads: int, log) -> None:
     root = str(Path(ponderlm.__file__).resolve().parents[1])
     if root not in {str(Path(p).resolve()) for p in site.getsitepackages()}:  # a source tree: import this very one
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    argv = [spec, job.run, job.seed, int(job.resume), int(job.replace), threads, os.getpid()]
+    argv = [spec, job.run, job.seed, int(job.train), int(job.resume), int(job.replace), threads, os.getpid(),
+            cache_dir]  # fmt: skip
     code = "from ponderlm.experiments.pareto import _worker; _worker()"
-    verb = "resuming" if job.resume else "training"
+    verb = job.verb
     with open(job.log_file, "a") as fh:  # the child has its own copy of the descriptor
         fh.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {verb} {job.name} ({job.rc.model.method}), "
                  f"{threads} thread(s)\n")  # fmt: skip
@@ -258,28 +269,32 @@ def _stop(running: list[_Job], log) -> None:
         log(f"stopped {len(running)} worker(s): {', '.join(j.name for j in running)}")
 
 
-def _train_in_workers(cfg: ExperimentConfig, *, overwrite: bool, workers: int, log) -> None:
-    """Train every run of the experiment that needs it in up to ``workers`` processes at once, each
-    with its share of the cores. Jobs start in cfg.jobs() order, a job only once the run it is
-    initialised from has finished. After a failure the running jobs finish, nothing new starts,
-    and a one-line error names the failed run and its log."""
+def _work_in_workers(cfg: ExperimentConfig, *, overwrite: bool, eval_only: bool, workers: int, cache_dir: Path,
+                     log) -> None:  # fmt: skip
+    """Train and evaluate every run of the experiment that needs it (only evaluate, under
+    --eval-only) in up to ``workers`` processes at once, each with its share of the cores. Jobs
+    start in cfg.jobs() order, a job only once the run it is initialised from has finished. After a
+    failure the running jobs finish, nothing new starts, and a one-line error names the failed run
+    and its log."""
     out = Path(cfg.out_dir)
     logs = out / LOGS
-    todo = _plan_training(cfg, overwrite, logs)
+    todo = _plan_work(cfg, overwrite, eval_only, logs)
     if not todo:
         return
     logs.mkdir(exist_ok=True)
     spec = logs / "experiment.yaml"
     _snapshot(cfg, spec, todo)
     threads = max(1, _cpu_count() // workers)
-    log(f"\n== training {len(todo)} run(s) in up to {workers} worker processes of {threads} thread(s); logs in {logs}")
+    n_train = sum(j.train for j in todo)
+    log(f"\n== training {n_train} and evaluating {len(todo)} run(s) in up to {workers} worker processes of "
+        f"{threads} thread(s); logs in {logs}")  # fmt: skip
     pending, running, done, failed = list(todo), [], set(), []
     try:
         while pending or running:
             for job in [] if failed else list(pending):
                 if len(running) < workers and (job.after is None or job.after in done):
                     pending.remove(job)
-                    _start(job, spec, threads, log)
+                    _start(job, spec, threads, cache_dir, log)
                     running.append(job)
             if not running:
                 if failed:
@@ -292,7 +307,7 @@ def _train_in_workers(cfg: ExperimentConfig, *, overwrite: bool, workers: int, l
                 took = time.time() - job.started
                 if job.proc.returncode == 0:
                     done.add(job)
-                    log(f"== {job.tag} {job.name} trained ({took:.1f} s)")
+                    log(f"== {job.tag} {job.name} {'trained and ' if job.train else ''}evaluated ({took:.1f} s)")
                 else:
                     failed.append(job)
                     log(f"== {job.tag} {job.name} FAILED ({took:.1f} s, exit {job.proc.returncode}): "
@@ -310,7 +325,7 @@ def _failure(failed: list[_Job], pending: list[_Job]) -> Exception:
     first = failed[0]
     code = first.proc.returncode
     why = _last_line(first.log_file) if code > 0 else f"killed by signal {-code}"
-    msg = f"training {first.name} failed ({why}); its log: {first.log_file}"
+    msg = f"{'training' if first.train else 'evaluating'} {first.name} failed ({why}); its log: {first.log_file}"
     if len(failed) > 1:
         msg += "; also failed: " + ", ".join(f"{j.name} (log: {j.log_file})" for j in failed[1:])
     if pending:
@@ -320,18 +335,23 @@ def _failure(failed: list[_Job], pending: list[_Job]) -> Exception:
 
 
 def _worker() -> None:
-    """A worker process (``python -c``): train one run of an experiment. argv: the experiment
-    snapshot, run name, seed, resume (0/1), replace (0/1), torch threads, the parent's pid. A user
-    error ends it with ``error: ...`` and status 2, a stopped training with 3 (as the CLI does)."""
+    """A worker process (``python -c``): train (unless told not to) and evaluate one run of an
+    experiment. argv: the experiment snapshot, run name, seed, train, resume and replace (0/1),
+    torch threads, the parent's pid, the package cache of the zero-shot tasks. A user error ends it
+    with ``error: ...`` and status 2, a stopped training with 3 (as the CLI does)."""
     from ..errors import UserError
 
-    spec, name, seed, resume, replace, threads, parent = sys.argv[1:]
+    spec, name, seed, do_train, resume, replace, threads, parent, cache_dir = sys.argv[1:]
     _die_with(int(parent))
     torch.set_num_threads(int(threads))
     try:
         cfg = ExperimentConfig.load(spec)
         rc = cfg.run_config(next(r for r in cfg.runs if r["name"] == name), int(seed))
-        train(rc, set(), resume=resume == "1", overwrite=replace == "1", log=print)
+        if do_train == "1":
+            train(rc, set(), resume=resume == "1", overwrite=replace == "1", log=print)
+        tasks = load_tasks(cfg.tasks, Path(cache_dir), limit=cfg.task_limit, log=print) if cfg.tasks else None
+        print(f"evaluating {rc.train.out_dir}")
+        _evaluate(Path(rc.train.out_dir), rc, cfg, tasks)
     except UserError as e:
         print(f"error: {e}")
         sys.exit(2)
@@ -355,13 +375,20 @@ def _die_with(parent: int) -> None:
 
 # ------------------------------------------------------------------ evaluation
 def _tau_rows(model: PonderLM, tok: Tokenizer, val: torch.Tensor, taus: list[float], tasks: dict | None,
-              labelled: dict) -> list[dict]:  # fmt: skip
-    """Validation loss (hard mode) at each tau, with the zero-shot accuracies when tasks are given
-    (and the per-class metrics on a labelled dataset: ``labelled`` holds labels and classes)."""
+              labelled: dict, tests: dict[str, torch.Tensor]) -> list[dict]:  # fmt: skip
+    """Validation loss (hard mode) at each tau, with the loss on each test split (``tests``: its
+    windows), the zero-shot accuracies when tasks are given, and the per-class metrics on a
+    labelled dataset (``labelled`` holds labels and classes)."""
     rows = []
     for tau in taus:
         r = perplexity(model, val, tau=tau, batch_size=16, **labelled, **SCORING)
         row = {"tau": tau, **r}
+        if tests:
+            row["splits"] = {}
+            for split, windows in tests.items():
+                t = perplexity(model, windows, tau=tau, batch_size=16, **SCORING)
+                row["splits"][split] = {"loss": t["loss"], "mean_depth": t["mean_depth"],
+                                        "tokens": windows.shape[0] * (windows.shape[1] - 1)}  # fmt: skip
         if tasks:
             accs = {name: score_task(model, tok, docs, tau=tau, jacobi=CONVERGED)["acc"]
                     for name, docs in tasks.items()}  # fmt: skip
@@ -395,21 +422,29 @@ def evaluate_run(
     windows: int,
     tasks: dict | None = None,
     ablations: list[str] = (),
+    test_splits: list[str] = (),
+    ablation_taus: list[float] | None = None,
 ) -> dict[str, Any]:
     """Validation loss (hard mode) at each tau (one tau for methods without a router), with mean
-    depth and inference FLOPs/token; zero-shot average accuracy when tasks are given; for
-    PonderLM-3 the requested ablations (fixed depths 0..K; random/entropy at every tau). On a
+    depth and inference FLOPs/token, and the loss on each of ``test_splits`` (the same number of
+    fixed windows); zero-shot average accuracy when tasks are given; for PonderLM-3 the requested
+    ablations (fixed depths 0..K; random/entropy at each of ``ablation_taus``, by default every
+    tau), on the validation split. On a
     dataset with token labels (``ponderlm data synthetic``) every row also has the per-class
     ``classes`` and ``difficulty`` of :func:`ponderlm.eval.perplexity.summarize_classes`."""
     model, tok, ck = load_model(run_dir)
     cfg = model.cfg
+    meta = load_meta(data_dir)
     val = eval_windows(TokenShards(data_dir, "val"), cfg.max_seq_len, windows)
-    found = window_labels(data_dir, load_meta(data_dir), "val", cfg.max_seq_len, windows)
+    tests = {s: eval_windows(TokenShards(data_dir, s), cfg.max_seq_len, windows) for s in test_splits}
+    found = window_labels(data_dir, meta, "val", cfg.max_seq_len, windows)
     labelled = {} if found is None else {"classes": found[0], "labels": found[1]}
-    rows = _tau_rows(model, tok, val, taus if cfg.has_router else taus[:1], tasks, labelled)
-    abl = _ablation_rows(model, val, taus, list(ablations), labelled) if cfg.has_router else []
+    rows = _tau_rows(model, tok, val, taus if cfg.has_router else taus[:1], tasks, labelled, tests)
+    abl_taus = list(taus if ablation_taus is None else ablation_taus)
+    abl = _ablation_rows(model, val, abl_taus, list(ablations), labelled) if cfg.has_router else []
     soft = perplexity(model, val, mode="soft", batch_size=16)
     state = json.loads((ck / "trainer_state.json").read_text())
+    train_tokens = int(meta["splits"]["train"]["tokens"])
     return {
         "method": cfg.method,
         "K": cfg.max_depth,
@@ -418,16 +453,17 @@ def evaluate_run(
         "params": model.num_parameters(),
         "steps": state["step"],
         "tokens": state.get("tokens_seen", 0),
+        "epoch_fraction": state.get("tokens_seen", 0) / train_tokens,
         "soft_loss": soft["loss"],
         "evals": rows,
         "ablations": abl,
     }
 
 
-def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str, Any]:
-    """The run's evaluation under this experiment's settings, computed once per checkpoint."""
+def _eval_key(run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Everything a cached evaluation of ``run_dir`` depends on: its checkpoint and the settings."""
     ck = latest_checkpoint(run_dir)
-    key = {
+    return {
         "checkpoint": ck.name if ck else None,
         "manifest_sha": hashlib.sha256((ck / "manifest.json").read_bytes()).hexdigest() if ck else None,
         "taus": list(cfg.taus),
@@ -435,21 +471,52 @@ def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str
         "tasks": list(cfg.tasks),
         "task_limit": cfg.task_limit,
         "ablations": list(cfg.ablations),
+        "ablation_taus": cfg.ablation_taus,
+        "test_splits": list(cfg.test_splits),
         "scoring": SCORING,  # results scored otherwise (before: J=3) are recomputed
     }
-    path = run_dir / "experiment_eval.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("key") == key:
-                return saved["result"]
-        except (json.JSONDecodeError, KeyError):
-            pass
+
+
+def cached_result(run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The run's saved evaluation under this experiment's settings, or None."""
+    path = run_dir / EVAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        return saved["result"] if saved.get("key") == _eval_key(run_dir, cfg) else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str, Any]:
+    """The run's evaluation under this experiment's settings, computed once per checkpoint."""
+    found = cached_result(run_dir, cfg)
+    if found is not None:
+        return found
     result = compute()
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"key": key, "result": result}, indent=2) + "\n")
-    tmp.replace(path)
+    path = run_dir / EVAL_FILE
+    atomic_write(path, json.dumps({"key": _eval_key(run_dir, cfg), "result": result}, indent=2) + "\n")
     return result
+
+
+def _evaluate(run_dir: Path, rc: RunConfig, cfg: ExperimentConfig, tasks: dict | None) -> dict[str, Any]:
+    """:func:`evaluate_run` of one run of the experiment, through its cache."""
+    settings = (list(cfg.taus), cfg.eval_windows, tasks, cfg.ablations, cfg.test_splits, cfg.ablation_taus)
+    return cached_evaluation(run_dir, cfg, lambda: evaluate_run(run_dir, Path(rc.train.data_dir), *settings))
+
+
+def check_test_splits(cfg: ExperimentConfig) -> None:
+    """Every run's dataset has the experiment's test splits (checked before anything trains)."""
+    if not cfg.test_splits:
+        return
+    for data_dir in sorted({cfg.run_config(r, cfg.run_seeds(r)[0]).train.data_dir for r in cfg.runs}):
+        splits = load_meta(Path(data_dir))["splits"]
+        lacking = [s for s in cfg.test_splits if s not in splits]
+        if lacking:
+            raise ConfigError(f"test_splits: {data_dir} has no {', '.join(map(repr, lacking))} split (has: "
+                              f"{', '.join(splits)}); remove it from test_splits, or prepare a dataset with "
+                              "it")  # fmt: skip
 
 
 # ------------------------------------------------------------------ the experiment
@@ -464,8 +531,9 @@ def run_experiment(
     jobs: int = 1,
 ) -> dict[str, Any]:
     """Train, resume or reuse every run of the experiment, evaluate, and write the report; the
-    experiment's out_dir is locked for the whole command. With ``jobs`` > 1 the runs that need
-    training are first trained in up to ``jobs`` worker processes at once (:func:`_train_in_workers`)."""
+    experiment's out_dir is locked for the whole command. With ``jobs`` > 1 the runs are first
+    trained and evaluated in up to ``jobs`` worker processes at once (:func:`_work_in_workers`).
+    """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(cfg.out_dir)
@@ -481,11 +549,12 @@ def _run_experiment(cfg, cache_dir, out: Path, *, overwrite: bool, eval_only: bo
     for r in cfg.runs:
         for seed in cfg.run_seeds(r):
             check_reusable(cfg.run_config(r, seed), overwrite)
+    check_test_splits(cfg)
     make_owned_dir(out, "experiment")
+    if jobs > 1:
+        _work_in_workers(cfg, overwrite=overwrite, eval_only=eval_only, workers=jobs, cache_dir=cache_dir, log=log)
+        overwrite = False  # every run is trained and evaluated now: the loop below reuses them
     tasks = load_tasks(cfg.tasks, cache_dir, limit=cfg.task_limit, log=log) if cfg.tasks else None
-    if jobs > 1 and not eval_only:
-        _train_in_workers(cfg, overwrite=overwrite, workers=jobs, log=log)
-        overwrite = False  # every run is trained now: the loop below reuses them
     results, missing = _train_and_evaluate(cfg, tasks, overwrite=overwrite, eval_only=eval_only, log=log)
     if not results:
         raise ConfigError("no finished run to report (--eval-only trains nothing)")
@@ -503,13 +572,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, tasks: dict | None, *, overwrite:
         if not _prepare_run(rc, overwrite, eval_only, log, tag=f"[{n}/{len(jobs)}]"):
             missing.append(run_dir.name)
             continue
-        r = cached_evaluation(
-            run_dir,
-            cfg,
-            lambda rc=rc, run_dir=run_dir: evaluate_run(
-                run_dir, Path(rc.train.data_dir), list(cfg.taus), cfg.eval_windows, tasks, cfg.ablations
-            ),
-        )
+        r = _evaluate(run_dir, rc, cfg, tasks)
         results.append({"run": run["name"], "seed": seed, **r})
     return results, missing
 

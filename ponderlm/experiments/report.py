@@ -90,10 +90,21 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
         "loss": mean,
         "loss_std": std,
         "loss_ci95": ci95(losses),  # half-width of the t interval over seeds; None for one seed
+        "loss_seeds": losses,  # in the order of "seed_list"
         "ppl": math.exp(mean),
         "mean_depth": sum(e["mean_depth"] for _, e in items) / len(items),
         "flops_per_token": sum(e["flops_per_token"] for _, e in items) / len(items),
     }
+    for key in ("params", "tokens", "epoch_fraction"):
+        if key in r0:
+            p[key] = r0[key]
+    if "splits" in e0:  # the test splits, scored at the same tau
+        p["splits"] = {}
+        for split in e0["splits"]:
+            vals = [e["splits"][split]["loss"] for _, e in items]
+            m, sd = mean_std(vals)
+            p["splits"][split] = {"loss": m, "loss_std": sd, "loss_ci95": ci95(vals), "ppl": math.exp(m),
+                                  "loss_seeds": vals}  # fmt: skip
     if "zeroshot_avg" in e0:
         p["zeroshot_avg"] = sum(e["zeroshot_avg"] for _, e in items) / len(items)
     if "classes" in e0:
@@ -129,7 +140,20 @@ def _opt(v: float | None, digits: int = 3) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
-def markdown(title: str, points: list[dict], minutes: float | None = None) -> str:
+def _tau(p: dict) -> str:
+    return "" if p["tau"] is None else f"{p['tau']:g}"
+
+
+def _test_splits(points: list[dict]) -> list[str]:
+    return list(next((p["splits"] for p in points if "splits" in p), {}))
+
+
+def markdown(title: str, points: list[dict], minutes: float | None = None, reference: str = "vanilla") -> str:
+    """The report's tables: every point by cost (with the frontier), the runs' training tokens,
+    each point against the ``reference`` run, the per-seed losses, and on a labelled dataset the
+    per-class accuracies."""
+    splits = _test_splits(points)
+    zeroshot = any("zeroshot_avg" in p for p in points)
     lines = [f"# {title}", ""]
     if minutes is not None:
         lines += [f"{minutes:.1f} min in all.", ""]
@@ -141,24 +165,95 @@ def markdown(title: str, points: list[dict], minutes: float | None = None) -> st
         "",
         "`± std` is the seeds' standard deviation, `± 95%` the half-width of the t-distribution interval of",
         "the mean over seeds (two differences are resolved when their intervals do not overlap).",
-        "",
-        "| run | method | K | λ | tau | seeds | val loss | ± std | ± 95% | ppl | mean depth | MFLOPs/token | frontier |"
-        + (" zero-shot avg |" if any("zeroshot_avg" in p for p in points) else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"
-        + ("---:|" if any("zeroshot_avg" in p for p in points) else ""),
     ]
+    if splits:
+        lines += ["Test splits (" + ", ".join(splits) + ") are scored in the same computation at the same tau;",
+                  "their losses are per token of this dataset's tokenizer."]  # fmt: skip
+    head = ["run", "method", "K", "λ", "tau", "seeds", "val loss", "± std", "± 95%", "ppl", "mean depth",
+            "MFLOPs/token", "frontier"]  # fmt: skip
+    for split in splits:
+        head += [f"{split} loss", "± 95%", f"{split} ppl"]
+    if zeroshot:
+        head.append("zero-shot avg")
+    lines += ["", "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * 10 + ":---:|" + "---:|" * (len(head) - 13)]
     for p in sorted(points, key=lambda q: q["flops_per_token"]):
-        lam = "" if p["penalty_weight"] is None else f"{p['penalty_weight']:g}"
-        tau = "" if p["tau"] is None else f"{p['tau']:g}"
-        zs = f" {p['zeroshot_avg']:.4f} |" if "zeroshot_avg" in p else ""
-        lines.append(
-            f"| {p['run']} | {p['method']} | {p['K']} | {lam} | {tau} | {p['seeds']} | {p['loss']:.4f} | "
-            f"{p['loss_std']:.4f} | {_opt(p.get('loss_ci95'), 4)} | {p['ppl']:.2f} | {p['mean_depth']:.2f} | "
-            f"{p['flops_per_token'] / 1e6:.3f} | {'*' if p['pareto'] else ''} |" + zs
-        )
+        cells = [p["run"], p["method"], str(p["K"]), "" if p["penalty_weight"] is None else f"{p['penalty_weight']:g}",
+                 _tau(p), str(p["seeds"]), f"{p['loss']:.4f}",
+                 f"{p['loss_std']:.4f}", _opt(p.get("loss_ci95"), 4), f"{p['ppl']:.2f}", f"{p['mean_depth']:.2f}",
+                 f"{p['flops_per_token'] / 1e6:.3f}", "*" if p.get("pareto") else ""]  # fmt: skip
+        for split in splits:
+            t = p.get("splits", {}).get(split)
+            cells += ["", "", ""] if t is None else [f"{t['loss']:.4f}", _opt(t["loss_ci95"], 4), f"{t['ppl']:.2f}"]
+        if zeroshot:
+            cells.append(_opt(p.get("zeroshot_avg"), 4))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *_runs_table(points)]
+    ref = next((p for p in points if p["run"] == reference and p["ablation"] is None), None)
+    if ref is not None:
+        lines += ["", *_versus_table(points, ref, splits)]
+    if any(p["seeds"] > 1 for p in points):
+        lines += ["", *_loss_seed_table(points)]
     if any("answer_acc" in p for p in points):
         lines += ["", *_class_table(points), "", *_seed_table(points)]
     return "\n".join(lines) + "\n"
+
+
+def _runs_table(points: list[dict]) -> list[str]:
+    """What each trained configuration is: parameters, seeds and training tokens per seed."""
+    seen: dict[str, dict] = {}
+    for p in points:
+        if p["ablation"] is None:
+            seen.setdefault(p["run"], p)
+    lines = ["Training of each run (per seed).", "", "| run | params | seeds | tokens | epochs |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for run, p in seen.items():
+        lines.append(f"| {run} | {p.get('params', 0):,} | {p['seeds']} | {p.get('tokens', 0):,} | "
+                     f"{_opt(p.get('epoch_fraction'), 4)} |")  # fmt: skip
+    return lines
+
+
+def _verdict(a: dict, b: dict) -> str:
+    """Whether a's loss is resolved against b's: both over several seeds and 95% intervals apart."""
+    if a.get("loss_ci95") is None or b.get("loss_ci95") is None:
+        return "one seed"
+    lo_a, hi_a = a["loss"] - a["loss_ci95"], a["loss"] + a["loss_ci95"]
+    lo_b, hi_b = b["loss"] - b["loss_ci95"], b["loss"] + b["loss_ci95"]
+    return "lower" if hi_a < lo_b else "higher" if lo_a > hi_b else "overlap"
+
+
+def _versus_table(points: list[dict], ref: dict, splits: list[str]) -> list[str]:
+    """Each trained configuration against the reference run: the difference of mean losses and
+    whether the 95% intervals over seeds separate them."""
+    head = ["run", "tau", "seeds", "MFLOPs/token", "Δ val loss", "resolved"]
+    for split in splits:
+        head += [f"Δ {split} loss", "resolved"]
+    lines = [f"Against `{ref['run']}` ({ref['seeds']} seed(s)): Δ = mean loss minus its mean loss (negative is "
+             "better); `lower`/`higher` only where the two 95% intervals do not overlap, `overlap` where they do, "
+             "`one seed` where either side has no interval.",
+             "", "| " + " | ".join(head) + " |",
+             "|---|---:|---:|---:|---:|:---:|" + "---:|:---:|" * len(splits)]  # fmt: skip
+    for p in sorted((q for q in points if q["ablation"] is None and q is not ref), key=lambda q: q["flops_per_token"]):
+        cells = [p["run"], _tau(p), str(p["seeds"]),
+                 f"{p['flops_per_token'] / 1e6:.3f}", f"{p['loss'] - ref['loss']:+.4f}", _verdict(p, ref)]  # fmt: skip
+        for split in splits:
+            a, b = p.get("splits", {}).get(split), ref.get("splits", {}).get(split)
+            cells += ["", ""] if a is None or b is None else [f"{a['loss'] - b['loss']:+.4f}", _verdict(a, b)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _loss_seed_table(points: list[dict]) -> list[str]:
+    """Validation loss of every seed of the trained configurations: when seeds disagree, the mean
+    hides it."""
+    ps = sorted((p for p in points if p["ablation"] is None), key=lambda q: q["flops_per_token"])
+    seeds = sorted({s for p in ps for s in p["seed_list"] if s is not None})
+    lines = ["Per seed: validation loss.", "", "| run | tau | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---:|" + "---:|" * len(seeds)]  # fmt: skip
+    for p in ps:
+        by_seed = dict(zip(p["seed_list"], p["loss_seeds"], strict=True))
+        cells = [f"{by_seed[s]:.4f}" if s in by_seed else "" for s in seeds]
+        lines.append(f"| {p['run']} | {_tau(p)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _seed_table(points: list[dict]) -> list[str]:
@@ -179,8 +274,7 @@ def _seed_table(points: list[dict]) -> list[str]:
             zip(p["seed_list"], zip(p["answer_acc_seeds"], p["hardest_acc_seeds"], strict=True), strict=True)
         )
         cells = [f"{by_seed[s][0]:.3f} / {by_seed[s][1]:.3f}" if s in by_seed else "" for s in seeds]
-        tau = "" if p["tau"] is None else f"{p['tau']:g}"
-        lines.append(f"| {p['run']} | {tau} | " + " | ".join(cells) + " |")
+        lines.append(f"| {p['run']} | {_tau(p)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -205,8 +299,7 @@ def _class_table(points: list[dict]) -> list[str]:
     ]
     for p in ps:
         depth = p["class_depth"]
-        tau = "" if p["tau"] is None else f"{p['tau']:g}"
-        cells = [p["run"], tau, str(p["seeds"]), _opt(p["flops_per_token"] / 1e6),
+        cells = [p["run"], _tau(p), str(p["seeds"]), _opt(p["flops_per_token"] / 1e6),
                  _opt(p["answer_acc"]), _opt(p["answer_acc_std"]), _opt(p.get("answer_acc_ci95")),
                  _opt(p["hardest_acc"]), _opt(p["hardest_acc_std"]), _opt(p.get("hardest_acc_ci95")),
                  *(_opt(p["class_acc"].get(c)) for c in answers), _opt(p["class_loss"].get("free")),
