@@ -83,8 +83,9 @@ def _wrong_shape_checkpoint(w, s):
     (ck / "manifest.json").write_text(json.dumps(mf))
 
 
-def _experiment(w, s, **change):
-    """An experiment file whose one run points at a copy of the world's finished run."""
+def _experiment(w, s, top: dict | None = None, **change):
+    """An experiment file whose one run points at a copy of the world's finished run (``top``: more
+    experiment keys)."""
     exp = s / "exp"
     exp.mkdir()
     shutil.copytree(w.run, exp / "base")
@@ -93,7 +94,8 @@ def _experiment(w, s, **change):
                                                  "max_seq_len", "method")}  # fmt: skip
     model.update(change)
     train = {k: base_cfg["train"][k] for k in ("data_dir", "seq_len", "batch_size", "max_steps", "eval_windows")}
-    doc = {"name": "t", "out_dir": str(exp), "base": {"model": model, "train": train}, "runs": [{"name": "base"}]}
+    doc = {"name": "t", "out_dir": str(exp), "base": {"model": model, "train": train}, "runs": [{"name": "base"}],
+           **(top or {})}  # fmt: skip
     (s / "exp.yaml").write_text(yaml.safe_dump(doc))
 
 
@@ -230,6 +232,12 @@ CASES = [
     Case("experiment_config_changed", lambda w, s: ["experiment", "pareto", "--config", str(s / "exp.yaml")],
          "was trained with another config (model.d_model: 32 -> 64); pass --overwrite to retrain it",
          setup=lambda w, s: _experiment(w, s, d_model=64)),
+    Case("experiment_test_split_missing", lambda w, s: ["experiment", "pareto", "--config", str(s / "exp.yaml")],
+         "has no 'wikitext_test' split (has: ",
+         setup=lambda w, s: _experiment(w, s, {"test_splits": ["wikitext_test"]})),
+    Case("experiment_test_split_val", lambda w, s: ["experiment", "pareto", "--config", str(s / "exp.yaml")],
+         "test_splits must name other held-out splits than train and val, once each; got 'val'",
+         setup=lambda w, s: _experiment(w, s, {"test_splits": ["val"]})),
     Case("experiment_out_dir_foreign", lambda w, s: ["experiment", "pareto", "--config", str(s / "e.yaml")],
          "holds notes.txt, which ponderlm did not write; choose another out_dir",
          setup=lambda w, s: (s / "e.yaml").write_text(yaml.safe_dump(
