@@ -416,6 +416,18 @@ def _add_experiment(sub) -> None:
         "(logs in OUT_DIR/.logs/; default 1: one run after the other, in this process)",
     )
     par.set_defaults(handler=cmd_experiment)
+    one = esub.add_parser(
+        "train",
+        help="train one run of an experiment file, as `experiment pareto` would (e.g. under torchrun)",
+        description="Trains (or resumes) the run NAME of the experiment with its seed, into its place in the "
+        "experiment's out_dir, so that `experiment pareto` later reuses it. Launch it under torchrun for "
+        "runs too large for one process: torchrun --nproc_per_node=8 -m ponderlm experiment train ...",
+    )
+    one.add_argument("--config", type=Path, required=True)
+    one.add_argument("--run", required=True, metavar="NAME", help="a run name of the experiment file")
+    one.add_argument("--seed", type=int, default=None, help="one of the run's seeds (default: its first)")
+    one.add_argument("--overwrite", action="store_true", help="retrain the run if it exists")
+    one.set_defaults(handler=cmd_experiment_train)
 
 
 def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -423,6 +435,13 @@ def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite,
                    eval_only=args.eval_only, jobs=args.jobs)  # fmt: skip
+    return 0
+
+
+def cmd_experiment_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .experiments import ExperimentConfig, train_run
+
+    train_run(ExperimentConfig.load(args.config), args.run, args.seed, overwrite=args.overwrite)
     return 0
 
 

@@ -238,6 +238,12 @@ CASES = [
     Case("experiment_test_split_val", lambda w, s: ["experiment", "pareto", "--config", str(s / "exp.yaml")],
          "test_splits must name other held-out splits than train and val, once each; got 'val'",
          setup=lambda w, s: _experiment(w, s, {"test_splits": ["val"]})),
+    Case("experiment_train_unknown_run", lambda w, s: ["experiment", "train", "--config", str(s / "exp.yaml"), "--run",
+                                                    "p9"], "experiment 't' has no run 'p9' (runs: base)",
+         setup=lambda w, s: _experiment(w, s)),
+    Case("experiment_train_other_seed", lambda w, s: ["experiment", "train", "--config", str(s / "exp.yaml"), "--run",
+                                                   "base", "--seed", "7"],
+         "run 'base' of experiment 't' is trained with seeds [0], not 7", setup=lambda w, s: _experiment(w, s)),
     Case("experiment_out_dir_foreign", lambda w, s: ["experiment", "pareto", "--config", str(s / "e.yaml")],
          "holds notes.txt, which ponderlm did not write; choose another out_dir",
          setup=lambda w, s: (s / "e.yaml").write_text(yaml.safe_dump(

@@ -437,3 +437,23 @@ def test_a_difference_is_resolved_only_when_the_intervals_are_apart(a, b, verdic
         return {"loss": mean_ci[0], "loss_ci95": mean_ci[1]}
 
     assert _verdict(pt(a), pt(b)) == verdict
+
+
+def test_experiment_train_trains_one_run_in_its_place_for_pareto_to_reuse(tmp_path, capsys):
+    from ponderlm.cli import main
+
+    runs = [
+        {"name": "v", "set": ["model.method=vanilla"], "seeds": [0, 1]},
+        {"name": "p3", "set": ["model.method=ponderlm3"]},
+    ]
+    spec = _jobs_experiment(tmp_path, "exp", runs, [0])
+    assert main(["experiment", "train", "--config", str(spec), "--run", "v", "--seed", "1"]) == 0
+    out = tmp_path / "exp"
+    assert pareto.finished(out / "v-s1", 3) and not (out / "v").exists() and not (out / "p3").exists()
+    capsys.readouterr()
+    assert main(["experiment", "train", "--config", str(spec), "--run", "v", "--seed", "1"]) == 0
+    assert "is finished (step 3); nothing to train" in capsys.readouterr().out
+    logs: list[str] = []
+    part = run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=logs.append, eval_only=True)
+    assert any("v-s1: finished run found, reusing it" in line for line in logs)
+    assert [(p["run"], p["seed_list"]) for p in part["points"]] == [("v", [1])]

@@ -49,7 +49,7 @@ from ..train import TrainingStopped, resolve_model_config, train
 from .config import ExperimentConfig
 from .report import collect_points, markdown, pareto_front, plot
 
-__all__ = ["ExperimentConfig", "collect_points", "evaluate_run", "pareto_front", "run_experiment"]
+__all__ = ["ExperimentConfig", "collect_points", "evaluate_run", "pareto_front", "run_experiment", "train_run"]
 
 
 # ------------------------------------------------------------------ runs
@@ -144,6 +144,33 @@ def _decide(rc: RunConfig, overwrite: bool) -> tuple[bool, bool, bool]:
     if exists and not overwrite and finished(run_dir, rc.train.max_steps):
         return True, False, False
     return False, exists and not overwrite, overwrite and exists
+
+
+def train_run(cfg: ExperimentConfig, name: str, seed: int | None = None, *, overwrite: bool = False,
+              log=print) -> Path:  # fmt: skip
+    """Train (or resume, or find finished) one run of the experiment exactly as ``experiment
+    pareto`` would, into its place in out_dir: ``ponderlm experiment train``, the command to launch
+    under torchrun for runs too large for one process. ``seed`` defaults to the run's first."""
+    runs = {r["name"]: r for r in cfg.runs}
+    if name not in runs:
+        raise ConfigError(f"experiment {cfg.name!r} has no run {name!r} (runs: {', '.join(runs)})")
+    seeds = cfg.run_seeds(runs[name])
+    seed = seeds[0] if seed is None else seed
+    if seed not in seeds:
+        raise ConfigError(f"run {name!r} of experiment {cfg.name!r} is trained with seeds {seeds}, not {seed}")
+    rc = cfg.run_config(runs[name], seed)
+    run_dir = Path(rc.train.out_dir)
+    check_reusable(rc, overwrite)
+    reuse, resume, replace = _decide(rc, overwrite)
+    if reuse:
+        log(f"{run_dir} is finished (step {rc.train.max_steps}); nothing to train")
+        return run_dir
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a torchrun job makes the experiment directory
+        out = Path(cfg.out_dir)
+        check_experiment_dir(out, {f"pareto.{ext}" for ext in ("md", "json", "png")})
+        make_owned_dir(out, "experiment")
+    train(rc, set(), resume=resume, overwrite=replace, log=log)
+    return run_dir
 
 
 # ------------------------------------------------------------------ training in worker processes (--jobs N)
