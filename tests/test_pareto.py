@@ -457,3 +457,17 @@ def test_experiment_train_trains_one_run_in_its_place_for_pareto_to_reuse(tmp_pa
     part = run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=logs.append, eval_only=True)
     assert any("v-s1: finished run found, reusing it" in line for line in logs)
     assert [(p["run"], p["seed_list"]) for p in part["points"]] == [("v", [1])]
+
+
+def test_each_test_split_gets_its_own_frontier():
+    """A point can be on the validation frontier and off a test split's (and the reverse)."""
+
+    def res(run, flops, val, test):
+        return {"run": run, "seed": 0, "method": "vanilla", "K": 0, "penalty_weight": None, "router": False,
+                "evals": [{"tau": 1e-4, "loss": val, "mean_depth": 0.0, "flops_per_token": flops,
+                           "splits": {"ptb_test": {"loss": test, "mean_depth": 0.0, "tokens": 10}}}]}  # fmt: skip
+
+    pts = {p["run"]: p for p in collect_points([res("a", 1.0, 5.0, 6.0), res("b", 2.0, 4.0, 6.5)])}
+    assert pts["a"]["pareto"] and pts["b"]["pareto"]
+    assert pts["a"]["pareto_ptb_test"] and not pts["b"]["pareto_ptb_test"]
+    assert pts["b"]["ptb_test_loss"] == 6.5 and pts["b"]["splits"]["ptb_test"]["ppl"] == pytest.approx(math.exp(6.5))

@@ -105,6 +105,7 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
             m, sd = mean_std(vals)
             p["splits"][split] = {"loss": m, "loss_std": sd, "loss_ci95": ci95(vals), "ppl": math.exp(m),
                                   "loss_seeds": vals}  # fmt: skip
+            p[f"{split}_loss"], p[f"{split}_loss_std"] = m, sd  # flat, for the plot's panel
     if "zeroshot_avg" in e0:
         p["zeroshot_avg"] = sum(e["zeroshot_avg"] for _, e in items) / len(items)
     if "classes" in e0:
@@ -116,6 +117,11 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
 FRONTIERS = (("pareto", "loss", True), ("pareto_answer", "answer_acc", False), ("pareto_hardest", "hardest_acc", False))
 
 
+def _frontiers(points: list[dict]) -> tuple[tuple[str, str, bool], ...]:
+    """FRONTIERS and one per test split: ``pareto_<split>``, of that split's loss."""
+    return FRONTIERS + tuple((f"pareto_{s}", f"{s}_loss", True) for s in _test_splits(points))
+
+
 def collect_points(results: list[dict]) -> list[dict]:
     """One point per (run, tau), averaged over seeds: cost, loss (mean, std) and depth; the
     frontier of loss against cost (``pareto``) and, on a labelled dataset, of answer accuracy
@@ -123,7 +129,7 @@ def collect_points(results: list[dict]) -> list[dict]:
     points = [_point(run, tau, ablation, items) for (run, tau, ablation), items in _group(results).items()]
     # the frontier is over trained configurations; ablations are diagnostics of one of them
     main = [i for i, p in enumerate(points) if p["ablation"] is None]
-    for flag, key, lower in FRONTIERS:
+    for flag, key, lower in _frontiers(points):
         have = [i for i in main if key in points[i]]
         if not have:
             continue
@@ -370,7 +376,7 @@ def _zoom(ax, points: list[dict], key: str) -> None:
     ys = sorted(p[key] for p in points)
     if len(ys) < 5:
         return
-    keep = [p[key] for p in points if any(p.get(flag) for flag, k, _ in FRONTIERS if k == key)]
+    keep = [p[key] for p in points if any(p.get(flag) for flag, k, _ in _frontiers(points) if k == key)]
     lo = min([ys[int(0.15 * (len(ys) - 1))], *keep])
     hi = max([ys[int(0.85 * (len(ys) - 1))], *keep])
     pad = 0.5 * (hi - lo) or 0.05 * abs(hi) or 0.05
@@ -389,11 +395,12 @@ def _zoom(ax, points: list[dict], key: str) -> None:
 
 def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str, Any], frontier: bool) -> None:
     """Quality ``key`` against inference MFLOPs per token: a line per run (a run and its
-    ablations share a colour, the same in every panel), and the frontier when asked."""
+    ablations share a colour, the same in every panel); with ``frontier``, the frontier, and the
+    y axis fitted to the bulk of the points."""
     for run, ps in _series(points, key).items():
         _draw_series(ax, run, ps, key, colours[run.rsplit(" [", 1)[0]])
     if frontier:
-        for flag, k, _ in FRONTIERS:
+        for flag, k, _ in _frontiers(points):
             if k == key:
                 _draw_frontier(ax, points, key, flag)
         _zoom(ax, [p for p in points if key in p], key)
@@ -412,7 +419,8 @@ def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str,
 
 def plot(points: list[dict], path: Path, title: str) -> None:
     """Quality against inference cost, written to ``path`` through a hidden temporary: validation
-    loss, the zero-shot average (when measured) and answer accuracy (on a labelled dataset), each a
+    loss, the loss on each test split, the zero-shot average (when measured) and answer accuracy (on
+    a labelled dataset), each a
     panel of the trained configurations only, so its axes fit them; the PonderLM-3 ablations, which
     can be nats away, get a panel of their own beside their runs. The legend sits outside."""
     import matplotlib
@@ -423,6 +431,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     main = [p for p in points if p["ablation"] is None]
     ablations = [p for p in points if p["ablation"] is not None]
     panels = [("loss", "validation loss (hard mode)", main, True)]
+    panels += [(f"{split}_loss", f"{split} loss (hard mode)", main, True) for split in _test_splits(main)]
     if any("zeroshot_avg" in p for p in main):
         panels.append(("zeroshot_avg", "zero-shot average accuracy", main, False))
     hardest = next((p["hardest"] for p in main if "hardest" in p), None)
