@@ -13,7 +13,7 @@ per call: ``model.generate(ids, tau=0.05)`` or ``model(ids, tau=0.05)``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
@@ -59,6 +59,11 @@ class PonderLMConfig(PretrainedConfig):
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.ponder)
+
+
+# transformers 5.24 renamed the cache of model outputs and generation from ``past_key_values`` to
+# ``cache``; the model reads both and returns and asks for whichever this transformers uses
+CACHE = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -115,6 +120,7 @@ class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         tau: float | None = None,
         return_dict: bool | None = None,
+        past_key_values: KVCache | RoundCaches | None = None,
         **kwargs,
     ) -> PonderCausalLMOutput:
         """Logits of the inference computation (hard pruning at ``tau``).
@@ -122,7 +128,8 @@ class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
         Without ``cache``: the whole (left-padded) batch; with ``use_cache`` the prompt runs
         through the recurrence (``prefill``) and the filled cache is returned. With ``cache``:
         ``input_ids`` are new tokens appended to it, ``attention_mask`` covers all tokens so far.
-        ``position_ids`` are ignored: positions follow from the attention mask.
+        ``position_ids`` are ignored: positions follow from the attention mask. ``past_key_values``
+        is ``cache`` under its name before transformers 5.24.
         """
         if input_ids is None:
             raise ValueError("PonderLMForCausalLM needs input_ids (inputs_embeds are not supported)")
@@ -133,6 +140,7 @@ class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = cfg.use_cache if use_cache is None else use_cache
         mask = attention_mask.bool() if attention_mask is not None else None
         m = self.model
+        cache = past_key_values if cache is None else cache
         if cache is None:
             # the prompt through the model's prefill (the computation generate runs, with or without
             # a cache to return); the cache tracks each row's next position
@@ -151,12 +159,14 @@ class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift, ignore_index=-100
             )
-        return PonderCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None, depth=depth)
+        return PonderCausalLMOutput(loss=loss, logits=logits, depth=depth, **{CACHE: cache if use_cache else None})
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, attention_mask=None, past_key_values=None,
+                                      **kwargs):  # fmt: skip
+        cache = past_key_values if cache is None else cache
         if cache is not None:
             input_ids = input_ids[:, -1:]  # one new token per step
-        out = {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, CACHE: cache}
         for k in ("tau", "use_cache"):
             if k in kwargs:
                 out[k] = kwargs[k]

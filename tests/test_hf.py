@@ -16,7 +16,7 @@ import ponderlm  # registers the Auto* classes
 from ponderlm.config import load_run_config
 from ponderlm.convert import convert_from_hf
 from ponderlm.data.tokenizer import Tokenizer
-from ponderlm.hf import PonderLMForCausalLM
+from ponderlm.hf import CACHE, PonderLMForCausalLM
 from ponderlm.loading import load_model
 from ponderlm.train import train
 
@@ -84,8 +84,9 @@ def test_sampling_and_tau_through_generate_kwargs(tmp_path):
     out = loaded.generate(ids, max_new_tokens=4, do_sample=False, tau=0.2, return_dict_in_generate=True,
                           pad_token_id=0)  # fmt: skip
     ref = model(out.sequences[:, :-1], mode="exact", tau=0.2)
-    assert torch.equal(out.cache.num_entries(), (1 + ref.depth.long()).sum(-1))
-    assert int(out.cache.num_entries().sum()) < 2 * 8 * 3  # fewer than all K+1 slots
+    cache = getattr(out, CACHE)  # "cache" from transformers 5.24, "past_key_values" before
+    assert torch.equal(cache.num_entries(), (1 + ref.depth.long()).sum(-1))
+    assert int(cache.num_entries().sum()) < 2 * 8 * 3  # fewer than all K+1 slots
 
 
 def test_round_trip_in_bf16_and_tied_embeddings(tmp_path):
