@@ -7,13 +7,15 @@
 #   bash benchmarks/cuda_check.sh OUT_DIR [NEOX_DATA_DIR]
 #
 # NEOX_DATA_DIR (default data/neox) is `ponderlm data prepare --tokenizer neox --out data/neox`.
-# Every section has its own time limit, so one that hangs or fails does not stop the others; each
-# writes its output to OUT_DIR and the summary lists what passed.
+# Every section has its own time limit (CHECK_TIME_SCALE=2 doubles them all), so one that hangs or
+# fails does not stop the others; each writes its output to OUT_DIR and the summary lists what
+# passed. On an H200 the sections that finished took 12-60 s each (docs/PERFORMANCE.md, CUDA).
 set -u
 out=${1:?usage: cuda_check.sh OUT_DIR [NEOX_DATA_DIR]}
 data=${2:-data/neox}
 mkdir -p "$out"
 py=${PYTHON:-python3}
+scale=${CHECK_TIME_SCALE:-1}
 export PYTHONUNBUFFERED=1
 summary="$out/summary.txt"
 : >"$summary"
@@ -36,20 +38,20 @@ section() {  # section NAME SECONDS COMMAND...: run it with a time limit, log to
 # 1. the test suite, CUDA visible (device "auto" picks it in every test that does not force CPU)
 xdist=()
 $py -c "import xdist" 2>/dev/null && xdist=(-n 8)
-section pytest 130 $py -m pytest -q -rf --maxfail=25 -p no:cacheprovider "${xdist[@]}" tests
+section pytest $((600 * scale)) $py -m pytest -q -rf --maxfail=25 -p no:cacheprovider "${xdist[@]}" tests
 
 # 2. benchmarks on the GPU (bf16 autocast by default on CUDA), Pythia-70m-like and cpu_text sizes
-section train_step 50 $py benchmarks/train_step.py --device cuda --d-model 512 --layers 6 --heads 8 \
+section train_step $((120 * scale)) $py benchmarks/train_step.py --device cuda --d-model 512 --layers 6 --heads 8 \
     --d-ff 1376 --vocab 50304 --K 3 --seq-len 512 --batch 16 --out "$out/train_step.json"
-section train_speed 50 $py benchmarks/train_speed.py --device cuda --d-model 128 --layers 4 --heads 4 \
+section train_speed $((120 * scale)) $py benchmarks/train_speed.py --device cuda --d-model 128 --layers 4 --heads 4 \
     --d-ff 344 --vocab 1024 --K 3 --seq-len 256 --batch 8 --out "$out/train_speed.json"
-section attention 30 $py benchmarks/attention.py --device cuda --backward --out "$out/attention.json"
-section inference 50 $py benchmarks/inference.py --device cuda --out "$out/inference.json"
+section attention $((300 * scale)) $py benchmarks/attention.py --device cuda --backward --out "$out/attention.json"
+section inference $((300 * scale)) $py benchmarks/inference.py --device cuda --out "$out/inference.json"
 
 # 3. the GPU presets, every run as configured, a few steps each (batch capped, projection rescaled)
-section smoke_70m 90 $py benchmarks/preset_smoke.py --config configs/experiments/gpu_70m.yaml --data "$data" \
+section smoke_70m $((300 * scale)) $py benchmarks/preset_smoke.py --config configs/experiments/gpu_70m.yaml --data "$data" \
     --steps 5 --out "$out/smoke_70m.json"
-section smoke_410m 60 $py benchmarks/preset_smoke.py --config configs/experiments/gpu_410m.yaml --data "$data" \
+section smoke_410m $((300 * scale)) $py benchmarks/preset_smoke.py --config configs/experiments/gpu_410m.yaml --data "$data" \
     --runs vanilla vanilla-l72 p2-k3 p3-k3-l0.05 --steps 4 --max-batch 4 --out "$out/smoke_410m.json"
 
 # 4. a small experiment of cpu_text.yaml's runs on the GPU: workers, evaluation, test split, report
@@ -67,6 +69,6 @@ for r in raw["runs"][1:]:
 raw["eval_windows"] = 8
 yaml.safe_dump(raw, open(f"{exp}/exp.yaml", "w"), sort_keys=False)
 EOF
-section experiment 60 $py -m ponderlm experiment pareto --config "$exp/exp.yaml" --jobs 3
+section experiment $((300 * scale)) $py -m ponderlm experiment pareto --config "$exp/exp.yaml" --jobs 3
 cp "$exp/runs/pareto.md" "$out/experiment_pareto.md" 2>/dev/null
 echo "done" >>"$summary"
