@@ -73,7 +73,7 @@ def test_gpu_presets_run_the_cpu_text_grid_with_the_release_settings(name):
     gpu = ExperimentConfig.load(REPO / "configs" / "experiments" / f"{name}.yaml")
     assert _grid(gpu) == _grid(cpu)
     assert {2.0, 3.0} <= {g[-1] for g in _grid(cpu)}  # the 2x and 3x deeper vanillas
-    for key in ("taus", "test_splits", "ablations", "ablation_taus"):
+    for key in ("taus", "test_splits", "ablations", "ablation_taus"):  # references name other-depth runs
         assert getattr(gpu, key) == getattr(cpu, key), key
     rc = gpu.run_config(gpu.runs[0], 0)
     assert rc.model.norm_eps == 0.1 and rc.model.init == "reference" and rc.model.jacobi_grad_passes == 0
@@ -92,6 +92,7 @@ def test_gpu_presets_run_the_cpu_text_grid_with_the_release_settings(name):
         ({"runs": [{"name": "a", "seeds": []}]}, "seeds must be a non-empty list"),
         ({"test_splits": ["val"]}, "test_splits must name other held-out splits than train and val"),
         ({"ablation_taus": [0.0]}, "tau must be in the open interval"),
+        ({"references": ["vanilla"]}, "references name no run of the experiment: vanilla"),
         ({"test_splits": ["ptb_test", "ptb_test"]}, "once each"),
     ],
 )
@@ -383,7 +384,8 @@ def test_test_splits_are_scored_in_workers_and_reported_against_vanilla(tmp_path
     raw = yaml.safe_load(spec.read_text())
     splits = json.loads((Path(raw["base"]["train"]["data_dir"]) / "meta.json").read_text())["splits"]
     test = next(s for s in splits if s not in ("train", "val"))
-    raw.update(test_splits=[test], taus=[1e-4, 0.4], ablations=["random"], ablation_taus=[0.4])
+    raw.update(test_splits=[test], taus=[1e-4, 0.4], ablations=["random"], ablation_taus=[0.4],
+               references=["vanilla", "p3"])
     spec.write_text(yaml.safe_dump(raw))
     logs: list[str] = []
     out = run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=logs.append, jobs=2)
@@ -402,6 +404,7 @@ def test_test_splits_are_scored_in_workers_and_reported_against_vanilla(tmp_path
     assert [(p["run"], p["tau"]) for p in out["points"] if p["ablation"]] == [("p3 [random]", 0.4)]
     md = (exp / "pareto.md").read_text()
     assert f"{test} loss" in md and "Against `vanilla` (2 seed(s))" in md and "Per seed: validation loss." in md
+    assert "Against `p3` (1 seed(s))" in md
     # p3 has no interval: its differences are not resolved
     assert "| p3 | 0.4 | 1 |" in md and "| p3 | 0.0001 | 1 |" in md and "one seed" in md
 

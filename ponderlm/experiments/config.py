@@ -17,6 +17,7 @@ config, and how to evaluate them::
     task_limit: null
     ablations: []               # on PonderLM-3 runs: fixed, random, entropy (eval.ablations)
     ablation_taus: [0.05]       # the taus of the random/entropy ablations (default: every tau)
+    references: [vanilla, p2-k3]  # runs every configuration is compared with (default: vanilla)
 
 In ``set``, ``{run:NAME}`` stands for the directory of the run NAME (listed earlier) trained with
 the same seed: ``train.init_from={run:base}`` makes every seed continue from its own base run.
@@ -39,8 +40,8 @@ PLACEHOLDER = re.compile(r"\{run:([^}]*)\}")  # in a run's overrides: another ru
 # the type of each key an experiment file may give (checked before the dataclass is built)
 SHAPES = {"name": str, "out_dir": str, "base": dict, "runs": list, "taus": list, "seeds": list, "tasks": list,
           "ablations": list, "eval_windows": int, "test_splits": list,
-          "ablation_taus": list}  # fmt: skip
-NULLABLE = {"ablation_taus"}  # keys whose null means their default
+          "ablation_taus": list, "references": list}  # fmt: skip
+NULLABLE = {"ablation_taus", "references"}  # keys whose null means their default
 
 
 @dataclass
@@ -57,6 +58,7 @@ class ExperimentConfig:
     ablations: list[str] = field(default_factory=list)
     test_splits: list[str] = field(default_factory=list)
     ablation_taus: list[float] | None = None  # None: every tau
+    references: list[str] | None = None  # the report's comparisons; None: the run named vanilla, if any
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -97,6 +99,9 @@ class ExperimentConfig:
             raise ConfigError(f"duplicate run names in the experiment: {names}")
         for r in self.runs:
             self._validate_run(r)
+        unknown = [r for r in self.references or [] if r not in names]
+        if unknown:
+            raise ConfigError(f"references name no run of the experiment: {', '.join(map(str, unknown))}")
 
     def _validate_run(self, run: dict[str, Any]) -> None:
         sets = run.get("set", [])

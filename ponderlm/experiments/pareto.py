@@ -608,7 +608,7 @@ def _write_report(cfg: ExperimentConfig, out: Path, results: list[dict], missing
                   stem: str) -> dict[str, Any]:  # fmt: skip
     """``stem``.md, .json and .png in ``out``; returns the JSON payload."""
     points = collect_points(results)
-    md = markdown(f"Pareto experiment `{cfg.name}`", points, minutes)
+    md = markdown(f"Pareto experiment `{cfg.name}`", points, minutes, tuple(cfg.references or ["vanilla"]))
     if missing:
         md += f"\nNot finished, left out: {', '.join(missing)}.\n"
     payload = {"name": cfg.name, "taus": cfg.taus, "seeds": cfg.seeds, "results": results, "points": points}

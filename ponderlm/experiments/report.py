@@ -154,10 +154,11 @@ def _test_splits(points: list[dict]) -> list[str]:
     return list(next((p["splits"] for p in points if "splits" in p), {}))
 
 
-def markdown(title: str, points: list[dict], minutes: float | None = None, reference: str = "vanilla") -> str:
+def markdown(title: str, points: list[dict], minutes: float | None = None,
+             references: tuple[str, ...] = ("vanilla",)) -> str:  # fmt: skip
     """The report's tables: every point by cost (with the frontier), the runs' training tokens,
-    each point against the ``reference`` run, the per-seed losses, and on a labelled dataset the
-    per-class accuracies."""
+    each point against each of the ``references`` runs (those the experiment has), the per-seed
+    losses, and on a labelled dataset the per-class accuracies."""
     splits = _test_splits(points)
     zeroshot = any("zeroshot_avg" in p for p in points)
     lines = [f"# {title}", ""]
@@ -194,9 +195,10 @@ def markdown(title: str, points: list[dict], minutes: float | None = None, refer
             cells.append(_opt(p.get("zeroshot_avg"), 4))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *_runs_table(points)]
-    ref = next((p for p in points if p["run"] == reference and p["ablation"] is None), None)
-    if ref is not None:
-        lines += ["", *_versus_table(points, ref, splits)]
+    for reference in references:
+        ref = next((p for p in points if p["run"] == reference and p["ablation"] is None), None)
+        if ref is not None:
+            lines += ["", *_versus_table(points, ref, splits)]
     if any(p["seeds"] > 1 for p in points):
         lines += ["", *_loss_seed_table(points)]
     if any("answer_acc" in p for p in points):
