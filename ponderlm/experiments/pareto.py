@@ -84,6 +84,11 @@ def config_differences(run_dir: Path, requested: RunConfig) -> list[str]:
     return diffs
 
 
+def _report_files(stem: str) -> set[str]:
+    """The files an experiment's report writes into its out_dir."""
+    return {f"{stem}.{ext}" for ext in ("md", "json", "png")}
+
+
 def check_experiment_dir(out: Path, names: set[str]) -> None:
     """An experiment writes run directories and its report files into out_dir; refuse a directory
     that holds anything else unless ponderlm made it for an experiment."""
@@ -167,7 +172,7 @@ def train_run(cfg: ExperimentConfig, name: str, seed: int | None = None, *, over
         return run_dir
     if int(os.environ.get("RANK", "0")) == 0:  # one process of a torchrun job makes the experiment directory
         out = Path(cfg.out_dir)
-        check_experiment_dir(out, {f"pareto.{ext}" for ext in ("md", "json", "png")})
+        check_experiment_dir(out, _report_files("pareto"))
         make_owned_dir(out, "experiment")
     train(rc, set(), resume=resume, overwrite=replace, log=log)
     return run_dir
@@ -504,26 +509,27 @@ def _eval_key(run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def cached_result(run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any] | None:
-    """The run's saved evaluation under this experiment's settings, or None."""
+def cached_result(run_dir: Path, cfg: ExperimentConfig, key: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The run's saved evaluation under this experiment's settings (``key``: :func:`_eval_key`,
+    computed when not given), or None."""
     path = run_dir / EVAL_FILE
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
-        return saved["result"] if saved.get("key") == _eval_key(run_dir, cfg) else None
+        return saved["result"] if saved.get("key") == (key or _eval_key(run_dir, cfg)) else None
     except (json.JSONDecodeError, KeyError, TypeError):
         return None
 
 
 def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str, Any]:
     """The run's evaluation under this experiment's settings, computed once per checkpoint."""
-    found = cached_result(run_dir, cfg)
+    key = _eval_key(run_dir, cfg)
+    found = cached_result(run_dir, cfg, key)
     if found is not None:
         return found
     result = compute()
-    path = run_dir / EVAL_FILE
-    atomic_write(path, json.dumps({"key": _eval_key(run_dir, cfg), "result": result}, indent=2) + "\n")
+    atomic_write(run_dir / EVAL_FILE, json.dumps({"key": key, "result": result}, indent=2) + "\n")
     return result
 
 
@@ -565,7 +571,7 @@ def run_experiment(
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(cfg.out_dir)
     with DirLock(out, "out_dir"):
-        check_experiment_dir(out, {f"{stem}.{ext}" for ext in ("md", "json", "png")})
+        check_experiment_dir(out, _report_files(stem))
         return _run_experiment(cfg, cache_dir, out, overwrite=overwrite, eval_only=eval_only, log=log, stem=stem,
                                jobs=jobs)  # fmt: skip
 
@@ -608,7 +614,7 @@ def _write_report(cfg: ExperimentConfig, out: Path, results: list[dict], missing
                   stem: str) -> dict[str, Any]:  # fmt: skip
     """``stem``.md, .json and .png in ``out``; returns the JSON payload."""
     points = collect_points(results)
-    md = markdown(f"Pareto experiment `{cfg.name}`", points, minutes, tuple(cfg.references or ["vanilla"]))
+    md = markdown(f"Pareto experiment `{cfg.name}`", points, minutes, cfg.references)
     if missing:
         md += f"\nNot finished, left out: {', '.join(missing)}.\n"
     payload = {"name": cfg.name, "taus": cfg.taus, "seeds": cfg.seeds, "results": results, "points": points}

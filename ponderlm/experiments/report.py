@@ -155,10 +155,10 @@ def _test_splits(points: list[dict]) -> list[str]:
 
 
 def markdown(title: str, points: list[dict], minutes: float | None = None,
-             references: tuple[str, ...] = ("vanilla",)) -> str:  # fmt: skip
+             references: list[str] | None = None) -> str:  # fmt: skip
     """The report's tables: every point by cost (with the frontier), the runs' training tokens,
-    each point against each of the ``references`` runs (those the experiment has), the per-seed
-    losses, and on a labelled dataset the per-class accuracies."""
+    each point against each of the ``references`` runs (default: the run named vanilla, if any),
+    the per-seed losses, and on a labelled dataset the per-class accuracies."""
     splits = _test_splits(points)
     zeroshot = any("zeroshot_avg" in p for p in points)
     lines = [f"# {title}", ""]
@@ -195,7 +195,7 @@ def markdown(title: str, points: list[dict], minutes: float | None = None,
             cells.append(_opt(p.get("zeroshot_avg"), 4))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *_runs_table(points)]
-    for reference in references:
+    for reference in references or ["vanilla"]:
         ref = next((p for p in points if p["run"] == reference and p["ablation"] is None), None)
         if ref is not None:
             lines += ["", *_versus_table(points, ref, splits)]
@@ -250,40 +250,35 @@ def _versus_table(points: list[dict], ref: dict, splits: list[str]) -> list[str]
     return lines
 
 
-def _loss_seed_table(points: list[dict]) -> list[str]:
-    """Validation loss of every seed of the trained configurations: when seeds disagree, the mean
-    hides it."""
-    ps = sorted((p for p in points if p["ablation"] is None), key=lambda q: q["flops_per_token"])
+def _per_seed_table(ps: list[dict], title: str, cell) -> list[str]:
+    """A row per point of ``ps`` (by cost), a column per seed: ``cell(point, i)`` formats the
+    point's i-th seed, in the order of its "seed_list". When seeds disagree, the mean hides it."""
+    ps = sorted(ps, key=lambda q: q["flops_per_token"])
     seeds = sorted({s for p in ps for s in p["seed_list"] if s is not None})
-    lines = ["Per seed: validation loss.", "", "| run | tau | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "|---|---:|" + "---:|" * len(seeds)]  # fmt: skip
-    for p in ps:
-        by_seed = dict(zip(p["seed_list"], p["loss_seeds"], strict=True))
-        cells = [f"{by_seed[s]:.4f}" if s in by_seed else "" for s in seeds]
-        lines.append(f"| {p['run']} | {_tau(p)} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _seed_table(points: list[dict]) -> list[str]:
-    """Answer accuracy of every seed of the trained configurations (labelled datasets): when
-    seeds disagree, the mean hides it."""
-    ps = sorted((p for p in points if "answer_acc_seeds" in p and p["ablation"] is None),
-                key=lambda q: q["flops_per_token"])  # fmt: skip
-    seeds = sorted({s for p in ps for s in p["seed_list"] if s is not None})
-    hardest = ps[0]["hardest"]
     lines = [
-        f"Per seed: answer accuracy (all answer classes) / {hardest} accuracy.",
+        title,
         "",
         "| run | tau | " + " | ".join(f"seed {s}" for s in seeds) + " |",
         "|---|---:|" + "---:|" * len(seeds),
     ]
     for p in ps:
-        by_seed = dict(
-            zip(p["seed_list"], zip(p["answer_acc_seeds"], p["hardest_acc_seeds"], strict=True), strict=True)
-        )
-        cells = [f"{by_seed[s][0]:.3f} / {by_seed[s][1]:.3f}" if s in by_seed else "" for s in seeds]
+        at = {s: i for i, s in enumerate(p["seed_list"])}
+        cells = [cell(p, at[s]) if s in at else "" for s in seeds]
         lines.append(f"| {p['run']} | {_tau(p)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _loss_seed_table(points: list[dict]) -> list[str]:
+    """Validation loss of every seed of the trained configurations."""
+    return _per_seed_table([p for p in points if p["ablation"] is None], "Per seed: validation loss.",
+                           lambda p, i: f"{p['loss_seeds'][i]:.4f}")  # fmt: skip
+
+
+def _seed_table(points: list[dict]) -> list[str]:
+    """Answer accuracy of every seed of the trained configurations (labelled datasets)."""
+    ps = [p for p in points if "answer_acc_seeds" in p and p["ablation"] is None]
+    title = f"Per seed: answer accuracy (all answer classes) / {ps[0]['hardest']} accuracy."
+    return _per_seed_table(ps, title, lambda p, i: f"{p['answer_acc_seeds'][i]:.3f} / {p['hardest_acc_seeds'][i]:.3f}")
 
 
 def _class_table(points: list[dict]) -> list[str]:
