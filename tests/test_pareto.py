@@ -384,8 +384,9 @@ def test_test_splits_are_scored_in_workers_and_reported_against_vanilla(tmp_path
     raw = yaml.safe_load(spec.read_text())
     splits = json.loads((Path(raw["base"]["train"]["data_dir"]) / "meta.json").read_text())["splits"]
     test = next(s for s in splits if s not in ("train", "val"))
-    raw.update(test_splits=[test], taus=[1e-4, 0.4], ablations=["random"], ablation_taus=[0.4],
-               references=["vanilla", "p3"])
+    raw.update(
+        test_splits=[test], taus=[1e-4, 0.4], ablations=["random"], ablation_taus=[0.4], references=["vanilla", "p3"]
+    )
     spec.write_text(yaml.safe_dump(raw))
     logs: list[str] = []
     out = run_experiment(ExperimentConfig.load(spec), tmp_path / "cache", log=logs.append, jobs=2)
@@ -440,6 +441,26 @@ def test_a_difference_is_resolved_only_when_the_intervals_are_apart(a, b, verdic
         return {"loss": mean_ci[0], "loss_ci95": mean_ci[1]}
 
     assert _verdict(pt(a), pt(b)) == verdict
+
+
+def test_the_paired_difference_uses_the_shared_seeds_and_can_resolve_what_the_intervals_do_not():
+    from ponderlm.eval.stats import ci95
+    from ponderlm.experiments.report import _paired_cells, _verdict, paired_difference
+
+    # seed-to-seed spread of 0.1 shared by both runs, a constant gap of 0.05 (noise 0.01) on top
+    a, b = [4.0, 3.9, 3.8], [4.05, 3.96, 3.84]
+    m, h, n = paired_difference([0, 1, 2], a, [0, 1, 2], b)
+    assert n == 3 and m == pytest.approx(-0.05) and h == pytest.approx(4.303 * 0.01 / 3**0.5, rel=1e-3)
+    assert _paired_cells([0, 1, 2], a, [0, 1, 2], b)[1] == "lower"
+    assert _paired_cells([0, 1, 2], b, [0, 1, 2], a)[1] == "higher"
+    assert _verdict({"loss": sum(a) / 3, "loss_ci95": ci95(a)}, {"loss": sum(b) / 3, "loss_ci95": ci95(b)}) == "overlap"
+    # only the seeds both have are paired, whatever their order
+    m, _, n = paired_difference([2, 0, 5], [3.8, 4.0, 9.0], [0, 1, 2], b)
+    assert n == 2 and m == pytest.approx(((4.0 - 4.05) + (3.8 - 3.84)) / 2)
+    assert paired_difference([0], [4.0], [0, 1], [4.1, 4.2]) is None
+    assert _paired_cells([0], [4.0], [0, 1], [4.1, 4.2]) == ["", "< 2 shared seeds"]
+    # differences of opposite sign: the interval holds zero
+    assert _paired_cells([0, 1, 2], [4.0, 4.0, 4.0], [0, 1, 2], [4.1, 3.9, 4.0])[1] == "overlap"
 
 
 def test_experiment_train_trains_one_run_in_its_place_for_pareto_to_reuse(tmp_path, capsys):

@@ -229,23 +229,51 @@ def _verdict(a: dict, b: dict) -> str:
     return "lower" if hi_a < lo_b else "higher" if lo_a > hi_b else "overlap"
 
 
+def paired_difference(a_seeds: list, a: list[float], b_seeds: list, b: list[float]) -> tuple[float, float, int] | None:
+    """Mean of the per-seed differences a - b over the seeds both have, the half-width of its 95%
+    t-interval and the number of shared seeds; None for fewer than two. Runs with the same seed
+    train on the same batches in the same order (the trainer's data is a function of seed and step),
+    so these differences are paired: the seed-to-seed spread both share cancels."""
+    at = {s: i for i, s in enumerate(b_seeds) if s is not None}
+    diffs = [x - b[at[s]] for s, x in zip(a_seeds, a, strict=True) if s in at]
+    if len(diffs) < 2:
+        return None
+    return mean_std(diffs)[0], ci95(diffs), len(diffs)
+
+
+def _paired_cells(a_seeds: list, a: list[float], b_seeds: list, b: list[float]) -> list[str]:
+    """The paired difference ± its 95% half-width (shared seeds) and whether the interval excludes 0."""
+    d = paired_difference(a_seeds, a, b_seeds, b)
+    if d is None:
+        return ["", "< 2 shared seeds"]
+    m, h, n = d
+    return [f"{m:+.4f} ± {h:.4f} ({n})", "lower" if m + h < 0 else "higher" if m - h > 0 else "overlap"]
+
+
 def _versus_table(points: list[dict], ref: dict, splits: list[str]) -> list[str]:
     """Each trained configuration against the reference run: the difference of mean losses and
-    whether the 95% intervals over seeds separate them."""
-    head = ["run", "tau", "seeds", "MFLOPs/token", "Δ val loss", "resolved"]
+    whether the 95% intervals over seeds separate them; and the paired difference over the seeds
+    both share, with whether its interval excludes zero."""
+    head = ["run", "tau", "seeds", "MFLOPs/token", "Δ val loss", "resolved", "paired Δ ± 95% (n)", "paired"]
     for split in splits:
-        head += [f"Δ {split} loss", "resolved"]
+        head += [f"Δ {split} loss", "resolved", "paired Δ ± 95% (n)", "paired"]
     lines = [f"Against `{ref['run']}` ({ref['seeds']} seed(s)): Δ = mean loss minus its mean loss (negative is "
              "better); `lower`/`higher` only where the two 95% intervals do not overlap, `overlap` where they do, "
-             "`one seed` where either side has no interval.",
+             "`one seed` where either side has no interval. Paired: runs with the same seed train on the same "
+             "batches in the same order, so the per-seed differences over the n seeds both have are paired; "
+             "`lower`/`higher` where their 95% t-interval excludes zero (less conservative than `resolved`, "
+             "which ignores the pairing).",
              "", "| " + " | ".join(head) + " |",
-             "|---|---:|---:|---:|---:|:---:|" + "---:|:---:|" * len(splits)]  # fmt: skip
+             "|---|---:|---:|---:|" + "---:|:---:|---:|:---:|" * (1 + len(splits))]  # fmt: skip
     for p in sorted((q for q in points if q["ablation"] is None and q is not ref), key=lambda q: q["flops_per_token"]):
-        cells = [p["run"], _tau(p), str(p["seeds"]),
-                 f"{p['flops_per_token'] / 1e6:.3f}", f"{p['loss'] - ref['loss']:+.4f}", _verdict(p, ref)]  # fmt: skip
+        cells = [p["run"], _tau(p), str(p["seeds"]), f"{p['flops_per_token'] / 1e6:.3f}",
+                 f"{p['loss'] - ref['loss']:+.4f}", _verdict(p, ref),
+                 *_paired_cells(p["seed_list"], p["loss_seeds"], ref["seed_list"], ref["loss_seeds"])]  # fmt: skip
         for split in splits:
             a, b = p.get("splits", {}).get(split), ref.get("splits", {}).get(split)
-            cells += ["", ""] if a is None or b is None else [f"{a['loss'] - b['loss']:+.4f}", _verdict(a, b)]
+            cells += (["", "", "", ""] if a is None or b is None else
+                      [f"{a['loss'] - b['loss']:+.4f}", _verdict(a, b),
+                       *_paired_cells(p["seed_list"], a["loss_seeds"], ref["seed_list"], b["loss_seeds"])])  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
