@@ -463,6 +463,31 @@ def test_the_paired_difference_uses_the_shared_seeds_and_can_resolve_what_the_in
     assert _paired_cells([0, 1, 2], [4.0, 4.0, 4.0], [0, 1, 2], [4.1, 3.9, 4.0])[1] == "overlap"
 
 
+def test_tau_labels_cover_neither_each_other_nor_a_marker_and_stay_inside_the_axes():
+    from ponderlm.experiments.report import label_offsets
+
+    def box(anchor, size, off):
+        return (anchor[0] + off[0], anchor[1] + off[1], anchor[0] + off[0] + size[0], anchor[1] + off[1] + size[1])
+
+    def apart(a, b):
+        return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+    # three labels crowded on nearly one spot, two other markers beside them, the axes' right edge close
+    anchors = [(100.0, 100.0), (101.0, 102.0), (103.0, 99.0)]
+    sizes = [(30.0, 6.0), (24.0, 6.0), (36.0, 6.0)]
+    # a frontier ring (half-width 6.5) on the first point, ordinary markers elsewhere
+    markers = [(*anchors[0], 6.5), (*anchors[1], 3.5), (*anchors[2], 3.5), (112.0, 110.0, 3.5), (90.0, 90.0, 3.5)]
+    bounds = (0.0, 0.0, 140.0, 200.0)
+    offs = label_offsets(anchors, sizes, markers, bounds=bounds)
+    boxes = [box(a, sz, o) for a, sz, o in zip(anchors, sizes, offs, strict=True)]
+    for i in range(3):
+        assert bounds[0] <= boxes[i][0] and boxes[i][2] <= bounds[2], boxes[i]
+        for j in range(i + 1, 3):
+            assert apart(boxes[i], boxes[j]), (boxes[i], boxes[j])
+        for mx, my, r in markers:
+            assert apart(boxes[i], (mx - r, my - r, mx + r, my + r)), (boxes[i], (mx, my))
+
+
 def test_experiment_train_trains_one_run_in_its_place_for_pareto_to_reuse(tmp_path, capsys):
     from ponderlm.cli import main
 

@@ -163,7 +163,8 @@ def markdown(title: str, points: list[dict], minutes: float | None = None,
     zeroshot = any("zeroshot_avg" in p for p in points)
     lines = [f"# {title}", ""]
     if minutes is not None:
-        lines += [f"{minutes:.1f} min in all.", ""]
+        lines += [f"This invocation took {minutes:.1f} min; runs and evaluations it reused from earlier "
+                  "invocations are not in that time.", ""]  # fmt: skip
     lines += [
         "Validation loss in the hard-pruned inference computation (Jacobi passes until the latents settle:",
         "the recurrence `generate` runs, to 1e-4); cost is inference FLOPs per token at the realised depths.",
@@ -359,8 +360,9 @@ def _series(points: list[dict], key: str) -> dict[str, list[dict]]:
     return runs
 
 
-def _draw_series(ax, run: str, ps: list[dict], key: str, colour) -> None:
-    """One line of a panel, by cost: a run's tau sweep, or an ablation of it (dotted)."""
+def _draw_series(ax, run: str, ps: list[dict], key: str, colour) -> list[tuple[str, float, float, Any]]:
+    """One line of a panel, by cost: a run's tau sweep, or an ablation of it (dotted). Returns the
+    tau labels of a run's points (text, x, y, colour), placed once the axes are final."""
     ps = sorted(ps, key=lambda q: q["flops_per_token"])
     xs = [q["flops_per_token"] / 1e6 for q in ps]
     ys = [q[key] for q in ps]
@@ -373,10 +375,72 @@ def _draw_series(ax, run: str, ps: list[dict], key: str, colour) -> None:
     std = f"{key}_std"
     if any(q.get(std, 0) > 0 for q in ps):
         ax.errorbar(xs, ys, yerr=[q.get(std, 0.0) for q in ps], fmt="none", color=colour, alpha=0.5, capsize=2)
-    for i, (q, x, y) in enumerate(zip(ps, xs, ys, strict=True)):
-        if q["tau"] is not None and abl is None:  # neighbouring taus labelled on alternate sides
-            ax.annotate(f"τ={q['tau']:g}", (x, y), textcoords="offset points", xytext=(4, 4 if i % 2 else -10),
-                        fontsize=6, color=colour)  # fmt: skip
+    if abl is not None:
+        return []
+    return [(f"τ={q['tau']:g}", x, y, colour) for q, x, y in zip(ps, xs, ys, strict=True) if q["tau"] is not None]
+
+
+TAU_FONT = 6  # points
+
+
+def label_offsets(anchors: list[tuple[float, float]], sizes: list[tuple[float, float]],
+                  markers: list[tuple[float, float, float]],
+                  bounds: tuple[float, float, float, float] | None = None) -> list[tuple[float, float]]:  # fmt: skip
+    """Where to put text labels next to their points so that they cover neither each other nor a
+    marker: for each label (left to right), the first of a few positions around its anchor that is
+    free, else the one that overlaps least. Everything is in points: anchors (x, y), sizes (w, h),
+    markers (x, y, half-width), ``bounds`` (x0, y0, x1, y1) the axes, which a label should stay
+    inside. Returns the offset (dx, dy) of each label's lower-left corner."""
+
+    def overlap(a, b) -> float:
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    marks = [(x - r, y - r, x + r, y + r) for x, y, r in markers]
+    placed: list[tuple[float, float, float, float]] = []
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(anchors)
+    for i in sorted(range(len(anchors)), key=lambda j: anchors[j]):
+        (x, y), (w, h) = anchors[i], sizes[i]
+        # clear of the label's own marker (the largest drawn at its anchor)
+        g = 1.0 + max([r for mx, my, r in markers if abs(mx - x) < 0.5 and abs(my - y) < 0.5], default=3.5)
+        candidates = [(g, g), (g, -h - g), (-w - g, g), (-w - g, -h - g), (-w / 2, g + 2), (-w / 2, -h - g - 2),
+                      (g, h + g + 2), (g, -2 * h - g - 2), (-w - g, h + g + 2), (-w - g, -2 * h - g - 2)]  # fmt: skip
+        best, best_cost = candidates[0], math.inf
+        for dx, dy in candidates:
+            box = (x + dx, y + dy, x + dx + w, y + dy + h)
+            cost = sum(overlap(box, b) for b in placed) + sum(overlap(box, m) for m in marks)
+            if bounds is not None:  # the part outside the axes counts as covered
+                cost += w * h - overlap(box, bounds)
+            if cost < best_cost:
+                best, best_cost = (dx, dy), cost
+            if cost == 0.0:
+                break
+        out[i] = best
+        placed.append((x + best[0], y + best[1], x + best[0] + w, y + best[1] + h))
+    return out
+
+
+def _place_tau_labels(ax, labels: list[tuple[str, float, float, Any]], points: list[tuple[float, ...]]) -> None:
+    """Annotate PonderLM-3's tau points without overlap (:func:`label_offsets`), once the axes'
+    scales and limits are final; ``points`` are the panel's markers (x, y, half-width in points)."""
+    if not labels:
+        return
+    ax.get_xlim(), ax.get_ylim()  # settle autoscaling before mapping data to points
+    scale = 72.0 / ax.figure.dpi
+
+    def pt(x: float, y: float) -> tuple[float, float]:
+        px, py = ax.transData.transform((x, y))
+        return px * scale, py * scale
+
+    x0, y0 = ax.transAxes.transform((0.0, 0.0)) * scale
+    x1, y1 = ax.transAxes.transform((1.0, 1.0)) * scale
+    sizes = [(0.6 * TAU_FONT * len(text), TAU_FONT) for text, *_ in labels]
+    offsets = label_offsets([pt(x, y) for _, x, y, _ in labels], sizes, [(*pt(x, y), r) for x, y, r in points],
+                            bounds=(x0, y0, x1, y1))  # fmt: skip
+    for (text, x, y, colour), (dx, dy) in zip(labels, offsets, strict=True):
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=TAU_FONT, color=colour,
+                    ha="left", va="bottom")  # fmt: skip
 
 
 def _draw_frontier(ax, points: list[dict], key: str, flag: str) -> None:
@@ -418,12 +482,14 @@ def _zoom(ax, points: list[dict], key: str) -> None:
                     arrowprops={"arrowstyle": "->", "lw": 0.6})  # fmt: skip
 
 
-def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str, Any], frontier: bool) -> None:
+def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str, Any], frontier: bool):
     """Quality ``key`` against inference MFLOPs per token: a line per run (a run and its
     ablations share a colour, the same in every panel); with ``frontier``, the frontier, and the
-    y axis fitted to the bulk of the points."""
+    y axis fitted to the bulk of the points. Returns the function that writes the tau labels, to be
+    called once the figure's layout is final."""
+    labels = []
     for run, ps in _series(points, key).items():
-        _draw_series(ax, run, ps, key, colours[run.rsplit(" [", 1)[0]])
+        labels += _draw_series(ax, run, ps, key, colours[run.rsplit(" [", 1)[0]])
     if frontier:
         for flag, k, _ in _frontiers(points):
             if k == key:
@@ -440,6 +506,11 @@ def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str,
     ax.set_xlabel("inference MFLOPs per token (log scale)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
+    flags = [flag for flag, k, _ in _frontiers(points) if k == key] if frontier else []
+    # a marker's half-width in points; the frontier's rings (scatter size 140) are wider
+    markers = [(p["flops_per_token"] / 1e6, p[key], 6.5 if any(p.get(f) for f in flags) else 3.5)
+               for p in points if key in p]  # fmt: skip
+    return lambda: _place_tau_labels(ax, labels, markers)
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -472,8 +543,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     for p in points:
         colours.setdefault(p["run"].rsplit(" [", 1)[0], palette[len(colours) % len(palette)])
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
-    for ax, (key, label, ps, frontier) in zip(axes[0], panels, strict=True):
-        _draw_panel(ax, ps, key, label, colours, frontier)
+    place_labels = [_draw_panel(ax, ps, key, label, colours, frontier)
+                    for ax, (key, label, ps, frontier) in zip(axes[0], panels, strict=True)]  # fmt: skip
     legend: dict[str, Any] = {}
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -482,6 +553,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
                frameon=False)  # fmt: skip
     fig.suptitle(title)
     fig.tight_layout()
+    for place in place_labels:
+        place()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
