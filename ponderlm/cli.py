@@ -223,7 +223,7 @@ def _add_quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
         help="prepare the default corpus, train small vanilla / PonderLM-2 / PonderLM-3 models, report",
-        description="About 17 minutes on 2 CPU cores (--smoke: about 2). Writes report.md, "
+        description="About 15 minutes on 2 CPU cores (--smoke: about 2). Writes report.md, "
         "report.json and report.png to --out.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))

