@@ -381,6 +381,10 @@ def _draw_series(ax, run: str, ps: list[dict], key: str, colour) -> list[tuple[s
 
 
 TAU_FONT = 6  # points
+RING_AREA = 140  # points^2: the scatter size of the frontier's rings
+# half-widths in points of what a tau label must not cover: a line marker (matplotlib's default
+# size, 6) and a frontier ring, each with half a point of edge
+MARKER_HALF, RING_HALF = 6 / 2 + 0.5, math.sqrt(RING_AREA) / 2 + 0.5
 
 
 def label_offsets(anchors: list[tuple[float, float]], sizes: list[tuple[float, float]],
@@ -403,7 +407,7 @@ def label_offsets(anchors: list[tuple[float, float]], sizes: list[tuple[float, f
     for i in sorted(range(len(anchors)), key=lambda j: anchors[j]):
         (x, y), (w, h) = anchors[i], sizes[i]
         # clear of the label's own marker (the largest drawn at its anchor)
-        g = 1.0 + max([r for mx, my, r in markers if abs(mx - x) < 0.5 and abs(my - y) < 0.5], default=3.5)
+        g = 1.0 + max([r for mx, my, r in markers if abs(mx - x) < 0.5 and abs(my - y) < 0.5], default=MARKER_HALF)
         candidates = [(g, g), (g, -h - g), (-w - g, g), (-w - g, -h - g), (-w / 2, g + 2), (-w / 2, -h - g - 2),
                       (g, h + g + 2), (g, -2 * h - g - 2), (-w - g, h + g + 2), (-w - g, -2 * h - g - 2)]  # fmt: skip
         best, best_cost = candidates[0], math.inf
@@ -447,7 +451,7 @@ def _draw_frontier(ax, points: list[dict], key: str, flag: str) -> None:
     fr = sorted((p for p in points if p.get(flag)), key=lambda q: q["flops_per_token"])
     fx, fy = [q["flops_per_token"] / 1e6 for q in fr], [q[key] for q in fr]
     ax.step(fx, fy, where="post", color="black", lw=1, ls="--")
-    ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="black", label="Pareto frontier")
+    ax.scatter(fx, fy, s=RING_AREA, facecolors="none", edgecolors="black", label="Pareto frontier")
 
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
@@ -490,10 +494,10 @@ def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str,
     labels = []
     for run, ps in _series(points, key).items():
         labels += _draw_series(ax, run, ps, key, colours[run.rsplit(" [", 1)[0]])
+    flags = [flag for flag, k, _ in _frontiers(points) if k == key] if frontier else []
+    for flag in flags:
+        _draw_frontier(ax, points, key, flag)
     if frontier:
-        for flag, k, _ in _frontiers(points):
-            if k == key:
-                _draw_frontier(ax, points, key, flag)
         _zoom(ax, [p for p in points if key in p], key)
     ax.set_xscale("log")
     xs = [p["flops_per_token"] / 1e6 for p in points]
@@ -506,9 +510,7 @@ def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str,
     ax.set_xlabel("inference MFLOPs per token (log scale)")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
-    flags = [flag for flag, k, _ in _frontiers(points) if k == key] if frontier else []
-    # a marker's half-width in points; the frontier's rings (scatter size 140) are wider
-    markers = [(p["flops_per_token"] / 1e6, p[key], 6.5 if any(p.get(f) for f in flags) else 3.5)
+    markers = [(p["flops_per_token"] / 1e6, p[key], RING_HALF if any(p.get(f) for f in flags) else MARKER_HALF)
                for p in points if key in p]  # fmt: skip
     return lambda: _place_tau_labels(ax, labels, markers)
 
