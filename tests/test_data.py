@@ -385,10 +385,11 @@ def test_normal_text_trains_exactly_as_without_the_bound(tmp_path):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from ponderlm.data.prepare import _collect
+    from ponderlm.data.inputs import Reading
+    from ponderlm.data.prepare import _units
 
     cfg = PrepareConfig(cache_dir=make_fake_packages(tmp_path / "cache"), inputs=[])
-    texts = [d.text for d in _collect(cfg, [], log=lambda *_: None)[0]]
+    texts = [d.text for u in _units(cfg, [], log=lambda *_: None)[0] for d in u.documents(Reading())]
     assert max(len(run) for t in texts for run in t.split()) < 256  # ordinary words only
     bounded = Tokenizer.train_bpe(texts, 400)
     raw = HFTokenizer(models.BPE())

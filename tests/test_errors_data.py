@@ -246,7 +246,7 @@ CASES = [
          'x.jsonl:2: each line needs a JSON object with a string "text" field',
          setup=write("x.jsonl", '{"text": "fine"}\n["text", "a list"]\n')),
     Case("prepare_dir_without_texts", lambda w, s: _prep("--input", "empty", "--out", "d"),
-         "input directory empty holds no .txt or .jsonl files (give .bin files one by one)",
+         "input directory empty holds no .txt, .jsonl(.gz/.zst) or .parquet files (give .bin files one by one)",
          setup=write("empty/ids.bin", b"\x01\x00")),
     Case("prepare_val_fraction_nan", lambda w, s: tiny_args(w, "d", "--val-fraction", "nan"),
          "--val-fraction must be in [0, 1), got nan"),

@@ -41,7 +41,8 @@ class TokenShards:
         if labels and "labels" not in meta:
             raise DataError(f"{data_dir} has no token labels; make a labelled dataset with `ponderlm data synthetic`")
         if split not in meta["splits"]:
-            raise DataError(f"{data_dir} has no {split!r} split (has: {', '.join(meta['splits'])})")
+            hint = "; prepare it again with a larger --val-fraction (e.g. 0.1) or more text" if split == "val" else ""
+            raise DataError(f"{data_dir} has no {split!r} split (has: {', '.join(meta['splits'])}){hint}")
         self.meta = meta
         if labels:
             self.classes: list[str] = list(meta["labels"]["classes"])

@@ -1,13 +1,24 @@
 """``ponderlm data prepare``: documents -> hash split -> tokens -> memmap shards + meta.json.
 
+The corpus is streamed: documents flow from the inputs (:mod:`.sources` for the default corpus,
+:mod:`.inputs` for the user's files) through the stable hash split and tokenization (in worker
+processes, :mod:`.encode`) into the shards (:mod:`.shards`), and nothing ever holds the corpus.
+Peak memory is bounded by the batches in flight (``2 * workers + 1`` of about ``BATCH_CHARS``
+characters), one read buffer, the largest single document (or Parquet row group), and for a BPE
+trained here its word counts over a sample of at most ``--bpe-sample-mb`` of train-split text. The
+output is the same bytes for any number of workers.
+
 A dataset is a directory ponderlm owns (:mod:`ponderlm.owned`). Everything the user can get wrong
-(settings, sources, inputs, the tokenizer, an output that overlaps an input or is not a dataset)
-is checked before the corpus is read; the dataset is then built under a lock on ``--out`` in a
-hidden, marked sibling and renamed into place, so a crash, a full disk or a Ctrl-C never leaves a
-half-written dataset, a temporary or the previous dataset damaged, and two processes never build
-the same one. ``--overwrite`` replaces only a dataset ponderlm made, holding only what it writes.
-A second run with the same settings finds ``meta.json`` with the same fingerprint (and the
-dataset intact) and does nothing.
+up front (settings, sources, inputs, the tokenizer, an output that overlaps an input or is not a
+dataset) is checked before the corpus is read; the dataset is then built under a lock on ``--out``
+in a hidden, marked sibling and renamed into place, so a crash, a full disk or a Ctrl-C never
+leaves a half-written dataset or the previous one damaged, and two processes never build the same
+one. The build checkpoints as it goes (:mod:`.shards`): an interrupted one (Ctrl-C, SIGKILL, a full
+disk) keeps its finished shards and continues with ``--resume``, giving the same dataset as an
+uninterrupted build. A bad document (:mod:`.inputs`) ends the build and removes it, unless
+``--skip-bad-documents``. ``--overwrite`` replaces only a dataset ponderlm made, holding only what
+it writes. A second run with the same settings finds ``meta.json`` with the same fingerprint (and
+the dataset intact) and does nothing.
 
 A ``--tokenizer FILE`` may lie inside ``--out`` (rebuilding a dataset with its own
 ``tokenizer.json``): it is read in full before anything is replaced. Inputs and the package
@@ -25,28 +36,43 @@ import json
 import math
 import os
 import re
+import shutil
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import describe_os_error
 from ..owned import (
     DirectoryLocked,
     DirLock,
     OwnershipError,
     atomic_write,
-    building,
     check_disjoint,
     check_replaceable,
     read_marker,
+    replace_dir,
+    write_marker,
 )
-from .sources import DEFAULT_SOURCES, SOURCES_BY_NAME, DataError, Document, fetch, read_user_text, user_files
-from .tokenizer import MAX_BPE_VOCAB, Tokenizer, interruptible, read_tokenizer_file
+from .encode import Encoder
+from .inputs import InputFile, Reading, find_inputs, read_input
+from .progress import Progress, human_bytes
+from .shards import (
+    CHECKPOINT_SECONDS,
+    JOURNAL,
+    ShardWriter,
+    finished_shards,
+    read_journal,
+    roll_back,
+    write_journal,
+)
+from .sources import DEFAULT_SOURCES, SOURCES_BY_NAME, DataError, Document, fetch
+from .tokenizer import MAX_BPE_VOCAB, Tokenizer, read_tokenizer_file
 
 FORMAT_VERSION = 1
 TRAIN, VAL = "train", "val"
@@ -54,6 +80,19 @@ DTYPES = ("uint16", "uint32")
 VERIFIED = ".verified.json"  # (file, size, mtime_ns, inode, sha256) of shards whose checksum was verified
 _SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a plain file name inside the dataset
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+BPE_SAMPLE_MB = 512  # a BPE trained by prepare sees at most this much train-split text
+BATCH_CHARS = 1 << 20  # characters of text per batch sent to a worker
+BATCH_DOCS = 4096
+BIN_CHUNK = 1 << 24  # tokens of a .bin input split at a time
+COMPRESSION_GUESS = 4  # text per byte of a .gz/.zst file, to size the BPE sample rate
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -63,10 +102,16 @@ class PrepareConfig:
     tokenizer: str = "bpe"  # "bpe" (trained on the train split), "neox", or a tokenizer.json path
     vocab_size: int = 8192  # for "bpe"
     sources: tuple[str, ...] = tuple(s.name for s in DEFAULT_SOURCES)  # default-corpus sources
-    inputs: list[Path] = field(default_factory=list)  # user .txt/.jsonl/.bin files or directories
+    inputs: list[Path] = field(default_factory=list)  # user files, directories, globs (see .inputs)
     val_fraction: float = 0.01
     shard_tokens: int = 50_000_000
     overwrite: bool = False
+    workers: int = field(default_factory=default_workers)  # tokenizing processes
+    text_field: str = "text"  # the field of .jsonl lines / column of .parquet and saved datasets
+    skip_bad_documents: bool = False  # skip (and count) documents that cannot be read, instead of refusing
+    resume: bool = False  # continue an interrupted build of the same settings
+    bpe_sample_mb: int = BPE_SAMPLE_MB
+    parallel_min_bytes: int = 16 << 20  # smaller corpora are tokenized in this process (same output)
 
     def check(self) -> None:
         """Refuse impossible settings before anything is read or written (no fetch, no lock). The
@@ -79,6 +124,12 @@ class PrepareConfig:
             raise DataError(
                 f"--vocab-size must be in [258, {MAX_BPE_VOCAB}] for a BPE tokenizer, got {self.vocab_size}"
             )
+        if not 1 <= self.workers <= 1024:
+            raise DataError(f"--workers must be in [1, 1024], got {self.workers}")
+        if not self.text_field:
+            raise DataError("--text-field must not be empty")
+        if not 1 <= self.bpe_sample_mb <= 1 << 20:
+            raise DataError(f"--bpe-sample-mb must be in [1, {1 << 20}], got {self.bpe_sample_mb}")
         tok_file = self.tokenizer_file()
         if tok_file is not None and not tok_file.exists():
             raise DataError(f"--tokenizer {tok_file}: no such file; pass bpe, neox or a tokenizer.json file")
@@ -94,10 +145,16 @@ class PrepareConfig:
     def tokenizer_file(self) -> Path | None:
         return None if self.tokenizer in ("bpe", "neox") else Path(self.tokenizer)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, texts: list[InputFile] = (), bins: list[Path] = ()) -> str:
+        """The settings that decide the dataset's bytes (not --workers, not --resume). Keys that
+        keep their defaults are left out, so datasets built before they existed stay up to date."""
         stats = []
+        listed = {f.path.resolve() for f in texts} | {Path(b).resolve() for b in bins}
         for p in sorted(map(Path, self.inputs)):
-            files = sorted(p.rglob("*")) if p.is_dir() else [p]
+            if p.exists():
+                files = sorted(p.rglob("*")) if p.is_dir() else [p]
+            else:  # a glob: the files it matched
+                files = sorted(f for f in listed if f.match(str(p)) or str(f).endswith(str(p)))
             stats += [(str(f), f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
         tok_file = self.tokenizer_file()
         key = dict(
@@ -109,105 +166,328 @@ class PrepareConfig:
             val=self.val_fraction,
             shard=self.shard_tokens,
         )
+        if self.text_field != "text":
+            key["text_field"] = self.text_field
+        if self.skip_bad_documents:
+            key["skip_bad"] = True
+        if self.tokenizer == "bpe" and self.bpe_sample_mb != BPE_SAMPLE_MB:
+            key["bpe_sample_mb"] = self.bpe_sample_mb
         if tok_file is not None:  # another tokenizer at the same path is another dataset
             key["tokenizer_sha256"] = hashlib.sha256(tok_file.read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _digest(doc: Document) -> bytes:
+    return hashlib.sha1(f"{doc.source}\0{doc.doc_id}".encode()).digest()
 
 
 def assign_split(doc: Document, val_fraction: float) -> str:
     """Stable hash split: the same document always lands in the same split."""
     if doc.split is not None:
         return doc.split
-    h = int.from_bytes(hashlib.sha1(f"{doc.source}\0{doc.doc_id}".encode()).digest()[:8], "big")
+    h = int.from_bytes(_digest(doc)[:8], "big")
     return VAL if h / 2**64 < val_fraction else TRAIN
 
 
-class ShardWriter:
-    """Appends token arrays to ``{split}_{i:03d}.bin`` files of at most ``shard_tokens``."""
-
-    def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
-        self.root, self.split, self.dtype, self.limit = root, split, dtype, shard_tokens
-        self.shards: list[dict] = []
-        self._f = None
-        self._n = 0
-
-    def _open(self) -> None:
-        name = f"{self.split}_{len(self.shards):03d}.bin"
-        self._f = open(self.root / name, "wb")  # noqa: SIM115 -- closed in _close
-        self._hash = hashlib.sha256()
-        self.shards.append({"file": name, "tokens": 0})
-        self._n = 0
-
-    def _close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self.shards[-1]["tokens"] = self._n
-            self.shards[-1]["sha256"] = self._hash.hexdigest()
-            self._f = None
-
-    def write(self, tokens: np.ndarray) -> None:
-        tokens = tokens.astype(self.dtype, copy=False)
-        while len(tokens):
-            if self._f is None or self._n >= self.limit:
-                self._close()
-                self._open()
-            take = tokens[: self.limit - self._n]
-            b = take.tobytes()
-            self._f.write(b)
-            self._hash.update(b)
-            self._n += len(take)
-            tokens = tokens[len(take) :]
-
-    def finish(self) -> list[dict]:
-        self._close()
-        return self.shards
+def in_bpe_sample(doc: Document, rate: float) -> bool:
+    """Whether a document is in the BPE's sample at ``rate`` (a second, independent hash draw)."""
+    return rate >= 1.0 or int.from_bytes(_digest(doc)[8:16], "big") / 2**64 < rate
 
 
-def _collect(cfg: PrepareConfig, texts: list[Path], log) -> tuple[list[Document], dict]:
-    docs: list[Document] = []
-    fetched = {}
-    for name in dict.fromkeys(cfg.sources):  # a source named twice is read once
-        src = SOURCES_BY_NAME[name]
-        archive = fetch(src.spec, src.archive, cfg.cache_dir, log)
+# ------------------------------------------------------------------ the stream of documents
+@dataclass(frozen=True)
+class Unit:
+    """One reader of documents: a default-corpus source or one input file."""
+
+    label: str
+    size: int  # bytes on disk, for progress
+    compressed: bool
+    documents: Callable[[Reading], Iterator[Document]]
+
+
+def _source_unit(name: str, cfg: PrepareConfig, log, fetched: dict) -> Unit:
+    src = SOURCES_BY_NAME[name]
+    archive = fetch(src.spec, src.archive, cfg.cache_dir, log)
+    fetched[name] = {"spec": src.spec, "archive": archive.name, "license": src.license}
+
+    def documents(reading: Reading) -> Iterator[Document]:
         try:
-            got = list(src.read(archive))
+            yield from src.read(archive)
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, tarfile.TarError) as e:
             raise DataError(f"cannot read {archive} ({type(e).__name__}: {e}); delete it to fetch it again") from None
-        fetched[name] = {"spec": src.spec, "archive": archive.name, "license": src.license}
-        log(f"  {name:12s} {src.spec:32s} {len(got):6d} documents")
-        docs += got
-    if texts:
-        user = list(read_user_text(texts))
-        log(f"  {'user':12s} {len(texts)} file(s){'':20s} {len(user):6d} documents")
-        docs += user
-    return docs, fetched
+
+    return Unit(name, archive.stat().st_size, True, documents)
+
+
+def _units(cfg: PrepareConfig, texts: list[InputFile], log) -> tuple[list[Unit], dict]:
+    fetched: dict = {}
+    units = [_source_unit(name, cfg, log, fetched) for name in dict.fromkeys(cfg.sources)]  # named twice: once
+    for f in texts:
+        units.append(Unit(str(f.path), f.size, f.kind in ("jsonl.gz", "jsonl.zst", "parquet"),
+                          lambda reading, f=f: read_input(f, reading)))  # fmt: skip
+    return units, fetched
+
+
+@dataclass
+class Batch:
+    """What the writer needs besides the tokens: each document's split and source, and where the
+    stream stands after the batch (for the checkpoint and the progress line)."""
+
+    docs: list[tuple[str, str]]  # (split, source)
+    unit: int  # resume reading at this unit...
+    skip: int  # ...after this many of its documents
+    done_bytes: int
+    skipped: dict[str, int]
+
+
+def _batches(units: list[Unit], reading: Reading, val_fraction: float, start: tuple[int, int],
+             skipped_at_start: dict[str, int]) -> Iterator[tuple[list[str], Batch]]:  # fmt: skip
+    """The documents from ``start`` = (unit, documents of it already written) on, in batches."""
+    done_before = np.cumsum([0] + [u.size for u in units]).tolist()
+    first, skip = start
+    reading.skipped = dict(skipped_at_start)
+    for ui in range(first, len(units)):
+        texts: list[str] = []
+        docs: list[tuple[str, str]] = []
+        chars, n = 0, 0
+        for d in units[ui].documents(reading):
+            n += 1
+            if ui == first and n <= skip:
+                if n == skip:  # re-read up to the checkpoint: count what was skipped from there on only
+                    reading.skipped = dict(skipped_at_start)
+                continue
+            texts.append(d.text)
+            docs.append((assign_split(d, val_fraction), d.source))
+            chars += len(d.text)
+            if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+                yield texts, Batch(docs, ui, n, done_before[ui] + reading.position, dict(reading.skipped))
+                texts, docs, chars = [], [], 0
+        yield texts, Batch(docs, ui + 1, 0, done_before[ui + 1], dict(reading.skipped))
+
+
+# ------------------------------------------------------------------ the build
+class CorpusBuild:
+    """The tokenizing pass of one build in ``tmp``: writers per split, counts per source, the
+    checkpoints."""
+
+    def __init__(self, cfg: PrepareConfig, tmp: Path, fp: str, tok: Tokenizer, journal: dict | None, log) -> None:
+        self.cfg, self.tmp, self.fp, self.tok, self.log = cfg, tmp, fp, tok, log
+        self.dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
+        self.writers: dict[str, ShardWriter] = {}
+        self.per_source: dict = {}
+        self.skipped: dict[str, int] = {}
+        self.position = (0, 0)
+        if journal is not None:
+            for split, state in journal["writers"].items():
+                self.writer(split).restore(state)
+            self.per_source, self.skipped = journal["per_source"], journal["skipped"]
+            self.position = (journal["unit"], journal["skip"])
+        self.checked_at = time.monotonic()
+        self.finished_at_check = self._finished()
+
+    def writer(self, split: str) -> ShardWriter:
+        if split not in self.writers:
+            self.writers[split] = ShardWriter(self.tmp, split, self.dtype, self.cfg.shard_tokens)
+        return self.writers[split]
+
+    def _finished(self) -> int:
+        return sum(w.finished for w in self.writers.values())
+
+    def write(self, flat: np.ndarray, lengths: np.ndarray, docs: list[tuple[str, str]]) -> int:
+        """One batch's tokens into the writers of their splits (runs of one split in one write)."""
+        ends = np.cumsum(lengths)
+        i = 0
+        while i < len(docs):
+            j = i
+            while j + 1 < len(docs) and docs[j + 1][0] == docs[i][0]:
+                j += 1
+            lo = int(ends[i] - lengths[i])
+            self.writer(docs[i][0]).write(flat[lo : int(ends[j])])
+            i = j + 1
+        for (split, source), n in zip(docs, lengths.tolist(), strict=True):
+            c = _count(self.per_source, source, split)
+            c["documents"] += 1
+            c["tokens"] += n
+        return len(flat)
+
+    def maybe_checkpoint(self, unit: int, skip: int, skipped: dict[str, int], *, force: bool = False) -> None:
+        """Record where the build stands when a shard was finished since the last checkpoint, or
+        every CHECKPOINT_SECONDS."""
+        self.position, self.skipped = (unit, skip), skipped
+        now = time.monotonic()
+        if not (force or self._finished() > self.finished_at_check or now - self.checked_at >= CHECKPOINT_SECONDS):
+            return
+        for w in self.writers.values():
+            w.sync()
+        write_journal(self.tmp, {
+            "fingerprint": self.fp, "dtype": self.dtype.name, "unit": unit, "skip": skip,
+            "writers": {s: w.state() for s, w in self.writers.items()},
+            "per_source": self.per_source, "skipped": skipped,
+        })  # fmt: skip
+        self.checked_at, self.finished_at_check = now, self._finished()
+
+    def abandon(self) -> None:
+        for w in self.writers.values():
+            w.abandon()
+
+
+def _count(per_source: dict, source: str, split: str) -> dict[str, int]:
+    """The (documents, tokens) counter of one source in one split."""
+    return per_source.setdefault(source, {}).setdefault(split, {"documents": 0, "tokens": 0})
+
+
+def _tokenize(b: CorpusBuild, units: list[Unit], bins: list[Path], log) -> None:
+    """The tokenizing pass from where ``b`` stands: text units through the encoder, then bins."""
+    cfg = b.cfg
+    total = sum(u.size for u in units) + sum(p.stat().st_size for p in bins)
+    parallel = cfg.workers > 1 and total >= cfg.parallel_min_bytes
+    workers = cfg.workers if parallel else 1
+    small = "" if parallel or cfg.workers == 1 else f" (under {human_bytes(cfg.parallel_min_bytes)}: in this process)"
+    log(f"tokenizing {human_bytes(total)} of input with {workers} worker{'s' * (workers > 1)}{small}")
+    progress = Progress("tokenized", total, log)
+    reading = Reading(cfg.text_field, cfg.skip_bad_documents)
+    docs = sum(c["documents"] for s in b.per_source.values() for c in s.values())
+    tokens = sum(c["tokens"] for s in b.per_source.values() for c in s.values())
+    if bins:
+        b.writer(TRAIN), b.writer(VAL)  # pre-tokenised input always has both splits (possibly empty)
+    unit, skip = b.position
+    if unit < len(units):
+        with Encoder(b.tok, b.dtype, 1 if not parallel else cfg.workers) as enc:
+            for flat, lengths, batch in enc.map(_batches(units, reading, cfg.val_fraction, (unit, skip), b.skipped)):
+                tokens += b.write(flat, lengths, batch.docs)
+                docs += len(batch.docs)
+                progress.update(batch.done_bytes, documents=docs, tokens=tokens)
+                b.maybe_checkpoint(batch.unit, batch.skip, batch.skipped)
+    done = sum(u.size for u in units)
+    for bi, path in enumerate(bins):
+        ui = len(units) + bi
+        for ci, (chunk, is_val) in enumerate(_bin_chunks(path, b.tok.eot_id, cfg.val_fraction)):
+            if ui < b.position[0] or (ui == b.position[0] and ci < b.position[1]):
+                continue  # written before the interruption (the draws are still made, in order)
+            for split, part in ((TRAIN, chunk[~is_val]), (VAL, chunk[is_val])):
+                if len(part):
+                    b.writer(split).write(part)
+                    _count(b.per_source, f"bin:{path.name}", split)["tokens"] += len(part)
+            tokens += len(chunk)
+            progress.update(done + min(path.stat().st_size, 2 * BIN_CHUNK * (ci + 1)), documents=docs, tokens=tokens)
+            b.maybe_checkpoint(ui, ci + 1, b.skipped)
+        done += path.stat().st_size
+    progress.update(total, documents=docs, tokens=tokens)
+    progress.close()
+
+
+def _bin_chunks(path: Path, eot: int, val_fraction: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A pre-tokenised uint16 file (documents closed by EOT) in chunks of ``BIN_CHUNK`` tokens, each
+    with its tokens' validation mask. A document is in validation by a seeded draw per document, in
+    file order (stable for a given file name), made when its first token is met: the draws are the
+    ones a single pass over the whole file makes, whatever the chunk size."""
+    arr = np.memmap(path, dtype=np.uint16, mode="r")
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha1(path.name.encode()).digest()[:8], "big"))
+    carry = None  # the draw of a document that runs on from the previous chunk
+    for start in range(0, len(arr), BIN_CHUNK):
+        chunk = np.asarray(arr[start : start + BIN_CHUNK])
+        doc_of_token = np.concatenate([[0], np.cumsum(chunk[:-1] == eot)])  # EOT closes its document
+        new = rng.random(int(doc_of_token[-1]) + 1 - (carry is not None)) < val_fraction
+        draws = new if carry is None else np.concatenate([[carry], new])
+        yield chunk, draws[doc_of_token]
+        carry = None if chunk[-1] == eot else bool(draws[-1])
+
+
+def _bpe_sample(units: list[Unit], cfg: PrepareConfig, log, taken: list[int]) -> Iterator[str]:
+    """Train-split texts for the BPE: every document while the corpus is smaller than the sample,
+    else documents drawn by a hash at the rate that should fill it (``COMPRESSION_GUESS`` for
+    compressed inputs), in input order, up to ``bpe_sample_mb`` of text. ``taken`` gets the
+    characters used."""
+    budget = cfg.bpe_sample_mb << 20
+    estimate = sum(u.size * (COMPRESSION_GUESS if u.compressed and u.label not in SOURCES_BY_NAME else 1)
+                   for u in units)  # fmt: skip
+    rate = min(1.0, budget / max(estimate, 1))
+    reading = Reading(cfg.text_field, cfg.skip_bad_documents)  # its skip counts are the tokenizing pass's to make
+    progress = Progress("reading the BPE sample", sum(u.size for u in units), log)
+    done = 0
+    for u in units:
+        for d in u.documents(reading):
+            if assign_split(d, cfg.val_fraction) == TRAIN and in_bpe_sample(d, rate):
+                taken[0] += len(d.text)
+                yield d.text
+                if taken[0] >= budget:
+                    return
+            progress.update(done + reading.position, characters=taken[0])
+        done += u.size
+
+
+def _train_bpe(units: list[Unit], cfg: PrepareConfig, log) -> tuple[Tokenizer, dict]:
+    log(f"training a byte-level BPE tokenizer ({cfg.vocab_size} entries) on the train split (at most "
+        f"{cfg.bpe_sample_mb} MB of its text)")  # fmt: skip
+    taken = [0]
+    tok = Tokenizer.train_bpe(_bpe_sample(units, cfg, log, taken), cfg.vocab_size)
+    if taken[0] == 0:
+        raise DataError("no training text to train a BPE tokenizer on")
+    log(f"BPE trained on {taken[0]:,} characters of train-split text")
+    return tok, {"sample_mb": cfg.bpe_sample_mb, "trained_on_characters": taken[0]}
+
+
+def _build(cfg: PrepareConfig, tmp: Path, fp: str, texts: list[InputFile], bins: list[Path], tok: Tokenizer | None,
+           journal: dict | None, log) -> dict:  # fmt: skip
+    """Stream, split and tokenize the corpus into ``tmp`` (a BPE trained on a sample of the train
+    split unless ``tok`` is given), continuing from ``journal`` when resuming; writes the shards,
+    tokenizer.json and meta.json and returns the meta."""
+    log(f"reading documents (package cache: {cfg.cache_dir})" if cfg.sources else "reading documents")
+    units, fetched = _units(cfg, texts, log)
+    bpe_info = None
+    if tok is None and journal is not None:  # "bpe", trained before the interruption
+        tok, bpe_info = Tokenizer.load(tmp / "tokenizer.json", "bpe"), journal.get("bpe")
+    elif tok is None:
+        tok, bpe_info = _train_bpe(units, cfg, log)
+        tok.save(tmp / "tokenizer.json")
+    _check_bins(bins, tok)  # (again, for neox: a file tokenizer's were checked before the lock)
+    b = CorpusBuild(cfg, tmp, fp, tok, journal, log)
+    b.bpe = bpe_info
+    _tokenize(b, units, bins, log)
+    splits_meta = {}
+    for split in sorted(b.writers):
+        shards = b.writers[split].finish()
+        splits_meta[split] = {"tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    _check_splits(splits_meta, b.per_source, cfg.val_fraction, log)
+    extra: dict[str, Any] = {"val_fraction": cfg.val_fraction}
+    extra["sources"] = {name: {**fetched.get(name, {}), "counts": c} for name, c in sorted(b.per_source.items())}
+    if cfg.skip_bad_documents:
+        extra["skipped"] = b.skipped
+        if b.skipped:
+            log("skipped documents that could not be read: " + ", ".join(f"{n:,} {k}" for k, n in b.skipped.items()))
+    if bpe_info is not None:
+        extra["bpe"] = bpe_info
+    (tmp / JOURNAL).unlink(missing_ok=True)
+    return write_meta(tmp, fp, tok, b.dtype, splits_meta, **extra)
+
+
+def _check_splits(splits_meta: dict, per_source: dict, val_fraction: float, log) -> None:
+    """Training tokens are required; a missing validation split (which ``ponderlm train`` needs) is
+    warned about, naming the option that fixes it (a tiny corpus may be meant for something else)."""
+    if splits_meta.get(TRAIN, {}).get("tokens", 0) == 0:
+        raise DataError("the corpus produced no training tokens")
+    if splits_meta.get(VAL, {}).get("tokens", 0) > 0:
+        return
+    docs = sum(c.get(TRAIN, {}).get("documents", 0) for c in per_source.values())
+    why = "--val-fraction is 0" if val_fraction == 0 else (
+        f"none of its {docs:,} documents fell in the {val_fraction:g} validation fraction")  # fmt: skip
+    log(f"warning: the dataset has no validation split ({why}), which `ponderlm train` needs: prepare it again with a "
+        "larger --val-fraction (e.g. --val-fraction 0.1) or more text")  # fmt: skip
 
 
 def _check_bins(bins: list[Path], tok: Tokenizer) -> None:
     """Pre-tokenised inputs must hold only ids the tokenizer has (checked before anything is
-    written; size and emptiness are checked by ``user_files``)."""
+    written; size and emptiness are checked by ``find_inputs``). Read in chunks."""
     if bins and tok.vocab_size > 65536:
         raise DataError(".bin inputs are uint16 token files; they need a tokenizer of at most 65,536 entries")
     for path in bins:
-        top = int(np.memmap(path, dtype=np.uint16, mode="r").max())
+        arr = np.memmap(path, dtype=np.uint16, mode="r")
+        top = max(int(arr[i : i + BIN_CHUNK].max()) for i in range(0, len(arr), BIN_CHUNK))
         if top >= tok.vocab_size:
             raise DataError(
                 f"{path}: token id {top} is outside the tokenizer's {tok.vocab_size} entries; pass the tokenizer it "
                 "was made with (--tokenizer FILE.json)"
             )
-
-
-def _split_bin(path: Path, eot: int, val_fraction: float) -> dict[str, np.ndarray]:
-    """Pre-tokenised uint16 file (documents separated by EOT) -> train/val tokens, split by a
-    seeded per-document draw (stable for a given file name)."""
-    arr = np.fromfile(path, dtype=np.uint16)
-    if arr.size == 0:
-        raise DataError(f"{path} is empty")
-    doc_of_token = np.concatenate([[0], np.cumsum(arr[:-1] == eot)])  # EOT closes its document
-    seed = int.from_bytes(hashlib.sha1(path.name.encode()).digest()[:8], "big")
-    is_val = np.random.default_rng(seed).random(int(doc_of_token[-1]) + 1) < val_fraction
-    tok_val = is_val[doc_of_token]
-    return {TRAIN: arr[~tok_val], VAL: arr[tok_val]}
 
 
 def _target(out: Path) -> Path:
@@ -250,7 +530,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     cfg.check()
     out = Path(cfg.out_dir)
     inputs = [Path(p) for p in cfg.inputs]
-    texts, bins = user_files(inputs)
+    texts, bins = find_inputs(inputs)
     if bins and cfg.tokenizer == "bpe":
         raise DataError(
             f"{bins[0]} holds token ids: pass the tokenizer they were made with (--tokenizer FILE.json); a BPE "
@@ -262,15 +542,18 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     if file_tok is not None:
         _check_bins(bins, file_tok)
     uses_cache = bool(cfg.sources) or cfg.tokenizer == "neox"
-    check_disjoint(out, inputs + ([Path(cfg.cache_dir)] if uses_cache else []), "--out")
-    fp = cfg.fingerprint()
+    given = [p for p in inputs if p.exists()] + [f.path for f in texts] + bins  # globs: the files they matched
+    check_disjoint(out, given + ([Path(cfg.cache_dir)] if uses_cache else []), "--out")
+    fp = cfg.fingerprint(texts, bins)
 
     def tokenizer() -> Tokenizer | None:  # under the lock, before the build: no temporary while downloading
         return Tokenizer.neox(cfg.cache_dir, log) if cfg.tokenizer == "neox" else file_tok
 
     t0 = time.time()
-    meta, built = build_dataset(out, fp, cfg.overwrite, lambda tmp, tok: _build(cfg, tmp, fp, texts, bins, tok, log),
-                                log, before=tokenizer)  # fmt: skip
+    meta, built = build_dataset(
+        out, fp, cfg.overwrite, lambda tmp, tok, journal: _build(cfg, tmp, fp, texts, bins, tok, journal, log), log,
+        before=tokenizer, resume=cfg.resume, resumable=True,
+    )  # fmt: skip
     if built:
         log(summary_table(meta))
         log(f"wrote {out} in {time.time() - t0:.0f}s")
@@ -280,12 +563,16 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
 EXISTS_HINT = "it holds a dataset built with other settings; pass --overwrite to rebuild it or choose another --out"
 
 
-def build_dataset(out: Path, fp: str, overwrite: bool, build: Callable[[Path, Any], dict], log,
-                  before: Callable[[], Any] = lambda: None) -> tuple[dict, bool]:  # fmt: skip
+def build_dataset(out: Path, fp: str, overwrite: bool, build: Callable[..., dict], log,
+                  before: Callable[[], Any] = lambda: None, *, resume: bool = False,
+                  resumable: bool = False) -> tuple[dict, bool]:  # fmt: skip
     """The protocol every dataset builder follows: under a lock on ``out``, find the dataset with
     fingerprint ``fp`` up to date (and intact) and do nothing, or check that ``out`` may be
     replaced, run ``before()`` (e.g. a download) and then ``build(tmp, what before returned)`` in a
-    hidden marked sibling renamed into place. Returns (meta, whether it was built)."""
+    hidden marked sibling renamed into place. Returns (meta, whether it was built).
+
+    A ``resumable`` build is called ``build(tmp, ready, journal)`` and checkpoints into ``tmp``
+    itself: interrupted, it keeps ``tmp`` at its last checkpoint for a later ``resume``."""
     target = _target(out)
     lock = DirLock(target, "--out")
     try:
@@ -311,74 +598,80 @@ def build_dataset(out: Path, fp: str, overwrite: bool, build: Callable[[Path, An
             raise DataError(
                 f"--out {out} is a mount point, which cannot be replaced by a rename; choose a directory in it"
             )
+        tmp = target.with_name(f".{target.name}.tmp")
+        journal = _previous_build(tmp, fp, resume if resumable else False, overwrite, log)
         ready = before()
-        with building(target, "dataset") as tmp:
-            return build(tmp, ready), True
+        return _run_build(tmp, target, journal, resumable, lambda: build(tmp, ready, journal) if resumable
+                          else build(tmp, ready), log), True  # fmt: skip
     finally:
         lock.release()
 
 
-def _build(cfg: PrepareConfig, tmp: Path, fp: str, texts: list[Path], bins: list[Path], tok: Tokenizer | None,
-           log) -> dict:  # fmt: skip
-    """Collect, split and tokenize the corpus into ``tmp`` (a BPE trained on the train split
-    unless ``tok`` is given); writes the shards, tokenizer.json and meta.json and returns the meta."""
-    log(f"collecting documents (package cache: {cfg.cache_dir})")
-    docs, fetched = _collect(cfg, texts, log)
-    by_split: dict[str, list[Document]] = {}
-    for d in docs:
-        by_split.setdefault(assign_split(d, cfg.val_fraction), []).append(d)
-    if tok is None:  # "bpe"
-        tok = _train_bpe(by_split.get(TRAIN, []), cfg.vocab_size, log)
-    _check_bins(bins, tok)  # (again, for neox: a file tokenizer's were checked before the lock)
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-
-    splits_meta, per_source = {}, {}
-    for split in sorted(set(by_split) | ({TRAIN, VAL} if bins else set())):
-        writer = ShardWriter(tmp, split, dtype, cfg.shard_tokens)
-        _write_documents(writer, split, by_split.get(split, []), tok, per_source)
-        _write_bins(writer, split, bins, tok.eot_id, cfg.val_fraction, per_source)
-        shards = writer.finish()
-        splits_meta[split] = {"tokens": sum(s["tokens"] for s in shards), "shards": shards}
-    if splits_meta.get(TRAIN, {}).get("tokens", 0) == 0:
-        raise DataError("the corpus produced no training tokens")
-    sources = {name: {**fetched.get(name, {}), "counts": c} for name, c in sorted(per_source.items())}
-    return write_meta(tmp, fp, tok, dtype, splits_meta, val_fraction=cfg.val_fraction, sources=sources)
-
-
-def _train_bpe(train_docs: list[Document], vocab_size: int, log) -> Tokenizer:
-    train_texts = [d.text for d in train_docs]
-    if not train_texts:
-        raise DataError("no training text to train a BPE tokenizer on")
-    log(f"training a byte-level BPE tokenizer ({vocab_size} entries) on the train split")
-    return Tokenizer.train_bpe(train_texts, vocab_size)
+def _previous_build(tmp: Path, fp: str, resume: bool, overwrite: bool, log) -> dict | None:
+    """What to do with the build directory a killed or interrupted build left: its journal when
+    resuming it; refused when it holds checkpointed work and neither --resume nor --overwrite says
+    what to do with it; otherwise (nothing checkpointed, or --overwrite) removed."""
+    if not tmp.exists():
+        if resume:
+            log("nothing to resume: building from the start")
+        return None
+    if read_marker(tmp) is None:
+        raise OwnershipError(f"{tmp} exists and was not made by ponderlm; move it away")
+    journal = read_journal(tmp)
+    if journal is not None:
+        same = journal["fingerprint"] == fp
+        if same and resume:
+            log(f"resuming the interrupted build in {tmp} ({finished_shards(journal)} shards finished)")
+            return journal
+        if not overwrite:
+            hint = "pass --resume to continue it, or --overwrite to start over" if same else (
+                "pass --overwrite to discard it and start over")  # fmt: skip
+            what = "of this dataset" if same else "with other settings"
+            raise DataError(f"an interrupted build {what} is in {tmp} ({finished_shards(journal)} shards finished); "
+                            f"{hint}")  # fmt: skip
+        log(f"discarding the interrupted build in {tmp} (--overwrite)")
+    elif resume:
+        log("nothing to resume (the interrupted build had not checkpointed): building from the start")
+    shutil.rmtree(tmp)
+    return None
 
 
-def _count(per_source: dict, source: str, split: str) -> dict[str, int]:
-    """The (documents, tokens) counter of one source in one split."""
-    return per_source.setdefault(source, {}).setdefault(split, {"documents": 0, "tokens": 0})
+def _run_build(tmp: Path, target: Path, journal: dict | None, resumable: bool, build: Callable[[], dict], log) -> dict:
+    """Run ``build`` in ``tmp`` and rename it into place. A bad input or any other error removes
+    ``tmp``; an interruption or an OSError (a full disk) keeps a resumable build's checkpointed
+    shards, cut back to the checkpoint, and says how to continue."""
+    try:
+        if journal is None:
+            tmp.mkdir(parents=True)
+            write_marker(tmp, "dataset")
+        meta = build()
+        replace_dir(tmp, target)
+        return meta
+    except (KeyboardInterrupt, OSError) as e:
+        kept = _keep_checkpoint(tmp) if resumable else 0
+        if not kept:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = (f"; the {kept} shards finished so far are kept in {tmp}: run the same command with --resume to "
+                 "continue") if kept else ""  # fmt: skip
+        if isinstance(e, KeyboardInterrupt):
+            if kept:
+                log(f"interrupted{where}")
+            raise
+        raise DataError(describe_os_error(e, f"writing {target}") + where) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def _write_documents(writer: ShardWriter, split: str, docs: list[Document], tok: Tokenizer, per_source: dict) -> None:
-    """Tokenize ``docs`` in chunks (each document closed by end-of-text) into ``writer``, counting per source."""
-    for i in range(0, len(docs), 512):
-        chunk = docs[i : i + 512]
-        encoded = interruptible(lambda chunk=chunk: tok.encode_batch([d.text for d in chunk]))  # Ctrl-C works
-        for d, ids in zip(chunk, encoded, strict=True):
-            ids.append(tok.eot_id)
-            writer.write(np.asarray(ids))
-            c = _count(per_source, d.source, split)
-            c["documents"] += 1
-            c["tokens"] += len(ids)
-
-
-def _write_bins(writer: ShardWriter, split: str, bins: list[Path], eot: int, val_fraction: float,
-                per_source: dict) -> None:  # fmt: skip
-    """This split's part of each pre-tokenised input into ``writer``, counted under ``bin:NAME``."""
-    for b in bins:
-        part = _split_bin(b, eot, val_fraction)[split] if split in (TRAIN, VAL) else None
-        if part is not None and len(part):
-            writer.write(part)
-            _count(per_source, f"bin:{b.name}", split)["tokens"] += len(part)
+def _keep_checkpoint(tmp: Path) -> int:
+    """Cut an interrupted build back to its last checkpoint; the number of finished shards kept
+    (0: nothing worth keeping)."""
+    with contextlib.suppress(OSError):
+        journal = read_journal(tmp)
+        if journal is not None:
+            roll_back(tmp, journal)
+            return max(finished_shards(journal), 1)
+    return 0
 
 
 def write_meta(tmp: Path, fp: str, tok: Tokenizer, dtype, splits_meta: dict, **extra) -> dict:

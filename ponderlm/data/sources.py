@@ -23,7 +23,6 @@ from pathlib import Path
 from ..errors import UserError, describe_os_error
 
 MAX_DOC_CHARS = 20_000
-TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 class DataError(UserError, RuntimeError):
@@ -212,84 +211,3 @@ DEFAULT_SOURCES: tuple[Source, ...] = (
 )
 
 SOURCES_BY_NAME = {s.name: s for s in DEFAULT_SOURCES}
-
-
-# ------------------------------------------------------------- user inputs
-def user_files(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """The user's inputs, checked before anything is read or written: (text files, .bin files).
-
-    Files are .txt (one document each, long ones cut), .jsonl (a ``text`` field per line) or .bin
-    (uint16 token ids); a directory contributes the .txt and .jsonl files under it. A path given
-    twice (or a file inside a directory also given) is read once: a duplicate would silently weigh
-    its text twice.
-    """
-    texts: list[Path] = []
-    bins: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise DataError(f"input not found: {p}")
-        if p.is_dir():
-            try:
-                found = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES and f.is_file())
-            except OSError as e:
-                raise DataError(describe_os_error(e, f"listing {p}")) from None
-            if not found:
-                raise DataError(f"input directory {p} holds no .txt or .jsonl files (give .bin files one by one)")
-            texts += found
-        elif p.suffix not in (*TEXT_SUFFIXES, ".bin"):
-            raise DataError(f"unsupported input {p}: expected .txt, .jsonl, .bin or a directory")
-        elif not p.is_file():
-            raise DataError(f"input {p} is not a regular file")
-        elif p.suffix == ".bin":
-            size = p.stat().st_size
-            if size == 0:
-                raise DataError(f"{p} is empty")
-            if size % 2:
-                raise DataError(
-                    f"{p} has an odd number of bytes ({size:,}); a .bin input holds uint16 token ids, 2 bytes each"
-                )
-            bins.append(p)
-        else:
-            texts.append(p)
-    return _unique(texts), _unique(bins)
-
-
-def _unique(files: list[Path]) -> list[Path]:
-    seen: set[Path] = set()
-    out = []
-    for f in files:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            out.append(f)
-    return out
-
-
-def read_user_text(files: list[Path]) -> Iterator[Document]:
-    """Documents from .txt and .jsonl files (as listed by :func:`user_files`; directories are
-    expanded there). A UTF-8 byte-order mark is dropped."""
-    files, _ = user_files(files)
-    for f in files:
-        try:
-            raw = f.read_bytes()
-        except OSError as e:
-            raise DataError(describe_os_error(e, f"reading {f}")) from None
-        try:
-            text = raw.decode("utf-8").removeprefix("\ufeff")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{f} is not UTF-8 text (byte {e.start}); convert it first") from None
-        # ids (hence the hash split) use the file name, not its path: moving a corpus, or the
-        # temporary directory of a test, must not move documents between train and validation
-        if f.suffix == ".txt":
-            yield from split_long("user", f.name, text)
-            continue
-        for n, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
-                raise DataError(f"{f}:{n + 1}: not valid JSON") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise DataError(f'{f}:{n + 1}: each line needs a JSON object with a string "text" field')
-            yield from split_long("user", f"{f.name}:{n}", rec["text"])

@@ -1,0 +1,432 @@
+"""The user's own corpus for ``ponderlm data prepare --input``: finding the files, and reading
+them as a stream of documents without ever holding a file in memory.
+
+Formats (by file name):
+
+| name | a document is | read with |
+|---|---|---|
+| ``*.txt`` | the whole file (long ones cut at paragraphs) | Python, 1 MB at a time |
+| ``*.jsonl``, ``*.jsonl.gz``, ``*.jsonl.zst`` | the text field of each line | Python (gzip), ``zstandard`` |
+| ``*.parquet`` | the text column of each row | ``pyarrow``, one row group at a time |
+| a ``datasets`` ``save_to_disk`` directory | the text column of each row | ``pyarrow`` (Arrow streams) |
+| ``*.bin`` | uint16 ids, documents closed by end-of-text | ``numpy.memmap`` (in :mod:`.prepare`) |
+
+Directories are searched recursively for the text formats; a path with ``*``, ``?`` or ``[`` that
+does not exist as written is a glob (``**`` recursive). A document's id is its file's name with the
+line or row number (``notes.jsonl:41``), never its path: the hash split then does not move documents
+when a corpus is moved. Memory per reader is bounded by one read buffer and the largest single
+document (for Parquet, the text of the largest row group).
+
+A document that cannot be read (bytes that are not UTF-8, a line that is not JSON, a missing or
+null text field, a corrupt stretch of a compressed file or Parquet row group) ends the build with
+one line naming the file and the line, byte or row group; with ``--skip-bad-documents`` it is
+skipped and counted by kind instead (meta.json ``skipped``). A corrupt compressed stream cannot be
+resynchronised: the rest of that file is skipped (and counted as one ``corrupt_stream``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import importlib
+import io
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import describe_os_error
+from .sources import MAX_DOC_CHARS, DataError, Document, split_long
+
+TEXT_KINDS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt",
+              ".parquet": "parquet"}  # fmt: skip
+HF_STATE = "state.json"  # a Dataset saved with save_to_disk: state.json + dataset_info.json + *.arrow
+HF_DICT = "dataset_dict.json"  # a DatasetDict: one such directory per split
+READ_CHUNK = 1 << 20  # bytes read at a time from a .txt file
+WHOLE_TXT = 64 << 20  # .txt files up to this size are read whole (exactly as before streaming)
+MAX_PARAGRAPH = 64 << 20  # characters: a longer paragraph (no blank line) is cut there
+EXTRAS = {"zstandard": "zstd"}  # optional module -> the ponderlm extra that installs it
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file of the user's corpus: what it is, how big (for progress), and the name its
+    document ids start with."""
+
+    path: Path
+    kind: str  # txt, jsonl, jsonl.gz, jsonl.zst, parquet, arrow
+    size: int
+    name: str
+
+
+def text_kind(path: Path) -> str | None:
+    """The text format of a file name, or None (``.bin`` and anything else)."""
+    name = path.name.lower()
+    return next((kind for suffix, kind in TEXT_KINDS.items() if name.endswith(suffix)), None)
+
+
+def need(module: str):
+    """Import an optional dependency, or a one-line DataError naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        extra = EXTRAS.get(module.split(".")[0], "data")
+        raise DataError(
+            f"reading this input needs the {module.split('.')[0]} package: pip install 'ponderlm[{extra}]'"
+        ) from None
+
+
+def _is_glob(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _expand(p: Path) -> list[Path]:
+    """A path as given, or the sorted matches of a glob (a path that does not exist as written)."""
+    if p.exists() or not _is_glob(str(p)):
+        if not p.exists():
+            raise DataError(f"input not found: {p}")
+        return [p]
+    found = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
+    if not found:
+        raise DataError(f"no files match {p}")
+    return found
+
+
+def _hf_dataset(d: Path) -> list[InputFile]:
+    """The Arrow files of a Dataset saved with ``save_to_disk`` (listed in its state.json)."""
+    try:
+        state = json.loads((d / HF_STATE).read_text(encoding="utf-8"))
+        names = [f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{d / HF_STATE} is not the state.json of a dataset saved with save_to_disk") from None
+    files = []
+    for n in names:
+        f = d / n
+        if not f.is_file() or Path(n).name != n:
+            raise DataError(f"{d}: {n}, listed in {HF_STATE}, is missing")
+        files.append(InputFile(f, "arrow", f.stat().st_size, f"{d.name}/{n}"))
+    return files
+
+
+def _in_directory(d: Path) -> list[InputFile]:
+    if (d / HF_DICT).is_file():
+        splits = sorted(p.name for p in d.iterdir() if (p / HF_STATE).is_file())
+        raise DataError(
+            f"{d} holds a DatasetDict (splits: {', '.join(splits) or 'none'}); pass one split's directory, e.g. "
+            f"{d / (splits[0] if splits else 'train')}"
+        )
+    if (d / HF_STATE).is_file():
+        return _hf_dataset(d)
+    try:
+        found = sorted(f for f in d.rglob("*") if text_kind(f) and f.is_file())
+    except OSError as e:
+        raise DataError(describe_os_error(e, f"listing {d}")) from None
+    if not found:
+        raise DataError(
+            f"input directory {d} holds no .txt, .jsonl(.gz/.zst) or .parquet files (give .bin files one by one)"
+        )
+    return [InputFile(f, text_kind(f), f.stat().st_size, f.name) for f in found]
+
+
+def find_inputs(paths: list[Path]) -> tuple[list[InputFile], list[Path]]:
+    """The user's inputs, checked before anything is read or written: (text inputs, .bin files).
+
+    A path given twice (or a file inside a directory also given) is read once: a duplicate would
+    silently weigh its text twice."""
+    texts: list[InputFile] = []
+    bins: list[Path] = []
+    for given in map(Path, paths):
+        for p in _expand(given):
+            if p.is_dir():
+                texts += _in_directory(p)
+            elif not p.is_file():
+                raise DataError(f"input {p} is not a regular file")
+            elif p.suffix == ".bin":
+                bins.append(_checked_bin(p))
+            elif text_kind(p) is None:
+                raise DataError(
+                    f"unsupported input {p}: expected .txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet, .bin, a directory "
+                    "or a dataset saved with save_to_disk"
+                )
+            else:
+                texts.append(InputFile(p, text_kind(p), p.stat().st_size, p.name))
+    seen: set[Path] = set()
+    texts = [f for f in texts if not (f.path.resolve() in seen or seen.add(f.path.resolve()))]
+    bins = [b for b in bins if not (b.resolve() in seen or seen.add(b.resolve()))]
+    return texts, bins
+
+
+def _checked_bin(p: Path) -> Path:
+    size = p.stat().st_size
+    if size == 0:
+        raise DataError(f"{p} is empty")
+    if size % 2:
+        raise DataError(f"{p} has an odd number of bytes ({size:,}); a .bin input holds uint16 token ids, 2 bytes each")
+    return p
+
+
+# ------------------------------------------------------------------ reading
+@dataclass
+class Reading:
+    """What the readers of one build share: the text field, the policy for bad documents, what was
+    skipped (kind -> count), and how far into the current file they are (bytes, for progress)."""
+
+    text_field: str = "text"
+    skip_bad: bool = False
+    skipped: dict[str, int] = field(default_factory=dict)
+    position: int = 0  # bytes of the current input file consumed (compressed bytes for .gz/.zst)
+
+    def bad(self, kind: str, message: str, fix: str = "fix the input") -> None:
+        """A document that cannot be read: refused (one line) or, with --skip-bad-documents, counted."""
+        if not self.skip_bad:
+            raise DataError(f"{message}; {fix}, or pass --skip-bad-documents to skip and count such documents")
+        self.skipped[kind] = self.skipped.get(kind, 0) + 1
+
+
+def read_input(f: InputFile, reading: Reading) -> Iterator[Document]:
+    """The documents of one input file, in file order."""
+    reading.position = 0
+    if f.kind == "txt":
+        yield from _read_txt(f, reading)
+    elif f.kind == "parquet":
+        yield from _read_parquet(f, reading)
+    elif f.kind == "arrow":
+        yield from _read_arrow(f, reading)
+    else:
+        yield from _read_jsonl(f, reading)
+    reading.position = f.size
+
+
+def _open_raw(f: InputFile):
+    try:
+        return open(f.path, "rb")
+    except OSError as e:
+        raise DataError(describe_os_error(e, f"reading {f.path}")) from None
+
+
+def _read_txt(f: InputFile, reading: Reading) -> Iterator[Document]:
+    """One document per file, cut at paragraphs: small files exactly as :func:`split_long` cuts
+    the whole text; bigger ones streamed through :func:`paragraph_pieces` (the same pieces)."""
+    with _open_raw(f) as raw:
+        if f.size <= WHOLE_TXT:
+            data = raw.read()
+            reading.position = len(data)
+            try:
+                text = data.decode("utf-8").removeprefix("\ufeff")
+            except UnicodeDecodeError as e:
+                reading.bad("non_utf8", f"{f.path} is not UTF-8 text (byte {e.start})", "convert it first")
+                return
+            yield from split_long("user", f.name, text)
+            return
+        pieces = paragraph_pieces(_decoded_chunks(f, raw, reading))
+        for n, piece in enumerate(pieces):
+            yield Document("user", f"{f.name}#{n}", piece)
+
+
+def _decoded_chunks(f: InputFile, raw, reading: Reading) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    first = True
+    while True:
+        chunk = raw.read(READ_CHUNK)
+        try:
+            text = decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:
+            reading.bad(
+                "non_utf8", f"{f.path} is not UTF-8 text (byte {reading.position + e.start})", "convert it first"
+            )
+            return  # skipped: the rest of the file (counted once)
+        reading.position += len(chunk)
+        if first:
+            text, first = text.removeprefix("\ufeff"), False
+        if text:
+            yield text
+        if not chunk:
+            return
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def paragraphs(chunks: Iterator[str]) -> Iterator[str]:
+    """The paragraphs ``re.split(r"\\n\\s*\\n", text.strip())`` gives, from the text in pieces.
+
+    A break is final once non-space text follows it inside the buffer; the text from the last final
+    break on is carried to the next chunk. A paragraph longer than ``MAX_PARAGRAPH`` characters is
+    cut there (no text without a blank line may hold the memory)."""
+    buf, started = "", False
+    for chunk in chunks:
+        if not started:
+            chunk = chunk.lstrip()
+            started = bool(chunk)
+        buf += chunk
+        tail = len(buf.rstrip())  # the whitespace at the end may still grow
+        start = 0
+        for m in _PARAGRAPH_BREAK.finditer(buf, 0, tail):
+            yield buf[start : m.start()]
+            start = m.end()
+        buf = buf[start:]
+        while len(buf) > MAX_PARAGRAPH:
+            yield buf[:MAX_PARAGRAPH]
+            buf = buf[MAX_PARAGRAPH:]
+    buf = buf.rstrip()
+    if started:
+        yield from _PARAGRAPH_BREAK.split(buf)
+
+
+def paragraph_pieces(chunks: Iterator[str], max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
+    """Paragraphs joined into pieces of about ``max_chars``, as :func:`split_long` joins them for a
+    text longer than ``max_chars``."""
+    piece: list[str] = []
+    size = 0
+    for para in paragraphs(chunks):
+        piece.append(para)
+        size += len(para) + 2
+        if size >= max_chars:
+            yield "\n\n".join(piece)
+            piece, size = [], 0
+    if piece:
+        yield "\n\n".join(piece)
+
+
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error)
+
+
+def _binary_lines(f: InputFile, raw):
+    """The decompressed byte stream of a .jsonl(.gz/.zst) file and the errors that mean it is corrupt."""
+    if f.kind == "jsonl.gz":
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw), READ_CHUNK), _STREAM_ERRORS
+    if f.kind == "jsonl.zst":
+        zstd = need("zstandard")
+        reader = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return io.BufferedReader(reader, READ_CHUNK), (*_STREAM_ERRORS, zstd.ZstdError)
+    return raw, ()
+
+
+def _read_jsonl(f: InputFile, reading: Reading) -> Iterator[Document]:
+    with _open_raw(f) as raw:
+        stream, corrupt = _binary_lines(f, raw)
+        lines = iter(stream)
+        offset, n = 0, -1  # decompressed bytes before the line; its index
+        while True:
+            try:
+                line = next(lines, None)
+            except corrupt as e:
+                where = (
+                    f"near byte {raw.tell():,} of the compressed file" if f.kind != "jsonl" else f"at byte {offset:,}"
+                )
+                reading.bad("corrupt_stream", f"{f.path}: corrupt {f.kind} data {where} ({type(e).__name__}: {e})")
+                return
+            if line is None:
+                return
+            n += 1
+            reading.position = raw.tell()
+            start, offset = offset, offset + len(line)
+            doc = _jsonl_document(f, line, n, start, reading)
+            if doc is not None:
+                yield from split_long("user", f"{f.name}:{n}", doc)
+
+
+def _jsonl_document(f: InputFile, line: bytes, n: int, start: int, reading: Reading) -> str | None:
+    """The text of one line (None: blank, or bad and skipped)."""
+    if not line.strip():
+        return None
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        reading.bad(
+            "non_utf8", f"{f.path}:{n + 1} is not UTF-8 text (byte {start + e.start:,} of the file)", "convert it first"
+        )
+        return None
+    if n == 0:
+        text = text.removeprefix("\ufeff")
+    try:
+        rec = json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
+        reading.bad("invalid_json", f"{f.path}:{n + 1}: not valid JSON")
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get(reading.text_field), str):
+        reading.bad(
+            "missing_field",
+            f'{f.path}:{n + 1}: each line needs a JSON object with a string "{reading.text_field}" field',
+        )
+        return None
+    return rec[reading.text_field]
+
+
+def _column_texts(f: InputFile, column, first_row: int, reading: Reading) -> Iterator[tuple[int, str]]:
+    """(row, text) of an Arrow string column; nulls and undecodable values are bad documents."""
+    for i, value in enumerate(column.to_pylist()):
+        if value is None:
+            reading.bad("missing_field", f"{f.path}: row {first_row + i} has no {reading.text_field!r} (null)")
+            continue
+        yield first_row + i, value
+
+
+def _check_column(f: InputFile, schema, reading: Reading) -> None:
+    pa = need("pyarrow")
+    if reading.text_field not in schema.names:
+        raise DataError(
+            f"{f.path} has no column {reading.text_field!r} (columns: {', '.join(schema.names)}); name the text "
+            "column with --text-field"
+        )
+    typ = schema.field(reading.text_field).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise DataError(f"{f.path}: column {reading.text_field!r} holds {typ}, not text; name the text column with "
+                        "--text-field")  # fmt: skip
+
+
+def _read_parquet(f: InputFile, reading: Reading) -> Iterator[Document]:
+    pa, pq = need("pyarrow"), need("pyarrow.parquet")
+    try:
+        pf = pq.ParquetFile(f.path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{f.path} is not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+    _check_column(f, pf.schema_arrow, reading)
+    row = 0
+    for rg in range(pf.num_row_groups):
+        rows = pf.metadata.row_group(rg).num_rows
+        try:
+            col = pf.read_row_group(rg, columns=[reading.text_field]).column(0)
+            texts = list(_column_texts(f, col, row, reading))
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            reading.bad("corrupt_row_group", f"{f.path}: row group {rg} (rows {row:,}-{row + rows - 1:,}) cannot be "
+                                             f"read ({msg})")  # fmt: skip
+            texts = []
+        reading.position = f.size * (rg + 1) // pf.num_row_groups
+        for r, text in texts:
+            yield from split_long("user", f"{f.name}:{r}", text)
+        row += rows
+
+
+def _read_arrow(f: InputFile, reading: Reading) -> Iterator[Document]:
+    pa = need("pyarrow")
+    try:
+        source = pa.OSFile(str(f.path))  # plain reads: a memory map would count the whole file in RSS
+        batches = pa.ipc.open_stream(source)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{f.path} is not a readable Arrow stream file ({str(e).splitlines()[0][:200]})") from None
+    with source:
+        _check_column(f, batches.schema, reading)
+        row = 0
+        while True:
+            try:
+                batch = batches.read_next_batch()
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as e:
+                reading.bad("corrupt_stream", f"{f.path}: corrupt Arrow data after row {row:,} ({e})")
+                return
+            reading.position = source.tell()
+            try:
+                texts = list(_column_texts(f, batch.column(reading.text_field), row, reading))
+            except UnicodeDecodeError as e:
+                reading.bad("non_utf8", f"{f.path}: rows {row:,}-{row + batch.num_rows - 1:,} hold text that is not "
+                                        f"UTF-8 ({e.reason})")  # fmt: skip
+                texts = []
+            for r, text in texts:
+                yield from split_long("user", f"{f.name}:{r}", text)
+            row += batch.num_rows
