@@ -55,7 +55,7 @@ CASES = [
          "token id 1000 is outside the tokenizer's 400 entries (the dataset does not match its tokenizer.json)"),
     Case("empty_corpus", lambda w, s: ["data", "prepare", "--input", str(w.texts / "empty.txt"), "--out",
                                        str(s / "d")],
-         "no training text to train a BPE tokenizer on"),
+         "empty.txt is empty"),
     Case("empty_bin", lambda w, s: ["data", "prepare", "--input", str(w.texts / "empty.bin"), "--tokenizer",
                                     str(w.ds / "tokenizer.json"), "--out", str(s / "d")],
          "empty.bin is empty"),

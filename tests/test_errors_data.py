@@ -144,6 +144,50 @@ def write(name: str, data: bytes | str):
     return setup
 
 
+def corrupt_zst(w, s: Path) -> None:
+    zstd = pytest.importorskip("zstandard")
+    text = "".join(json.dumps({"text": words_text(400, seed=i)}) + "\n" for i in range(4000)).encode()
+    packed = bytearray(zstd.ZstdCompressor().compress(text))
+    packed[len(packed) // 2 : len(packed) // 2 + 8] = b"\xff" * 8
+    (s / "bad.jsonl.zst").write_bytes(bytes(packed))
+
+
+def parquet(column: str, corrupt_row_group: int | None = None):
+    def setup(w, s: Path) -> None:
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        texts = [words_text(300, seed=i) for i in range(100)]
+        pq.write_table(pa.table({column: texts}), s / "t.parquet", row_group_size=20, use_dictionary=False)
+        if corrupt_row_group is not None:
+            chunk = pq.ParquetFile(s / "t.parquet").metadata.row_group(corrupt_row_group).column(0)
+            data = bytearray((s / "t.parquet").read_bytes())
+            data[chunk.data_page_offset + 2 : chunk.data_page_offset + 18] = b"\xff" * 16  # its page header
+            (s / "t.parquet").write_bytes(bytes(data))
+
+    return setup
+
+
+def dataset_dict(w, s: Path) -> None:
+    """The layout HF datasets' DatasetDict.save_to_disk writes (one saved Dataset per split)."""
+    (s / "dd").mkdir()
+    (s / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    for split in ("train", "test"):
+        (s / "dd" / split).mkdir()
+        (s / "dd" / split / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data.arrow"}]}))
+
+
+def interrupted_other_settings(w, s: Path) -> None:
+    """What a killed build with other settings leaves: its hidden, marked directory and journal."""
+    from ponderlm.owned import write_marker
+
+    (s / ".d.tmp").mkdir()
+    write_marker(s / ".d.tmp", "dataset")
+    journal = {"version": 1, "fingerprint": "0" * 16, "dtype": "uint16", "unit": 0, "skip": 3, "per_source": {},
+               "skipped": {}, "writers": {"train": {"shards": [{"file": "train_000.bin", "tokens": 1024,
+                                                                 "sha256": "0" * 64}], "open": None}}}  # fmt: skip
+    (s / ".d.tmp" / "build.json").write_text(json.dumps(journal))
+    (s / ".d.tmp" / "train_000.bin").write_bytes(b"\0" * 2048)
+
+
 def damaged_same_settings(w, s: Path) -> None:
     tiny_prepare(w, s / "d")
     rewrite_shard(s / "d")
@@ -260,6 +304,28 @@ CASES = [
          "--shard-tokens must be >= 1024, got -5"),
     Case("prepare_cache_dir_is_file", lambda w, s: _prep("--sources", "sotu", "--cache-dir", "cache", "--out", "d"),
          "package cache cache is a file, not a directory; choose another --cache-dir", setup=write("cache", "x")),
+    # inputs of the formats a pretraining corpus comes in (read as a stream: refused where the damage is)
+    Case("prepare_corrupt_zst", lambda w, s: _prep("--input", "bad.jsonl.zst", "--tokenizer",
+                                                   str(w.ds / "tokenizer.json"), "--out", "d"),
+         "bad.jsonl.zst: corrupt jsonl.zst data near byte", setup=corrupt_zst),
+    Case("prepare_corrupt_parquet", lambda w, s: _prep("--input", "t.parquet", "--tokenizer",
+                                                       str(w.ds / "tokenizer.json"), "--out", "d"),
+         "t.parquet: row group 1 (rows 20-39) cannot be read", setup=parquet("text", corrupt_row_group=1)),
+    Case("prepare_parquet_no_text_column", lambda w, s: _prep("--input", "t.parquet", "--out", "d"),
+         "t.parquet has no column 'text' (columns: body); name the text column with --text-field",
+         setup=parquet("body")),
+    Case("prepare_jsonl_not_utf8", lambda w, s: _prep("--input", "x.jsonl", "--vocab-size", "300", "--out", "d"),
+         "x.jsonl:2 is not UTF-8 text (byte 36 of the file); convert it first, or pass --skip-bad-documents to skip "
+         "and count such documents", setup=write("x.jsonl", b'{"text": "fine words"}\n{"text": "caf\xe9"}\n')),
+    Case("prepare_glob_matches_nothing", lambda w, s: _prep("--input", "corpus/*.jsonl.zst", "--out", "d"),
+         "no files match corpus/*.jsonl.zst"),
+    Case("prepare_dataset_dict", lambda w, s: _prep("--input", "dd", "--out", "d"),
+         "dd holds a DatasetDict (splits: test, train); pass one split's directory, e.g. dd/test",
+         setup=dataset_dict),
+    Case("prepare_interrupted_other_settings", lambda w, s: tiny_args(w, "d"),
+         "an interrupted build with other settings is in ", setup=interrupted_other_settings),
+    Case("prepare_workers_zero", lambda w, s: tiny_args(w, "d", "--workers", "0"),
+         "argument --workers: must be >= 1, got 0"),
 ]  # fmt: skip
 
 # refusals of a directory that is not ours: the message must not suggest --overwrite (following it

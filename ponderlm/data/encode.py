@@ -15,6 +15,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -29,8 +31,16 @@ _B = TypeVar("_B")
 _WORKER: dict = {}  # in a worker process: the tokenizer and the id dtype
 
 
-def _init_worker(tokenizer_json: str, eot_id: int, dtype: str) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose build was killed (SIGKILL, the OOM killer) exits instead of waiting forever."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _init_worker(parent: int, tokenizer_json: str, eot_id: int, dtype: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -67,7 +77,7 @@ class Encoder:
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),  # no fork after the tokenizer's threads ran
                 initializer=_init_worker,
-                initargs=(self.tok.tk.to_str(), self.tok.eot_id, self.dtype.name),
+                initargs=(os.getpid(), self.tok.tk.to_str(), self.tok.eot_id, self.dtype.name),
             )
         elif os.environ.get("TOKENIZERS_PARALLELISM") is None:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"  # --workers 1 means one core

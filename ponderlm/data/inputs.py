@@ -21,7 +21,8 @@ A document that cannot be read (bytes that are not UTF-8, a line that is not JSO
 null text field, a corrupt stretch of a compressed file or Parquet row group) ends the build with
 one line naming the file and the line, byte or row group; with ``--skip-bad-documents`` it is
 skipped and counted by kind instead (meta.json ``skipped``). A corrupt compressed stream cannot be
-resynchronised: the rest of that file is skipped (and counted as one ``corrupt_stream``).
+resynchronised: the rest of that file is skipped, from the last whole read of ``STREAM_CHUNK``
+decompressed bytes before the damage (counted as one ``corrupt_stream``).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ TEXT_KINDS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jso
 HF_STATE = "state.json"  # a Dataset saved with save_to_disk: state.json + dataset_info.json + *.arrow
 HF_DICT = "dataset_dict.json"  # a DatasetDict: one such directory per split
 READ_CHUNK = 1 << 20  # bytes read at a time from a .txt file
+STREAM_CHUNK = 1 << 16  # decompressed bytes read at a time from a .gz/.zst file
 WHOLE_TXT = 64 << 20  # .txt files up to this size are read whole (exactly as before streaming)
 MAX_PARAGRAPH = 64 << 20  # characters: a longer paragraph (no blank line) is cut there
-EXTRAS = {"zstandard": "zstd"}  # optional module -> the ponderlm extra that installs it
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,8 @@ def need(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        extra = EXTRAS.get(module.split(".")[0], "data")
         raise DataError(
-            f"reading this input needs the {module.split('.')[0]} package: pip install 'ponderlm[{extra}]'"
+            f"reading this input needs the {module.split('.')[0]} package: pip install 'ponderlm[data]'"
         ) from None
 
 
@@ -128,7 +128,14 @@ def _in_directory(d: Path) -> list[InputFile]:
         raise DataError(
             f"input directory {d} holds no .txt, .jsonl(.gz/.zst) or .parquet files (give .bin files one by one)"
         )
-    return [InputFile(f, text_kind(f), f.stat().st_size, f.name) for f in found]
+    return [_text_input(f) for f in found]
+
+
+def _text_input(p: Path) -> InputFile:
+    size = p.stat().st_size
+    if size == 0:
+        raise DataError(f"{p} is empty")
+    return InputFile(p, text_kind(p), size, p.name)
 
 
 def find_inputs(paths: list[Path]) -> tuple[list[InputFile], list[Path]]:
@@ -152,7 +159,7 @@ def find_inputs(paths: list[Path]) -> tuple[list[InputFile], list[Path]]:
                     "or a dataset saved with save_to_disk"
                 )
             else:
-                texts.append(InputFile(p, text_kind(p), p.stat().st_size, p.name))
+                texts.append(_text_input(p))
     seen: set[Path] = set()
     texts = [f for f in texts if not (f.path.resolve() in seen or seen.add(f.path.resolve()))]
     bins = [b for b in bins if not (b.resolve() in seen or seen.add(b.resolve()))]
@@ -297,11 +304,11 @@ _STREAM_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error
 def _binary_lines(f: InputFile, raw):
     """The decompressed byte stream of a .jsonl(.gz/.zst) file and the errors that mean it is corrupt."""
     if f.kind == "jsonl.gz":
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw), READ_CHUNK), _STREAM_ERRORS
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw), STREAM_CHUNK), _STREAM_ERRORS
     if f.kind == "jsonl.zst":
         zstd = need("zstandard")
         reader = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader, READ_CHUNK), (*_STREAM_ERRORS, zstd.ZstdError)
+        return io.BufferedReader(reader, STREAM_CHUNK), (*_STREAM_ERRORS, zstd.ZstdError)
     return raw, ()
 
 
