@@ -118,14 +118,28 @@ def measure(cmd: list[str]) -> dict:
     return {"seconds": wall, "peak_rss_main_mb": peak["main"], "peak_rss_tree_mb": peak["tree"], "log": out[-3:]}
 
 
-def ponderlm_run(files: list[Path], tok: Path, workers: int, work: Path) -> dict:
+def ponderlm_run(files: list[Path], tok: Path, workers: int, work: Path, keep: Path | None = None) -> dict:
     out = work / f"ds_w{workers}_{len(files)}"
     cmd = [sys.executable, "-m", "ponderlm", "data", "prepare", "--input", *map(str, files), "--tokenizer", str(tok),
            "--out", str(out), "--workers", str(workers)]  # fmt: skip
     try:
         return measure(cmd)
     finally:
+        if keep is not None:
+            shutil.rmtree(keep, ignore_errors=True)
+            out.rename(keep)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def prefix(files: list[Path], sizes: list[int], gb: float) -> list[Path]:
+    """The first files that hold ``gb`` GB."""
+    out, acc = [], 0
+    for f, s in zip(files, sizes, strict=True):
+        if acc >= gb * 1e9:
+            break
+        out.append(f)
+        acc += s
+    return out
 
 
 def hf_run(files: list[Path], tok: Path, workers: int, work: Path) -> dict:
@@ -143,10 +157,17 @@ def main() -> None:
     p.add_argument("--part-mb", type=int, default=100)
     p.add_argument("--tokenizer", type=Path, default=Path("data/default/tokenizer.json"))
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts for both tools")
-    p.add_argument("--rss-gb", default="0.2,1", help="prefixes (GB) for memory against size, largest --workers")
+    p.add_argument("--rss-gb", default="0.2,1,2", help="prefixes (GB) for memory against size, largest --workers")
     p.add_argument("--no-hf", action="store_true", help="skip the HF datasets runs")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ponderlm" / "packages")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: beside --corpus)")
+    p.add_argument(
+        "--throughput-gb",
+        type=float,
+        default=None,
+        help="measure the tools against each other on this prefix (default: the whole corpus)",
+    )
+    p.add_argument("--keep", type=Path, default=None, help="keep the dataset of the largest memory run here")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -166,18 +187,16 @@ def main() -> None:
         print(f"  {tool} workers={n} {mb:.0f} MB: {r['seconds']:.1f} s, {mb / r['seconds']:.2f} MB/s, peak RSS "
               f"{r['peak_rss_main_mb']:.0f} MB main / {r['peak_rss_tree_mb']:.0f} MB tree", flush=True)  # fmt: skip
 
+    compared = prefix(files, sizes, args.throughput_gb) if args.throughput_gb else files
     for n in workers:  # in turns: ponderlm, then HF, at each worker count
-        row("ponderlm", n, files, ponderlm_run(files, args.tokenizer, n, work))
+        row("ponderlm", n, compared, ponderlm_run(compared, args.tokenizer, n, work))
         if not args.no_hf:
-            row("hf-datasets", n, files, hf_run(files, args.tokenizer, n, work))
-    for gb in [float(g) for g in args.rss_gb.split(",") if g]:
-        prefix, acc = [], 0
-        for f, s in zip(files, sizes, strict=True):
-            if acc >= gb * 1e9:
-                break
-            prefix.append(f)
-            acc += s
-        row("ponderlm", max(workers), prefix, ponderlm_run(prefix, args.tokenizer, max(workers), work))
+            row("hf-datasets", n, compared, hf_run(compared, args.tokenizer, n, work))
+    rss = sorted(float(g) for g in args.rss_gb.split(",") if g)
+    for gb in rss:
+        keep = args.keep if gb == rss[-1] else None
+        part = prefix(files, sizes, gb)
+        row("ponderlm", max(workers), part, ponderlm_run(part, args.tokenizer, max(workers), work, keep))
     cols = [("tool", "tool", "s"), ("workers", "workers", "d"), ("input_mb", "input MB", ".1f"),
             ("seconds", "s", ".1f"), ("mb_per_s", "MB/s", ".2f"), ("peak_rss_main_mb", "peak RSS main (MB)", ".0f"),
             ("peak_rss_tree_mb", "peak RSS tree (MB)", ".0f")]  # fmt: skip

@@ -135,13 +135,38 @@ def test_bad_user_input_is_a_clear_error(tmp_path, content, needle):
     assert not (tmp_path / "ds").exists()
 
 
-def test_fetch_failure_is_a_clear_error(tmp_path, monkeypatch):
-    def failing(cmd, **kw):
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for nopkg==1")
+FAKE_PIP = """
+import sys, time
+args = sys.argv[1:]
+if "--fail" in args[0]:
+    print("ERROR: No matching distribution found for nopkg==1")
+    sys.exit(1)
+if "--progress-bar" in args and "--old" in args[0]:
+    print("error: invalid choice: 'raw'   (--progress-bar)")
+    sys.exit(2)
+dest = args[args.index("--dest") + 1]
+for i in range(4):
+    print(f"Progress {i * 1000000} of 3000000", flush=True)
+    time.sleep(0.15)
+open(dest + "/nopkg-1-py3-none-any.whl", "w").write("x")
+"""
 
-    monkeypatch.setattr(subprocess, "run", failing)
-    with pytest.raises(DataError, match=r"could not fetch nopkg==1 .*No matching distribution"):
-        fetch("nopkg==1", "nopkg-1*", tmp_path, log=lambda *_: None)
+
+@pytest.mark.parametrize("kind", ["--fail", "--ok", "--old"])
+def test_fetch_shows_progress_and_names_a_failure(tmp_path, monkeypatch, kind):
+    sources = importlib.import_module("ponderlm.data.sources")
+    monkeypatch.setattr(sources, "PIP", [sys.executable, "-c", FAKE_PIP, kind])
+    monkeypatch.setattr(sources, "FETCH_HEARTBEAT", 0.2)
+    logs = []
+    if kind == "--fail":
+        with pytest.raises(DataError, match=r"could not fetch nopkg==1 .*No matching distribution"):
+            fetch("nopkg==1", "nopkg-1*", tmp_path, log=logs.append)
+        return
+    assert fetch("nopkg==1", "nopkg-1*", tmp_path, log=logs.append).name == "nopkg-1-py3-none-any.whl"
+    progress = [line for line in logs if line.startswith("  fetching nopkg==1: ")]
+    assert progress, logs
+    if kind == "--ok":  # pip's raw progress is shown as MB of the total
+        assert any(" of 3.0 MB, " in line for line in progress), progress
 
 
 def test_strip_gutenberg():

