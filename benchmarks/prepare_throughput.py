@@ -17,6 +17,9 @@ process and for the whole process tree (the sum over processes at the sampled mo
 Prints a table and one JSON line (``--out FILE`` saves it).
 
     python benchmarks/prepare_throughput.py --corpus /tmp/corpus --gb 2 --tokenizer data/default/tokenizer.json
+
+The corpus alone (a stand-in for your own, e.g. to try ``data prepare`` at size) is
+``--generate-only``, optionally ``--format jsonl.zst``.
 """
 
 from __future__ import annotations
@@ -65,11 +68,12 @@ def paragraphs_of_default_corpus(cache_dir: Path) -> list[str]:
     return paras
 
 
-def generate(corpus: Path, gb: float, part_mb: int, cache_dir: Path) -> list[Path]:
-    """``gb`` GB of .jsonl in parts of ``part_mb`` MB (reused when complete)."""
+def generate(corpus: Path, gb: float, part_mb: int, cache_dir: Path, fmt: str = "jsonl") -> list[Path]:
+    """``gb`` GB of .jsonl text in parts of ``part_mb`` MB, as .jsonl or .jsonl.zst (reused when complete)."""
     done = corpus / "COMPLETE"
-    if done.exists() and json.loads(done.read_text()) == {"gb": gb, "part_mb": part_mb}:
-        return sorted(corpus.glob("part-*.jsonl"))
+    settings = {"gb": gb, "part_mb": part_mb, "format": fmt}
+    if done.exists() and json.loads(done.read_text()) == settings:
+        return sorted(corpus.glob(f"part-*.{fmt}"))
     shutil.rmtree(corpus, ignore_errors=True)
     corpus.mkdir(parents=True)
     paras = paragraphs_of_default_corpus(cache_dir)
@@ -88,8 +92,15 @@ def generate(corpus: Path, gb: float, part_mb: int, cache_dir: Path) -> list[Pat
                 n += 1
         written += path.stat().st_size
         part += 1
-    done.write_text(json.dumps({"gb": gb, "part_mb": part_mb}))
-    return sorted(corpus.glob("part-*.jsonl"))
+    if fmt == "jsonl.zst":
+        import zstandard
+
+        for path in sorted(corpus.glob("part-*.jsonl")):
+            with open(path, "rb") as src, open(path.with_name(path.name + ".zst"), "wb") as dst:
+                zstandard.ZstdCompressor().copy_stream(src, dst)
+            path.unlink()
+    done.write_text(json.dumps(settings))
+    return sorted(corpus.glob(f"part-*.{fmt}"))
 
 
 def measure(cmd: list[str]) -> dict:
@@ -168,10 +179,15 @@ def main() -> None:
         help="measure the tools against each other on this prefix (default: the whole corpus)",
     )
     p.add_argument("--keep", type=Path, default=None, help="keep the dataset of the largest memory run here")
+    p.add_argument("--generate-only", action="store_true", help="make the corpus and stop")
+    p.add_argument("--format", choices=("jsonl", "jsonl.zst"), default="jsonl", help="of the generated corpus")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
-    files = generate(args.corpus, args.gb, args.part_mb, args.cache_dir)
+    files = generate(args.corpus, args.gb, args.part_mb, args.cache_dir, args.format)
+    if args.generate_only:
+        print(f"{args.corpus}: {len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.0f} MB")
+        return
     sizes = [f.stat().st_size for f in files]
     total_mb = sum(sizes) / 1e6
     work = args.work or args.corpus.parent / f"{args.corpus.name}_work"

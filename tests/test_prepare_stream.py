@@ -394,7 +394,7 @@ def test_prepare_logs_progress_with_rate_and_eta(tmp_path, tok_file, monkeypatch
     logs = []
     prepare(PrepareConfig(out_dir=tmp_path / "d", sources=(), inputs=files, tokenizer=str(tok_file),
                           val_fraction=0.05), log=logs.append)  # fmt: skip
-    lines = [line for line in logs if line.startswith("tokenized: ") and " of " in line]
+    lines = [line for line in logs if line.startswith("tokenizing: read ") and " of " in line]
     assert lines and all("/s, " in line and "ETA " in line for line in lines), logs
 
 

@@ -344,7 +344,7 @@ def _tokenize(b: CorpusBuild, units: list[Unit], bins: list[Path], log) -> None:
     workers = cfg.workers if parallel else 1
     small = "" if parallel or cfg.workers == 1 else f" (under {human_bytes(cfg.parallel_min_bytes)}: in this process)"
     log(f"tokenizing {human_bytes(total)} of input with {workers} worker{'s' * (workers > 1)}{small}")
-    progress = Progress("tokenized", total, log)
+    progress = Progress("tokenizing: read", total, log)
     reading = Reading(cfg.text_field, cfg.skip_bad_documents)
     docs = sum(c["documents"] for s in b.per_source.values() for c in s.values())
     tokens = sum(c["tokens"] for s in b.per_source.values() for c in s.values())
@@ -403,7 +403,7 @@ def _bpe_sample(units: list[Unit], cfg: PrepareConfig, log, taken: list[int]) ->
                    for u in units)  # fmt: skip
     rate = min(1.0, budget / max(estimate, 1))
     reading = Reading(cfg.text_field, cfg.skip_bad_documents)  # its skip counts are the tokenizing pass's to make
-    progress = Progress("reading the BPE sample", sum(u.size for u in units), log)
+    progress = Progress("BPE sample: read", sum(u.size for u in units), log)
     done = 0
     for u in units:
         for d in u.documents(reading):
@@ -622,6 +622,7 @@ def _previous_build(tmp: Path, fp: str, resume: bool, overwrite: bool, log) -> d
         same = journal["fingerprint"] == fp
         if same and resume:
             log(f"resuming the interrupted build in {tmp} ({finished_shards(journal)} shards finished)")
+            roll_back(tmp, journal)  # a killed build may have written past its checkpoint
             return journal
         if not overwrite:
             hint = "pass --resume to continue it, or --overwrite to start over" if same else (
