@@ -1,14 +1,20 @@
 """ponderlm: pretraining, evaluation and serving of language models with token-wise adaptive
 pondering (PonderLM-3), its PonderLM-2 backbone and baselines, in one model code path."""
 
-from ._hf_hook import install as _install_hf_hook
-from ._version import __version__
-from .config import ConfigError, ModelConfig
-from .generate import GenerateOutput, generate
-from .losses import ponder_loss
-from .model import PonderLM, PonderOutput
+import os
 
-_install_hf_hook()  # AutoModelForCausalLM knows "ponderlm" once transformers is imported
+from ._version import __version__
+
+# The tokenizing workers of `data prepare` (ponderlm.data.encode sets this for them) import only what
+# tokenizing needs: not the model, not torch (seconds and a few hundred MB per worker).
+if not os.environ.get("PONDERLM_TOKENIZER_WORKER"):
+    from ._hf_hook import install as _install_hf_hook
+    from .config import ConfigError, ModelConfig
+    from .generate import GenerateOutput, generate
+    from .losses import ponder_loss
+    from .model import PonderLM, PonderOutput
+
+    _install_hf_hook()  # AutoModelForCausalLM knows "ponderlm" once transformers is imported
 
 __all__ = [
     "ConfigError",

@@ -29,6 +29,7 @@ from .tokenizer import Tokenizer, interruptible
 
 _B = TypeVar("_B")
 _WORKER: dict = {}  # in a worker process: the tokenizer and the id dtype
+WORKER_ENV = "PONDERLM_TOKENIZER_WORKER"
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -73,6 +74,7 @@ class Encoder:
 
     def __enter__(self) -> Encoder:
         if self.workers > 1:
+            os.environ[WORKER_ENV] = "1"  # inherited by the spawned workers (read by ponderlm/__init__.py)
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),  # no fork after the tokenizer's threads ran
@@ -88,6 +90,7 @@ class Encoder:
             # an interrupted build does not wait for the batches in flight
             self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)
             self._pool = None
+            os.environ.pop(WORKER_ENV, None)
 
     def map(self, batches: Iterable[tuple[list[str], _B]]) -> Iterator[tuple[np.ndarray, np.ndarray, _B]]:
         if self._pool is None:
