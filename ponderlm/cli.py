@@ -85,6 +85,28 @@ def _utf8(text: str) -> str:
     return text
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads N`` on a command that computes (see :mod:`ponderlm.threads` for who decides)."""
+    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
+                   help="torch CPU threads (default: the cores free now, from the cores this process may use "
+                   "and the load average; OMP_NUM_THREADS if set; for train, train.threads if set)")  # fmt: skip
+
+
+def _use_threads(args: argparse.Namespace, configured: int = 0, source: str = "train.threads"):
+    """Apply the thread count of this command: --threads, else ``configured`` (a config's
+    threads, > 0), else OMP_NUM_THREADS, else the free cores. Returns the Choice; the command
+    states it (``threads: N (why)``) once its checks have passed and the work starts."""
+    from . import threads
+
+    if args.threads:
+        choice = threads.Choice(args.threads, "--threads")
+    elif configured:
+        choice = threads.Choice(configured, source)
+    else:
+        choice = threads.pick()
+    return threads.use(choice)
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="build datasets")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -203,6 +225,7 @@ def _add_train(sub) -> None:
         "adopted, a router or pause embeddings are freshly initialised (same as train.init_from=DIR)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    _add_threads(p)
     p.set_defaults(handler=cmd_train)
 
 
@@ -212,6 +235,9 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     extra = [f"train.init_from={args.init_from}"] if args.init_from else []
     cfg, explicit = load_run_config(args.config, list(args.overrides) + list(args.set_) + extra)
+    if args.threads:  # --threads wins over train.threads: the trainer applies train.threads
+        cfg.train.threads = args.threads
+    _use_threads(args, cfg.train.threads)
     result = train(cfg, explicit, resume=args.resume, overwrite=args.overwrite)
     val = result["val"]
     if val and os.environ.get("RANK", "0") == "0":
@@ -231,12 +257,14 @@ def _add_quickstart(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="a much shorter run that checks the whole pipeline")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
+    _add_threads(p)
     p.set_defaults(handler=cmd_quickstart)
 
 
 def cmd_quickstart(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .quickstart import quickstart
 
+    _use_threads(args)
     return quickstart(
         out=args.out,
         data=args.data,
@@ -307,6 +335,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation ponderlm wrote there")
+    _add_threads(p)
     p.set_defaults(handler=cmd_eval)
 
 
@@ -323,6 +352,7 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         check_tau(t)
     device = resolve_device(args.device)
     cache_dir = _cache_dir(args.cache_dir)
+    _use_threads(args)
     ck = resolve_checkpoint(args.checkpoint)
     out = args.out or _run_subdir(ck, "eval")
     with DirLock(out, "--out"):
@@ -412,9 +442,10 @@ def _add_experiment(sub) -> None:
         type=_int_at_least(1),
         default=1,
         metavar="N",
-        help="train and evaluate up to N runs at once, each in its own process with cpu_count/N threads "
-        "(logs in OUT_DIR/.logs/; default 1: one run after the other, in this process)",
+        help="train and evaluate up to N runs at once, each in its own process with 1/N of the threads "
+        "(--threads, or the free cores) (logs in OUT_DIR/.logs/; default 1: one run after the other, in this process)",
     )
+    _add_threads(par)
     par.set_defaults(handler=cmd_experiment)
     one = esub.add_parser(
         "train",
@@ -427,21 +458,26 @@ def _add_experiment(sub) -> None:
     one.add_argument("--run", required=True, metavar="NAME", help="a run name of the experiment file")
     one.add_argument("--seed", type=int, default=None, help="one of the run's seeds (default: its first)")
     one.add_argument("--overwrite", action="store_true", help="retrain the run if it exists")
+    _add_threads(one)
     one.set_defaults(handler=cmd_experiment_train)
 
 
 def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .experiments import ExperimentConfig, run_experiment
 
-    run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite,
-                   eval_only=args.eval_only, jobs=args.jobs)  # fmt: skip
+    cfg = ExperimentConfig.load(args.config)
+    choice = _use_threads(args)
+    run_experiment(cfg, args.cache_dir or _default_cache(), overwrite=args.overwrite, eval_only=args.eval_only,
+                   jobs=args.jobs, threads=choice.n)  # fmt: skip
     return 0
 
 
 def cmd_experiment_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .experiments import ExperimentConfig, train_run
 
-    train_run(ExperimentConfig.load(args.config), args.run, args.seed, overwrite=args.overwrite)
+    cfg = ExperimentConfig.load(args.config)
+    _use_threads(args)
+    train_run(cfg, args.run, args.seed, overwrite=args.overwrite)
     return 0
 
 
@@ -465,6 +501,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis ponderlm wrote there")
+    _add_threads(p)
     p.set_defaults(handler=cmd_analyze)
 
 
@@ -480,6 +517,7 @@ def cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.tau is not None:
         check_tau(args.tau)
     device = resolve_device(args.device)
+    _use_threads(args)
     ck = resolve_checkpoint(args.checkpoint)
     out = args.out or _run_subdir(ck, "analysis")
     analyze(ck, text=text, data_dir=args.data, tau=args.tau, out=out, windows=args.windows,
@@ -553,6 +591,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--show-depth", action="store_true", help="colour (terminal) or [d] markers per token")
     p.add_argument("--no-colour", action="store_true", help="plain [d] markers even on a terminal")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    _add_threads(p)
     p.set_defaults(handler=cmd_generate)
 
 
@@ -569,6 +608,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.tau is not None:
         check_tau(args.tau)
     device = resolve_device(args.device)
+    _use_threads(args)
     settings = Settings(
         max_new_tokens=args.max_new_tokens, tau=args.tau, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, show_depth=args.show_depth,

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import flops as flops_mod
+from . import threads
 from .checkpoint import (
     CheckpointError,
     CheckpointWriteError,
@@ -153,8 +154,8 @@ class Trainer:
         self.cfg, self.log = cfg, log
         tc = cfg.train
         self.env = DistEnv(tc.device, tc.dist_timeout_s)
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        if tc.threads and threads.describe() != threads.Choice(tc.threads, "--threads").line():
+            threads.use(threads.Choice(tc.threads, "train.threads"))  # the command line's --threads stays
         self.out = Path(tc.out_dir)
         self.lock = DirLock(self.out, "train.out_dir") if self.env.is_main else None
         self.finished = False  # resumed at train.max_steps: nothing to do
@@ -592,8 +593,11 @@ class Trainer:
         return {"step": self.step, "seconds": time.perf_counter() - pace.t_start, "val": last_eval}
 
     def _log_start(self) -> None:
-        """One line about the run, when it starts from step 0."""
+        """The threads of this process and why (per process under torchrun); then one line about
+        the run, when it starts from step 0."""
         tc = self.cfg.train
+        if self.env.is_main:
+            self.log(threads.describe() + (" per process" if self.env.world > 1 else ""))
         if self.env.is_main and self.step == 0:
             n = self.model.num_parameters()
             fl = flops_mod.training_flops_per_token(self.cfg.model, tc.seq_len)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import owned
+from .. import owned, threads
 from ..config import ConfigError, ModelConfig, check_tau
 from ..data import DataError, TokenShards, eval_windows, window_labels
 from ..data.tokenizer import Tokenizer
@@ -74,6 +74,7 @@ def evaluate_checkpoint(
                                           ppl_windows, log)  # fmt: skip
     taus = _resolve_taus(cfg, ck_dir, taus, ablation, zs)
     docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
+    log(threads.describe())
     results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": [],
                "scoring": {"mode": mode, "jacobi_iters": scoring.get("jacobi_iters"),
                            "jacobi_tol": scoring.get("jacobi_tol")}}  # fmt: skip
