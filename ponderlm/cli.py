@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; keep seeds non-negative and signed-safe
 EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by a closed pipe
 
 
@@ -66,6 +65,8 @@ def _number(*, at_least: float | None = None, above: float | None = None, at_mos
 
 def _seed(text: str) -> int:
     """An argparse type: a seed in [0, 2**63 - 1]."""
+    from .config import SEED_MAX
+
     try:
         v = int(text)
     except ValueError:
@@ -692,12 +693,27 @@ def _needs(module: str, what: str, install: str) -> None:
         raise ConfigError(f"{what} needs {module}: pip install {install}")
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with ``train``'s key=value overrides taken wherever they stand: argparse
+    takes positionals only before the first flag that follows them (``ponderlm train --config C
+    --resume train.max_steps=2`` would be refused), so the ones left over join the overrides, in
+    command-line order after those it did take."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "handler", None) is cmd_train:
+        overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+        args.overrides = list(args.overrides) + overrides
+        extra = [e for e in extra if e not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
     from .train import TrainingStopped
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:
