@@ -9,9 +9,10 @@ import pytest
 import torch
 import yaml
 
-from errorcases import TINY, build_world, run_cli
 from ponderlm import threads
 from ponderlm.cli import build_parser
+
+from errorcases import TINY, build_world, run_cli
 
 
 @pytest.fixture(scope="module")
