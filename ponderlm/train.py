@@ -15,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ from .owned import (
     make_owned_dir,
     remove_owned,
 )
+from .progress import Rate, clock
 
 
 def lr_at(step: int, cfg) -> float:
@@ -115,13 +116,20 @@ class DistEnv:
 
 @dataclass
 class _Pace:
-    """Throughput bookkeeping of one :meth:`Trainer.run`: when and at which step it started, and
-    the time and token count of the last logged step (tokens/s is measured since then)."""
+    """Throughput bookkeeping of one :meth:`Trainer.run`: when and at which step it started, the
+    time and token count of the last logged step (the metrics' tokens_per_s is measured since
+    then), and the rate that progress shows, over the last 30 s, from which its ETA derives."""
 
     t_start: float
     first_step: int
     t_last: float
     tok_last: int
+    rate: Rate = field(default_factory=Rate)
+
+    def shown(self, tokens_left: int) -> tuple[str, str]:
+        """(tokens/s, ETA) as a progress line shows them: both from :attr:`rate`."""
+        per_s = self.rate.per_s
+        return ("?" if per_s is None else f"{per_s:,.0f}"), clock(self.rate.eta_s(tokens_left))
 
 
 def compile_blocks(model: PonderLM) -> None:
@@ -578,10 +586,12 @@ class Trainer:
         self._log_start()
         bar = self._progress_bar()
         pace = _Pace(time.perf_counter(), self.step, time.perf_counter(), self.tokens_seen)
+        pace.rate.add(pace.t_start, self.tokens_seen)
         last_eval: dict[str, float] = {}
         while self.step < self.cfg.train.max_steps:
             row = self._step()
             now = time.perf_counter()
+            pace.rate.add(now, self.tokens_seen)
             tps = (self.tokens_seen - pace.tok_last) / max(now - pace.t_last, 1e-9)
             self._count_skipped(row)
             self._log_step(row, tps, now, pace, bar)
@@ -614,8 +624,10 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        # disable=None: no bar when stderr is not a terminal (logs, CI); metric lines still go to stdout
-        return tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False, disable=None)
+        # disable=None: no bar when stderr is not a terminal (logs, CI); metric lines still go to stdout.
+        # tqdm's own rate and remaining time are left out: the postfix shows ours (one rate, its ETA)
+        return tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False, disable=None,
+                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")  # fmt: skip
 
     def _step(self) -> dict[str, float]:
         """Train the next step and count it; returns its metrics row."""
@@ -651,18 +663,18 @@ class Trainer:
         """The progress bar after every step; a metrics record (and, without a visible bar, a log
         line) every train.log_interval steps and at the last."""
         tc, step = self.cfg.train, self.step
+        rate, eta = pace.shown((tc.max_steps - step) * tc.batch_size * tc.seq_len)
         if bar is not None:
             bar.update(1)
             if not row["skipped"]:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", depth=f"{row['mean_depth']:.2f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=rate, depth=f"{row['mean_depth']:.2f}", eta=eta)
         if row["skipped"] or not tc.log_interval or not (step % tc.log_interval == 0 or step == tc.max_steps):
             return
         self._record({"split": "train", "step": step, "tokens": self.tokens_seen, "tokens_per_s": tps, **row})
         if self.env.is_main and (bar is None or bar.disable):
-            eta = (tc.max_steps - step) * (now - pace.t_start) / max(step - pace.first_step, 1)
             self.log(
                 f"step {step}/{tc.max_steps}  loss {row['loss']:.4f}  depth {row['mean_depth']:.2f}  "
-                f"{tps:,.0f} tok/s  eta {eta / 60:.1f} min"
+                f"{rate} tok/s  eta {eta}"
             )
         pace.t_last, pace.tok_last = now, self.tokens_seen
 
