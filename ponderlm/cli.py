@@ -305,7 +305,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--tasks", default="val,ptb_test,lambada,arc_easy,arc_challenge,piqa,hellaswag,winogrande,sciq")
     p.add_argument("--tau", type=float, nargs="+", default=[1e-4], help="one or more pruning thresholds")
     p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N documents of each zero-shot task")
-    p.add_argument("--ppl-windows", type=_int_at_least(1), default=256, help="validation windows for perplexity")
+    p.add_argument("--ppl-windows", type=_int_at_least(1), default=64,
+                   help="windows (of the model's context) per perplexity set, as many as the quickstart and "
+                   "train.eval_windows score (default 64); each perplexity is shown with its windows and "
+                   "tokens")  # fmt: skip
     p.add_argument("--data", type=Path, default=None, help="dataset for perplexity (default: the run's)")
     p.add_argument(
         "--ablation",

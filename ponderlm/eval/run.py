@@ -50,7 +50,7 @@ def evaluate_checkpoint(
     cache_dir: Path,
     data_dir: Path | None = None,
     limit: int | None = None,
-    ppl_windows: int = 256,
+    ppl_windows: int = 64,
     batch_size: int = 16,
     device: str = "cpu",
     log=print,
@@ -166,8 +166,10 @@ def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, to
         classes, lab = labels.get(s, (None, None))
         r = perplexity(model, w, tau=tau, batch_size=batch_size, ablation=ablation, labels=lab, classes=classes,
                        **scoring)  # fmt: skip
-        rows.append({"tau": tau, "task": s, "n": len(w), **r, "seconds": time.time() - t0})
-        log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f}")
+        tokens = len(w) * (w.shape[1] - 1)  # scored tokens: every position of a window predicts the next
+        rows.append({"tau": tau, "task": s, "n": len(w), "tokens": tokens, **r, "seconds": time.time() - t0})
+        log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f} "
+            f"({len(w)} windows, {tokens:,} tokens)")  # fmt: skip
         if lab is not None:
             log(f"tau={tau:g} {s}: {_difficulty_phrase(r['difficulty'])}")
     for name, ds in docs.items():
@@ -239,8 +241,10 @@ def markdown(results: dict) -> str:
             if "ablation" in results
             else []
         ),
-        "| tau | task | n | metric | value | acc_norm | mean depth | MFLOPs/token |",
-        "|---:|---|---:|---|---:|---:|---:|---:|",
+        "`n` is the windows of a perplexity set or the documents of a zero-shot task; `tokens` the positions scored.",
+        "",
+        "| tau | task | n | tokens | metric | value | acc_norm | mean depth | MFLOPs/token |",
+        "|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         if "ppl" in r and r["task"] != "lambada":
@@ -250,9 +254,10 @@ def markdown(results: dict) -> str:
         else:
             metric, value = "acc", f"{r['acc']:.4f}"
             norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else ""
+        tokens = f"{int(r['tokens']):,}" if "tokens" in r else ""
         lines.append(
-            f"| {r['tau']:g} | {r['task']} | {int(r['n'])} | {metric} | {value} | {norm} | {r['mean_depth']:.2f} | "
-            f"{r['flops_per_token'] / 1e6:.3f} |"
+            f"| {r['tau']:g} | {r['task']} | {int(r['n'])} | {tokens} | {metric} | {value} | {norm} | "
+            f"{r['mean_depth']:.2f} | {r['flops_per_token'] / 1e6:.3f} |"
         )
     zs = [r for r in results["rows"] if "acc" in r and r["task"] != "lambada"]
     if zs:

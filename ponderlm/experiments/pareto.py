@@ -489,6 +489,11 @@ def evaluate_run(
         "tokens": state.get("tokens_seen", 0),
         "epoch_fraction": state.get("tokens_seen", 0) / train_tokens,
         "soft_loss": soft["loss"],
+        # what the validation numbers are over: windows of the context, the positions they score, and
+        # the size of the split they are the first windows of
+        "val_windows": int(val.shape[0]),
+        "val_tokens": int(val.shape[0] * (val.shape[1] - 1)),
+        "val_split_tokens": int(meta["splits"]["val"]["tokens"]),
         "evals": rows,
         "ablations": abl,
     }
