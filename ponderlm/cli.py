@@ -242,7 +242,7 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     result = train(cfg, explicit, resume=args.resume, overwrite=args.overwrite)
     val = result["val"]
     if val and os.environ.get("RANK", "0") == "0":
-        print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
+        print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f} ({result['val_size']})")
     return 0
 
 
@@ -250,8 +250,8 @@ def _add_quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
         help="prepare the default corpus, train small vanilla / PonderLM-2 / PonderLM-3 models, report",
-        description="About 15 minutes on 2 CPU cores (--smoke: about 2). Writes report.md, "
-        "report.json and report.png to --out.",
+        description="About 15 minutes on 2 idle CPU cores (--smoke: about 2), longer beside other work. "
+        "Writes report.md, report.json and report.png to --out.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     p.add_argument("--data", type=Path, default=Path("data/default"))

@@ -547,6 +547,11 @@ class Trainer:
             res[k] = res[f"{main}_{k}"]
         return res
 
+    def val_size(self) -> str:
+        """What validation is over: ``64 windows, 8,192 tokens`` (scored positions)."""
+        n, L = self.val.shape[0], self.val.shape[1] - 1
+        return f"{n} windows, {n * L:,} tokens"
+
     def _last_good(self) -> str:
         """Where the run can be resumed from, stated as it is on disk."""
         ck = latest_checkpoint(self.out)
@@ -600,7 +605,8 @@ class Trainer:
                 last_eval = evaluated
             self._save_on_cadence()
         self._close_outputs(bar)
-        return {"step": self.step, "seconds": time.perf_counter() - pace.t_start, "val": last_eval}
+        return {"step": self.step, "seconds": time.perf_counter() - pace.t_start, "val": last_eval,
+                "val_size": self.val_size()}  # fmt: skip
 
     def _log_start(self) -> None:
         """The threads of this process and why (per process under torchrun); then one line about
@@ -687,7 +693,8 @@ class Trainer:
         self._record({"split": "val", "step": step, "tokens": self.tokens_seen, **res})
         if self.env.is_main:
             (bar.write if bar is not None and not bar.disable else self.log)(
-                f"step {step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f})" + f", depth {res['mean_depth']:.2f}"
+                f"step {step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}, {self.val_size()}), "
+                f"depth {res['mean_depth']:.2f}"
             )
         return res
 
