@@ -47,6 +47,7 @@ from ..eval.zeroshot import score_task
 from ..loading import load_model
 from ..model import CONVERGED, PonderLM
 from ..owned import DirLock, OwnershipError, atomic_write, is_empty_dir, is_kind, make_owned_dir, read_marker
+from ..progress import heartbeat
 from ..train import TrainingStopped, resolve_model_config, train
 from .config import ExperimentConfig
 from .report import collect_points, markdown, pareto_front, plot
@@ -540,10 +541,21 @@ def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str
     return result
 
 
-def _evaluate(run_dir: Path, rc: RunConfig, cfg: ExperimentConfig, tasks: dict | None) -> dict[str, Any]:
-    """:func:`evaluate_run` of one run of the experiment, through its cache."""
+def _evaluate(run_dir: Path, rc: RunConfig, cfg: ExperimentConfig, tasks: dict | None, log=print) -> dict[str, Any]:
+    """:func:`evaluate_run` of one run of the experiment, through its cache; an evaluation that
+    runs says so, and every 10 s that it still does."""
     settings = (list(cfg.taus), cfg.eval_windows, tasks, cfg.ablations, cfg.test_splits, cfg.ablation_taus)
-    return cached_evaluation(run_dir, cfg, lambda: evaluate_run(run_dir, Path(rc.train.data_dir), *settings))
+
+    def compute() -> dict[str, Any]:
+        log(f"evaluating {run_dir.name}: validation loss on {cfg.eval_windows} windows at {len(cfg.taus)} tau(s)"
+            + (f", {len(tasks)} zero-shot task(s)" if tasks else ""))  # fmt: skip
+        t0 = time.time()
+        with heartbeat(f"evaluating {run_dir.name}", log):
+            result = evaluate_run(run_dir, Path(rc.train.data_dir), *settings)
+        log(f"evaluated {run_dir.name} in {time.time() - t0:.0f} s")
+        return result
+
+    return cached_evaluation(run_dir, cfg, compute)
 
 
 def check_test_splits(cfg: ExperimentConfig) -> None:
@@ -617,7 +629,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, tasks: dict | None, *, overwrite:
         if not _prepare_run(rc, overwrite, eval_only, log, tag=f"[{n}/{len(jobs)}]"):
             missing.append(run_dir.name)
             continue
-        r = _evaluate(run_dir, rc, cfg, tasks)
+        r = _evaluate(run_dir, rc, cfg, tasks, log)
         results.append({"run": run["name"], "seed": seed, **r})
     return results, missing
 
