@@ -547,7 +547,7 @@ def _evaluate(run_dir: Path, rc: RunConfig, cfg: ExperimentConfig, tasks: dict |
     settings = (list(cfg.taus), cfg.eval_windows, tasks, cfg.ablations, cfg.test_splits, cfg.ablation_taus)
 
     def compute() -> dict[str, Any]:
-        log(f"evaluating {run_dir.name}: validation loss on {cfg.eval_windows} windows at {len(cfg.taus)} tau(s)"
+        log(f"evaluating {run_dir.name}: validation loss on {cfg.eval_windows} windows"
             + (f", {len(tasks)} zero-shot task(s)" if tasks else ""))  # fmt: skip
         t0 = time.time()
         with heartbeat(f"evaluating {run_dir.name}", log):
