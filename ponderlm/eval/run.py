@@ -18,6 +18,7 @@ from ..data.tokenizer import Tokenizer
 from ..errors import describe_os_error
 from ..loading import checkpoint_dataset, load_model
 from ..model import CONVERGED, PonderLM
+from ..progress import heartbeat
 from .ablations import Ablation
 from .perplexity import perplexity
 from .tasks import TASKS, load_tasks
@@ -164,8 +165,9 @@ def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, to
     for s, w in windows.items():
         t0 = time.time()
         classes, lab = labels.get(s, (None, None))
-        r = perplexity(model, w, tau=tau, batch_size=batch_size, ablation=ablation, labels=lab, classes=classes,
-                       **scoring)  # fmt: skip
+        with heartbeat(f"tau={tau:g} {s}: scoring {len(w)} windows", log):
+            r = perplexity(model, w, tau=tau, batch_size=batch_size, ablation=ablation, labels=lab, classes=classes,
+                           **scoring)  # fmt: skip
         tokens = len(w) * (w.shape[1] - 1)  # scored tokens: every position of a window predicts the next
         rows.append({"tau": tau, "task": s, "n": len(w), "tokens": tokens, **r, "seconds": time.time() - t0})
         log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f} "
@@ -175,7 +177,8 @@ def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, to
     for name, ds in docs.items():
         t0 = time.time()
         jacobi = {k: v for k, v in scoring.items() if k != "mode" and v is not None}
-        r = score_task(model, tok, ds, tau=tau, batch_size=batch_size, mode=scoring["mode"], jacobi=jacobi)
+        with heartbeat(f"tau={tau:g} {name}: scoring {len(ds)} docs", log):
+            r = score_task(model, tok, ds, tau=tau, batch_size=batch_size, mode=scoring["mode"], jacobi=jacobi)
         rows.append({"tau": tau, "task": name, **r, "seconds": time.time() - t0})
         log(f"tau={tau:g} {name}: acc {r['acc']:.4f} depth {r['mean_depth']:.2f} ({len(ds)} docs)")
     return rows
