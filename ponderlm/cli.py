@@ -625,12 +625,14 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     p.add_argument("--steps", type=_int_at_least(1), default=300, help="training steps per method")
     p.add_argument("--seed", type=_seed, default=0)
+    _add_threads(p)
     p.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .demo import main as demo_main
 
+    print(_use_threads(args).line())
     return demo_main(args.steps, args.seed)
 
 

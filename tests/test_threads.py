@@ -79,6 +79,7 @@ def test_describe_states_what_torch_uses():
         ["generate", "--checkpoint", "r"],
         ["experiment", "pareto", "--config", "e.yaml"],
         ["experiment", "train", "--config", "e.yaml", "--run", "a"],
+        ["demo"],
     ],
 )
 def test_every_computing_command_takes_threads(argv):
