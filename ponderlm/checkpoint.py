@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, RunConfig, save_run_config
 from .errors import UserError, describe_os_error
+from .owned import as_umask_allows
 
 PREFIX = "step_"
 
@@ -64,6 +65,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
         seen[ptr] = k
         out[k] = v.detach().contiguous().cpu()
     save_file(out, str(path))
+    as_umask_allows(path)  # safetensors writes 0600; the run's other files follow the umask
 
 
 def fault_point(name: str, step: int) -> None:

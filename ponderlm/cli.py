@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; keep seeds non-negative and signed-safe
 EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool killed by a closed pipe
 
 
@@ -66,6 +65,8 @@ def _number(*, at_least: float | None = None, above: float | None = None, at_mos
 
 def _seed(text: str) -> int:
     """An argparse type: a seed in [0, 2**63 - 1]."""
+    from .config import SEED_MAX
+
     try:
         v = int(text)
     except ValueError:
@@ -83,6 +84,28 @@ def _utf8(text: str) -> str:
     if why:
         raise argparse.ArgumentTypeError(why)
     return text
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads N`` on a command that computes (see :mod:`ponderlm.threads` for who decides)."""
+    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
+                   help="torch CPU threads (default: the cores free now, from the cores this process may use "
+                   "and the load average; OMP_NUM_THREADS if set; for train, train.threads if set)")  # fmt: skip
+
+
+def _use_threads(args: argparse.Namespace, configured: int = 0, source: str = "train.threads"):
+    """Apply the thread count of this command: --threads, else ``configured`` (a config's
+    threads, > 0), else OMP_NUM_THREADS, else the free cores. Returns the Choice; the command
+    states it (``threads: N (why)``) once its checks have passed and the work starts."""
+    from . import threads
+
+    if args.threads:
+        choice = threads.Choice(args.threads, "--threads")
+    elif configured:
+        choice = threads.Choice(configured, source)
+    else:
+        choice = threads.pick()
+    return threads.use(choice)
 
 
 def _add_data(sub) -> None:
@@ -240,6 +263,7 @@ def _add_train(sub) -> None:
         "adopted, a router or pause embeddings are freshly initialised (same as train.init_from=DIR)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete an existing run in train.out_dir first")
+    _add_threads(p)
     p.set_defaults(handler=cmd_train)
 
 
@@ -249,10 +273,13 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     extra = [f"train.init_from={args.init_from}"] if args.init_from else []
     cfg, explicit = load_run_config(args.config, list(args.overrides) + list(args.set_) + extra)
+    if args.threads:  # --threads wins over train.threads: the trainer applies train.threads
+        cfg.train.threads = args.threads
+    _use_threads(args, cfg.train.threads)
     result = train(cfg, explicit, resume=args.resume, overwrite=args.overwrite)
     val = result["val"]
     if val and os.environ.get("RANK", "0") == "0":
-        print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f}")
+        print(f"final: step {result['step']}, val loss {val['loss']:.4f}, ppl {val['ppl']:.2f} ({result['val_size']})")
     return 0
 
 
@@ -260,20 +287,22 @@ def _add_quickstart(sub) -> None:
     p = sub.add_parser(
         "quickstart",
         help="prepare the default corpus, train small vanilla / PonderLM-2 / PonderLM-3 models, report",
-        description="About 15 minutes on 2 CPU cores (--smoke: about 2). Writes report.md, "
-        "report.json and report.png to --out.",
+        description="About 15 minutes on 2 idle CPU cores (--smoke: about 2), longer beside other work. "
+        "Writes report.md, report.json and report.png to --out.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     p.add_argument("--data", type=Path, default=Path("data/default"))
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--smoke", action="store_true", help="a much shorter run that checks the whole pipeline")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
+    _add_threads(p)
     p.set_defaults(handler=cmd_quickstart)
 
 
 def cmd_quickstart(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .quickstart import quickstart
 
+    _use_threads(args)
     return quickstart(
         out=args.out,
         data=args.data,
@@ -313,7 +342,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--tasks", default="val,ptb_test,lambada,arc_easy,arc_challenge,piqa,hellaswag,winogrande,sciq")
     p.add_argument("--tau", type=float, nargs="+", default=[1e-4], help="one or more pruning thresholds")
     p.add_argument("--limit", type=_int_at_least(1), default=None, help="first N documents of each zero-shot task")
-    p.add_argument("--ppl-windows", type=_int_at_least(1), default=256, help="validation windows for perplexity")
+    p.add_argument("--ppl-windows", type=_int_at_least(1), default=64,
+                   help="windows (of the model's context) per perplexity set, as many as the quickstart and "
+                   "train.eval_windows score (default 64); each perplexity is shown with its windows and "
+                   "tokens")  # fmt: skip
     p.add_argument("--data", type=Path, default=None, help="dataset for perplexity (default: the run's)")
     p.add_argument(
         "--ablation",
@@ -344,6 +376,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation ponderlm wrote there")
+    _add_threads(p)
     p.set_defaults(handler=cmd_eval)
 
 
@@ -360,6 +393,7 @@ def cmd_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         check_tau(t)
     device = resolve_device(args.device)
     cache_dir = _cache_dir(args.cache_dir)
+    _use_threads(args)
     ck = resolve_checkpoint(args.checkpoint)
     out = args.out or _run_subdir(ck, "eval")
     with DirLock(out, "--out"):
@@ -449,9 +483,10 @@ def _add_experiment(sub) -> None:
         type=_int_at_least(1),
         default=1,
         metavar="N",
-        help="train and evaluate up to N runs at once, each in its own process with cpu_count/N threads "
-        "(logs in OUT_DIR/.logs/; default 1: one run after the other, in this process)",
+        help="train and evaluate up to N runs at once, each in its own process with 1/N of the threads "
+        "(--threads, or the free cores) (logs in OUT_DIR/.logs/; default 1: one run after the other, in this process)",
     )
+    _add_threads(par)
     par.set_defaults(handler=cmd_experiment)
     one = esub.add_parser(
         "train",
@@ -464,21 +499,26 @@ def _add_experiment(sub) -> None:
     one.add_argument("--run", required=True, metavar="NAME", help="a run name of the experiment file")
     one.add_argument("--seed", type=int, default=None, help="one of the run's seeds (default: its first)")
     one.add_argument("--overwrite", action="store_true", help="retrain the run if it exists")
+    _add_threads(one)
     one.set_defaults(handler=cmd_experiment_train)
 
 
 def cmd_experiment(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .experiments import ExperimentConfig, run_experiment
 
-    run_experiment(ExperimentConfig.load(args.config), args.cache_dir or _default_cache(), overwrite=args.overwrite,
-                   eval_only=args.eval_only, jobs=args.jobs)  # fmt: skip
+    cfg = ExperimentConfig.load(args.config)
+    choice = _use_threads(args)
+    run_experiment(cfg, args.cache_dir or _default_cache(), overwrite=args.overwrite, eval_only=args.eval_only,
+                   jobs=args.jobs, threads=choice.n)  # fmt: skip
     return 0
 
 
 def cmd_experiment_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .experiments import ExperimentConfig, train_run
 
-    train_run(ExperimentConfig.load(args.config), args.run, args.seed, overwrite=args.overwrite)
+    cfg = ExperimentConfig.load(args.config)
+    _use_threads(args)
+    train_run(cfg, args.run, args.seed, overwrite=args.overwrite)
     return 0
 
 
@@ -502,6 +542,7 @@ def _add_analyze(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis ponderlm wrote there")
+    _add_threads(p)
     p.set_defaults(handler=cmd_analyze)
 
 
@@ -517,6 +558,7 @@ def cmd_analyze(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.tau is not None:
         check_tau(args.tau)
     device = resolve_device(args.device)
+    _use_threads(args)
     ck = resolve_checkpoint(args.checkpoint)
     out = args.out or _run_subdir(ck, "analysis")
     analyze(ck, text=text, data_dir=args.data, tau=args.tau, out=out, windows=args.windows,
@@ -590,6 +632,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--show-depth", action="store_true", help="colour (terminal) or [d] markers per token")
     p.add_argument("--no-colour", action="store_true", help="plain [d] markers even on a terminal")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    _add_threads(p)
     p.set_defaults(handler=cmd_generate)
 
 
@@ -606,6 +649,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if args.tau is not None:
         check_tau(args.tau)
     device = resolve_device(args.device)
+    _use_threads(args)
     settings = Settings(
         max_new_tokens=args.max_new_tokens, tau=args.tau, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, show_depth=args.show_depth,
@@ -618,12 +662,14 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     p.add_argument("--steps", type=_int_at_least(1), default=300, help="training steps per method")
     p.add_argument("--seed", type=_seed, default=0)
+    _add_threads(p)
     p.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .demo import main as demo_main
 
+    print(_use_threads(args).line())
     return demo_main(args.steps, args.seed)
 
 
@@ -689,12 +735,27 @@ def _needs(module: str, what: str, install: str) -> None:
         raise ConfigError(f"{what} needs {module}: pip install {install}")
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with ``train``'s key=value overrides taken wherever they stand: argparse
+    takes positionals only before the first flag that follows them (``ponderlm train --config C
+    --resume train.max_steps=2`` would be refused), so the ones left over join the overrides, in
+    command-line order after those it did take."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "handler", None) is cmd_train:
+        overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+        args.overrides = list(args.overrides) + overrides
+        extra = [e for e in extra if e not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import UserError
     from .train import TrainingStopped
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach logs as they happen
     try:

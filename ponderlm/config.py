@@ -20,6 +20,7 @@ class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; seeds stay non-negative and signed-safe
 SLOT_INPUTS = ("none", "learned", "hidden")
 ROUND_INPUTS = ("none", "residual", "soft_token")
 
@@ -368,8 +369,13 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "max_steps", "eval_windows", "keep_last"):
             need(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("micro_batch_size", "warmup_steps", "eval_interval", "log_interval", "ckpt_interval", "threads",
-                     "max_bad_steps", "dist_timeout_s"):  # fmt: skip
+                     "max_bad_steps"):  # fmt: skip
             need(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        # a seed the data order (numpy) and the initialisation (torch) both take: checked here, not at step 1
+        need(0 <= self.seed <= SEED_MAX, f"train.seed must be an integer in [0, 2**63 - 1], got {self.seed}")
+        need(self.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 (seconds), got {self.dist_timeout_s}")
+        for name in ("data_dir", "out_dir"):
+            need(str(getattr(self, name)).strip() != "", f"train.{name} must name a directory, got an empty string")
         need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         need(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio must be in [0, 1]")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2 must be in [0, 1)")

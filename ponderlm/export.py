@@ -43,5 +43,6 @@ def export(checkpoint, out, *, overwrite: bool = False, tau: float | None = None
         with owned.building(out, "export") as tmp, quiet_transformers():
             wrapper.save_pretrained(tmp)
             hf_tokenizer(tok).save_pretrained(tmp)
+            owned.as_umask_allows(tmp)  # model.safetensors comes out 0600
     log(f"exported {src} ({model.cfg.method}, tau {wrapper.config.tau:g}) to {out}")
     return out

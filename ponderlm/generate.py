@@ -19,6 +19,7 @@ Two schedules give the same tokens (greedy; sampling draws in another order):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -40,6 +41,22 @@ class GenerateOutput:
     cache_entries: Tensor  # (B,) slots held in the KV cache at the end
 
 
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError unless temperature is a finite number >= 0, top_k None or an integer >= 1 and
+    top_p None or a finite number in (0, 1]: a NaN or an infinity would otherwise surface as a
+    RuntimeError deep inside torch (or, for temperature inf, as silently uniform sampling)."""
+    if not (_finite_number(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (_finite_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a finite number in (0, 1], got {top_p!r}")
+
+
 def sample_next(
     logits: Tensor,
     *,
@@ -49,19 +66,14 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Pick the next token per row from logits (B, V): greedy at temperature 0. Returns (B,)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
@@ -152,6 +164,7 @@ def generate(
         schedule: "token" or "slot" (module docstring); "auto" is slot for a router model with
             B > 1 and no on_token. Round methods (loop, PonderLM-1) decode by token.
     """
+    check_sampling(temperature, top_k, top_p)  # here, before the prefill: not at the first sampled token
     opt = _resolve(model, input_ids, max_new_tokens, attention_mask, tau, seed, prefill, schedule,
                    on_token is not None, jacobi_iters)  # fmt: skip
     gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None

@@ -137,7 +137,8 @@ class PonderLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("inputs_embeds are not supported; pass input_ids")
         cfg = self.config
         tau = check_tau(cfg.tau if tau is None else tau)
-        use_cache = cfg.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # transformers 5 configs no longer carry use_cache: no cache unless asked
+            use_cache = bool(getattr(cfg, "use_cache", False))
         mask = attention_mask.bool() if attention_mask is not None else None
         m = self.model
         cache = past_key_values if cache is None else cache

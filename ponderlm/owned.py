@@ -290,6 +290,27 @@ def building(dest: Path, kind: str) -> Iterator[Path]:
         raise
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def as_umask_allows(root: Path) -> None:
+    """Give every file under ``root`` the mode a plain ``open`` would (0o666 less the umask).
+    safetensors writes its files with mode 0600 (through a private temporary), so weights would
+    be the one file of a run or an export that the user's group cannot read."""
+    mode = 0o666 & ~current_umask()
+    for p in [root, *Path(root).rglob("*")] if Path(root).is_dir() else [Path(root)]:
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) != mode:
+            p.chmod(mode)
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write a file through a hidden temporary and a rename; OSError becomes a one-line error and
     leaves neither a temporary nor a half-written file."""

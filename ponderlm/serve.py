@@ -10,6 +10,7 @@ from typing import TextIO
 
 import torch
 
+from . import threads
 from .data import DataError
 from .errors import UserError, utf8_problem
 from .loading import load_model
@@ -109,9 +110,15 @@ def main(
         )
         print(f"({model.cfg.method}, tau {settings.tau if settings.tau is not None else model.cfg.tau:g}; {legend})")
 
+    said = []  # the threads are stated once, on the first completion's line (stdout is the completion)
+
     def one(p: str) -> None:
         st = generate_text(model, tok, p, settings, out, echo=True)
-        print(f"-- {st['tokens']} tokens, mean depth {st['mean_depth']:.2f} of {st['max_depth']}", file=sys.stderr)
+        line = f"-- {st['tokens']} tokens, mean depth {st['mean_depth']:.2f} of {st['max_depth']}"
+        if not said:
+            line += f"; {threads.describe()}"
+            said.append(True)
+        print(line, file=sys.stderr)
 
     if prompt is not None:
         one(prompt)

@@ -15,7 +15,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import flops as flops_mod
+from . import threads
 from .checkpoint import (
     CheckpointError,
     CheckpointWriteError,
@@ -56,6 +57,7 @@ from .owned import (
     make_owned_dir,
     remove_owned,
 )
+from .progress import Rate, clock
 
 
 def lr_at(step: int, cfg) -> float:
@@ -114,13 +116,20 @@ class DistEnv:
 
 @dataclass
 class _Pace:
-    """Throughput bookkeeping of one :meth:`Trainer.run`: when and at which step it started, and
-    the time and token count of the last logged step (tokens/s is measured since then)."""
+    """Throughput bookkeeping of one :meth:`Trainer.run`: when and at which step it started, the
+    time and token count of the last logged step (the metrics' tokens_per_s is measured since
+    then), and the rate that progress shows, over the last 30 s, from which its ETA derives."""
 
     t_start: float
     first_step: int
     t_last: float
     tok_last: int
+    rate: Rate = field(default_factory=Rate)
+
+    def shown(self, tokens_left: int) -> tuple[str, str]:
+        """(tokens/s, ETA) as a progress line shows them: both from :attr:`rate`."""
+        per_s = self.rate.per_s
+        return ("?" if per_s is None else f"{per_s:,.0f}"), clock(self.rate.eta_s(tokens_left))
 
 
 def compile_blocks(model: PonderLM) -> None:
@@ -153,8 +162,8 @@ class Trainer:
         self.cfg, self.log = cfg, log
         tc = cfg.train
         self.env = DistEnv(tc.device, tc.dist_timeout_s)
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        if tc.threads and threads.describe() != threads.Choice(tc.threads, "--threads").line():
+            threads.use(threads.Choice(tc.threads, "train.threads"))  # the command line's --threads stays
         self.out = Path(tc.out_dir)
         self.lock = DirLock(self.out, "train.out_dir") if self.env.is_main else None
         self.finished = False  # resumed at train.max_steps: nothing to do
@@ -538,6 +547,11 @@ class Trainer:
             res[k] = res[f"{main}_{k}"]
         return res
 
+    def val_size(self) -> str:
+        """What validation is over: ``64 windows, 8,192 tokens`` (scored positions)."""
+        n, L = self.val.shape[0], self.val.shape[1] - 1
+        return f"{n} windows, {n * L:,} tokens"
+
     def _last_good(self) -> str:
         """Where the run can be resumed from, stated as it is on disk."""
         ck = latest_checkpoint(self.out)
@@ -577,10 +591,12 @@ class Trainer:
         self._log_start()
         bar = self._progress_bar()
         pace = _Pace(time.perf_counter(), self.step, time.perf_counter(), self.tokens_seen)
+        pace.rate.add(pace.t_start, self.tokens_seen)
         last_eval: dict[str, float] = {}
         while self.step < self.cfg.train.max_steps:
             row = self._step()
             now = time.perf_counter()
+            pace.rate.add(now, self.tokens_seen)
             tps = (self.tokens_seen - pace.tok_last) / max(now - pace.t_last, 1e-9)
             self._count_skipped(row)
             self._log_step(row, tps, now, pace, bar)
@@ -589,11 +605,15 @@ class Trainer:
                 last_eval = evaluated
             self._save_on_cadence()
         self._close_outputs(bar)
-        return {"step": self.step, "seconds": time.perf_counter() - pace.t_start, "val": last_eval}
+        return {"step": self.step, "seconds": time.perf_counter() - pace.t_start, "val": last_eval,
+                "val_size": self.val_size()}  # fmt: skip
 
     def _log_start(self) -> None:
-        """One line about the run, when it starts from step 0."""
+        """The threads of this process and why (per process under torchrun); then one line about
+        the run, when it starts from step 0."""
         tc = self.cfg.train
+        if self.env.is_main:
+            self.log(threads.describe() + (" per process" if self.env.world > 1 else ""))
         if self.env.is_main and self.step == 0:
             n = self.model.num_parameters()
             fl = flops_mod.training_flops_per_token(self.cfg.model, tc.seq_len)
@@ -610,8 +630,10 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        # disable=None: no bar when stderr is not a terminal (logs, CI); metric lines still go to stdout
-        return tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False, disable=None)
+        # disable=None: no bar when stderr is not a terminal (logs, CI); metric lines still go to stdout.
+        # tqdm's own rate and remaining time are left out: the postfix shows ours (one rate, its ETA)
+        return tqdm(total=tc.max_steps, initial=self.step, unit="step", dynamic_ncols=True, leave=False, disable=None,
+                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")  # fmt: skip
 
     def _step(self) -> dict[str, float]:
         """Train the next step and count it; returns its metrics row."""
@@ -647,18 +669,18 @@ class Trainer:
         """The progress bar after every step; a metrics record (and, without a visible bar, a log
         line) every train.log_interval steps and at the last."""
         tc, step = self.cfg.train, self.step
+        rate, eta = pace.shown((tc.max_steps - step) * tc.batch_size * tc.seq_len)
         if bar is not None:
             bar.update(1)
             if not row["skipped"]:
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tps:,.0f}", depth=f"{row['mean_depth']:.2f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=rate, depth=f"{row['mean_depth']:.2f}", eta=eta)
         if row["skipped"] or not tc.log_interval or not (step % tc.log_interval == 0 or step == tc.max_steps):
             return
         self._record({"split": "train", "step": step, "tokens": self.tokens_seen, "tokens_per_s": tps, **row})
         if self.env.is_main and (bar is None or bar.disable):
-            eta = (tc.max_steps - step) * (now - pace.t_start) / max(step - pace.first_step, 1)
             self.log(
                 f"step {step}/{tc.max_steps}  loss {row['loss']:.4f}  depth {row['mean_depth']:.2f}  "
-                f"{tps:,.0f} tok/s  eta {eta / 60:.1f} min"
+                f"{rate} tok/s  eta {eta}"
             )
         pace.t_last, pace.tok_last = now, self.tokens_seen
 
@@ -671,7 +693,8 @@ class Trainer:
         self._record({"split": "val", "step": step, "tokens": self.tokens_seen, **res})
         if self.env.is_main:
             (bar.write if bar is not None and not bar.disable else self.log)(
-                f"step {step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f})" + f", depth {res['mean_depth']:.2f}"
+                f"step {step}: val loss {res['loss']:.4f} (ppl {res['ppl']:.2f}, {self.val_size()}), "
+                f"depth {res['mean_depth']:.2f}"
             )
         return res
 

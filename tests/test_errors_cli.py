@@ -413,6 +413,27 @@ def test_export_replaces_only_its_own_export(w, tmp_path):
     assert _entries(tmp_path) == ["hf"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_and_checkpointed_weights_follow_the_umask(w, tmp_path, umask):
+    """safetensors writes model.safetensors with mode 0600; an export (and a checkpoint) gives it the
+    mode every other file gets, 0666 less the umask, so whoever may read the directory can load it."""
+    pytest.importorskip("transformers")
+    from errorcases import TINY
+
+    old = os.umask(umask)
+    try:
+        assert run_cli(["export", str(w.run), str(tmp_path / "hf")], tmp_path).returncode == 0
+        r = run_cli(["train", *TINY, f"train.data_dir={w.ds}", f"train.out_dir={tmp_path / 'run'}", "--threads", "1"],
+                    tmp_path)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    files = [p for p in [*(tmp_path / "hf").iterdir(), *(tmp_path / "run" / "checkpoints").rglob("*")] if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in files) and len(files) > 6
+    assert [(str(p), oct(p.stat().st_mode & 0o777)) for p in files] == [(str(p), oct(want)) for p in files]
+
+
 def test_convert_replaces_only_its_own_run(w, tmp_path):
     pytest.importorskip("transformers")
     from ponderlm.owned import read_marker, why_not_ours

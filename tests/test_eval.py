@@ -1,6 +1,7 @@
 """Zero-shot task loading (lm-eval templates), log-likelihood scoring and `ponderlm eval`."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -114,7 +115,14 @@ def test_eval_cli_end_to_end(tmp_path, olmo_cache):
     assert {row["task"] for row in res["rows"]} == {"val", "ptb_test", *TASKS}
     assert len(res["rows"]) == 2 * (2 + len(TASKS))
     assert all("flops_per_token" in row and "mean_depth" in row for row in res["rows"])
-    assert "| 0.3 | piqa | 3 | acc |" in (run / "eval" / "eval.md").read_text()
+    md = (run / "eval" / "eval.md").read_text()
+    assert re.search(r"\| 0\.3 \| piqa \| 3 \| [\d,]+ \| acc \|", md)
+    # every perplexity comes with the windows and tokens it is over, in the table and on its line
+    val = next(row for row in res["rows"] if row["task"] == "val" and row["tau"] == 0.3)
+    assert 1 <= val["n"] <= 4 and val["tokens"] > 0  # at most --ppl-windows: as many as the split holds
+    assert f"| 0.3 | val | {val['n']} | {val['tokens']:,} | ppl |" in md
+    assert f"tau=0.3 val: loss {val['loss']:.4f} ppl {val['ppl']:.2f} " in r.stdout
+    assert f"({val['n']} windows, {val['tokens']:,} tokens)" in r.stdout
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "exists; pass --overwrite" in again.stderr and "Traceback" not in again.stderr
     base = [sys.executable, "-m", "ponderlm", "eval", "--checkpoint", str(run), "--cache-dir", str(olmo_cache)]

@@ -150,6 +150,32 @@ def test_generate_rejects_bad_input():
         model.generate(ids + 1000, 2)
 
 
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+        ({"temperature": -1.0}, "temperature must be a finite number >= 0, got -1.0"),
+        ({"temperature": 1.0, "top_p": float("nan")}, "top_p must be None or a finite number in (0, 1], got nan"),
+        ({"temperature": 1.0, "top_k": float("inf")}, "top_k must be None or an integer >= 1, got inf"),
+        ({"temperature": 1.0, "top_k": 0}, "top_k must be None or an integer >= 1, got 0"),
+    ],
+)
+def test_generate_checks_sampling_values_at_its_boundary(kw, message, monkeypatch):
+    """Non-finite sampling values are refused by generate itself, before any forward pass: they
+    used to reach torch.multinomial and fail there with a RuntimeError."""
+    model = tiny_model("ponderlm3")
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 4))
+
+    def no_forward(*a, **k):
+        raise AssertionError("the model ran before the arguments were checked")
+
+    monkeypatch.setattr(model, "prefill", no_forward)
+    with pytest.raises(ValueError) as e:
+        model.generate(ids, 2, seed=0, **kw)
+    assert str(e.value) == message
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("schedule", ["token", "slot"])
 def test_converged_prefill_equals_exact_within_tolerance(method, schedule):

@@ -4,14 +4,38 @@ import re
 from pathlib import Path
 
 
-def test_readme_python_blocks_run():
+def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
+    """Every ```python block runs as written; the transformers one (which loads `runs/p3_hf`) runs
+    in a directory where `ponderlm export` has written a tiny trained PonderLM-3 there, as the
+    README's commands would, and prints each prompt's completion and depths."""
     text = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks, "README has no python example"
+    assert len(blocks) >= 2, "README has lost a python example"
     for code in blocks:
+        if "runs/p3_hf" in code:
+            _export_like_the_readme(tmp_path)
+            monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)
         assert "model" in namespace
+        if "runs/p3_hf" in code:
+            out = capsys.readouterr().out.splitlines()
+            assert [ln.split(" -> ")[0] for ln in out[::2]] == ["'The king'", "'To be or not'"], out
+            for line in out[1::2]:  # 20 depths, each a whole number of steps in 0..K
+                depths = eval(line.split("depths:")[1])
+                assert len(depths) == 20 and all(d in (0, 1, 2) for d in depths), line
+
+
+def _export_like_the_readme(root: Path) -> None:
+    import pytest
+
+    pytest.importorskip("transformers")
+    from errorcases import build_world, run_cli
+
+    w = build_world(root / "world")
+    r = run_cli(["export", str(w.run), "runs/p3_hf", "--tau", "0.05"], root)
+    assert r.returncode == 0, r.stderr
 
 
 def test_never_do_promises_point_at_existing_tests():

@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import threads
 from ..config import ConfigError, check_tau
 from ..data import DataError, TokenShards, eval_windows, window_labels
 from ..data.tokenizer import EOT, Tokenizer
 from ..loading import checkpoint_dataset, load_model
 from ..model import CONVERGED, PonderLM
 from ..owned import DirLock
+from ..progress import heartbeat
 from .perplexity import class_sums, summarize_classes
 from .run import check_results_dir, write_result_files
 from .stats import pearson, spearman
@@ -543,8 +545,10 @@ def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_siz
             log(f"note: the text has {len(ids)} tokens; showing the first {cfg.max_seq_len} (max_seq_len)")
     data_dir, val, labels = _val_windows(ck_dir, data_dir, cfg.max_seq_len, windows)
     meta = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "tau": tau}
+    log(threads.describe())
     log(f"analyze: {cfg.method} K={cfg.max_depth} tau={tau:g} on {len(val)} validation windows of {data_dir}")
-    positions = collect(model, val, tau, batch_size)
+    with heartbeat(f"analyze: scoring {len(val)} windows", log):
+        positions = collect(model, val, tau, batch_size)
     stats = depth_summary(positions, cfg.max_depth, tok)
     if labels is not None:  # a labelled (synthetic) dataset: depth per class of the predicted token
         stats.update(class_summary(positions, labels[1], labels[0], cfg.max_depth))

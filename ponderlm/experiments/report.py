@@ -95,7 +95,7 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
         "mean_depth": sum(e["mean_depth"] for _, e in items) / len(items),
         "flops_per_token": sum(e["flops_per_token"] for _, e in items) / len(items),
     }
-    for key in ("params", "tokens", "epoch_fraction"):
+    for key in ("params", "tokens", "epoch_fraction", "val_windows", "val_tokens", "val_split_tokens"):
         if key in r0:
             p[key] = r0[key]
     if "splits" in e0:  # the test splits, scored at the same tau
@@ -174,6 +174,7 @@ def markdown(title: str, points: list[dict], minutes: float | None = None,
         "`± std` is the seeds' standard deviation, `± 95%` the half-width of the t-distribution interval of",
         "the mean over seeds (two differences are resolved when their intervals do not overlap).",
     ]
+    lines += _validation_sentence(points)
     if splits:
         lines += ["Test splits (" + ", ".join(splits) + ") are scored in the same computation at the same tau;",
                   "their losses are per token of this dataset's tokenizer."]  # fmt: skip
@@ -205,6 +206,18 @@ def markdown(title: str, points: list[dict], minutes: float | None = None,
     if any("answer_acc" in p for p in points):
         lines += ["", *_class_table(points), "", *_seed_table(points)]
     return "\n".join(lines) + "\n"
+
+
+def _validation_sentence(points: list[dict]) -> list[str]:
+    """What the validation losses are over: windows and scored tokens, of how many in the split
+    (evaluations saved before this was recorded: nothing is said)."""
+    sizes = {(p["val_windows"], p["val_tokens"], p.get("val_split_tokens")) for p in points if "val_windows" in p}
+    if len(sizes) != 1:
+        return []
+    windows, tokens, split = sizes.pop()
+    of = f" of the {split:,} in the validation split" if split else ""
+    return [f"Validation: the first {windows} windows of the context, {tokens:,} scored tokens{of} "
+            f"(`ponderlm eval --ppl-windows {windows}` scores the same)."]  # fmt: skip
 
 
 def _runs_table(points: list[dict]) -> list[str]:
