@@ -3,12 +3,14 @@
 :class:`Rate` is the tokens/s a progress line shows, measured over the last ``window`` seconds (so
 it follows the machine as it gets busier or quieter), and the ETA is the work left divided by it:
 the two numbers on a line can never disagree. :func:`heartbeat` prints a line every ``every``
-seconds while a step that shows no progress of its own (a package download) is running.
+seconds while a step that shows no progress of its own is running. :class:`Progress` is the line
+of a data build, in bytes of input read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections import deque
@@ -74,3 +76,70 @@ def heartbeat(what: str, log: Callable[[str], None] = print, every: float = 10.0
     finally:
         stop.set()
         thread.join()
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in B, kB, MB, GB or TB (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """Progress of a long data build in bytes: ``update(done, **counters)`` with ``done`` out of
+    ``total``; ``close()`` at the end. Lines read ``{what} 1.20 GB of 20.00 GB (6%), 5.10 MB/s,
+    ..., ETA 1:02:03``, the ETA the bytes left at the :class:`Rate` shown. On a terminal the line is
+    redrawn in place on stderr; otherwise one line is logged every ``every`` seconds."""
+
+    def __init__(
+        self,
+        what: str,
+        total: int,
+        log: Callable[[str], None],
+        *,
+        every: float = 10.0,
+        window: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        tty: bool | None = None,
+    ) -> None:
+        self.what, self.total, self.log, self.every, self.clock = what, total, log, every, clock
+        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.t0 = self.last_shown = clock()
+        self.rate = Rate(window)
+        self.rate.add(self.t0, 0)
+        self.done = 0
+        self.counters: dict[str, int] = {}
+
+    def update(self, done: int, **counters: int) -> None:
+        now = self.clock()
+        self.done = done
+        self.counters.update(counters)
+        self.rate.add(now, done)
+        if now - self.last_shown >= (0.5 if self.tty else self.every):
+            self.last_shown = now
+            self._show(self.line())
+
+    def line(self) -> str:
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        counts = "".join(f", {v:,} {k}" for k, v in self.counters.items())
+        speed = human_bytes(self.rate.per_s or 0.0)
+        eta = clock(self.rate.eta_s(max(self.total - self.done, 0)))
+        return f"{self.what} {human_bytes(self.done)} of {human_bytes(self.total)}{pct}, {speed}/s{counts}, ETA {eta}"
+
+    def _show(self, text: str) -> None:
+        if self.tty:
+            sys.stderr.write(f"\r\x1b[2K{text}")
+            sys.stderr.flush()
+        else:
+            self.log(text)
+
+    def close(self) -> None:
+        if self.tty and self.last_shown > self.t0:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+        elapsed = self.clock() - self.t0
+        mean = human_bytes(self.done / elapsed if elapsed > 0 else 0.0)
+        counts = "".join(f", {v:,} {k}" for k, v in self.counters.items())
+        self.log(f"{self.what} {human_bytes(self.done)} in {clock(elapsed)} ({mean}/s){counts}")

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 from ponderlm.data import DataError, PrepareConfig, TokenShards, check_dataset, prepare
 from ponderlm.data.inputs import paragraph_pieces
-from ponderlm.data.progress import Progress
 from ponderlm.data.sources import split_long
 from ponderlm.data.tokenizer import Tokenizer
+from ponderlm.progress import Progress
 
 from errorcases import answer_ctrl_c
 from fakepkgs import WORDS
@@ -382,9 +382,9 @@ def test_progress_eta_is_the_remaining_work_at_the_rate_shown():
     for t, done in [(1, 100), (2, 200), (12, 300), (13, 310), (14, 320)]:  # fast, then slow
         now[0] = float(t)
         p.update(done)
-    assert p.rate() == pytest.approx((320 - 200) / (14 - 2))  # the window forgot the fast start
-    assert p.eta() == pytest.approx((1000 - 320) / p.rate())
-    assert "10 B/s" in p.line() and "ETA 1m08s" in p.line()
+    assert p.rate.per_s == pytest.approx((320 - 200) / (14 - 2))  # the window forgot the fast start
+    assert p.rate.eta_s(1000 - 320) == pytest.approx((1000 - 320) / 10)
+    assert "10 B/s" in p.line() and "ETA 1:08" in p.line()
 
 
 def test_prepare_logs_progress_with_rate_and_eta(tmp_path, tok_file, monkeypatch):

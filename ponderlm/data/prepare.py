@@ -59,9 +59,9 @@ from ..owned import (
     replace_dir,
     write_marker,
 )
+from ..progress import Progress, human_bytes
 from .encode import Encoder
 from .inputs import InputFile, Reading, find_inputs, read_input
-from .progress import Progress, human_bytes
 from .shards import (
     CHECKPOINT_SECONDS,
     JOURNAL,
