@@ -376,6 +376,29 @@ def test_the_bpe_trains_on_a_bounded_sample(tmp_path):
     assert chars < 0.6 * sum(map(len, docs))
 
 
+def test_a_resumed_bpe_build_is_the_uninterrupted_one(tmp_path, monkeypatch):
+    """The tokenizer trained before the interruption is reused, and meta.json says how it was trained."""
+    files = many_files(tmp_path / "in", n_files=6)
+    build(tmp_path / "ref", files, None, vocab_size=300, shard_tokens=1024)
+    real = prepare_mod.CorpusBuild.maybe_checkpoint
+    calls = []
+
+    def interrupt_after_three(self, *a, **kw):
+        real(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_mod.CorpusBuild, "maybe_checkpoint", interrupt_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path / "d", files, None, vocab_size=300, shard_tokens=1024)
+    monkeypatch.setattr(prepare_mod.CorpusBuild, "maybe_checkpoint", real)
+    assert (tmp_path / ".d.tmp" / "build.json").exists()
+    build(tmp_path / "d", files, None, vocab_size=300, shard_tokens=1024, resume=True)
+    assert digest(tmp_path / "d") == digest(tmp_path / "ref")
+    assert digest(tmp_path / "d")["meta"]["bpe"]["trained_on_characters"] > 0
+
+
 def test_progress_eta_is_the_remaining_work_at_the_rate_shown():
     now = [0.0]
     p = Progress("x", 1000, lambda *_: None, window=10, clock=lambda: now[0], tty=False)

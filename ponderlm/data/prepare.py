@@ -270,8 +270,9 @@ class CorpusBuild:
     """The tokenizing pass of one build in ``tmp``: writers per split, counts per source, the
     checkpoints."""
 
-    def __init__(self, cfg: PrepareConfig, tmp: Path, fp: str, tok: Tokenizer, journal: dict | None, log) -> None:
-        self.cfg, self.tmp, self.fp, self.tok, self.log = cfg, tmp, fp, tok, log
+    def __init__(self, cfg: PrepareConfig, tmp: Path, fp: str, tok: Tokenizer, journal: dict | None,
+                 bpe: dict | None) -> None:  # fmt: skip
+        self.cfg, self.tmp, self.fp, self.tok, self.bpe = cfg, tmp, fp, tok, bpe  # bpe: how a BPE trained here was
         self.dtype = np.dtype(np.uint16 if tok.vocab_size <= 65536 else np.uint32)
         self.writers: dict[str, ShardWriter] = {}
         self.per_source: dict = {}
@@ -322,7 +323,7 @@ class CorpusBuild:
         write_journal(self.tmp, {
             "fingerprint": self.fp, "dtype": self.dtype.name, "unit": unit, "skip": skip,
             "writers": {s: w.state() for s, w in self.writers.items()},
-            "per_source": self.per_source, "skipped": skipped,
+            "per_source": self.per_source, "skipped": skipped, "bpe": self.bpe,
         })  # fmt: skip
         self.checked_at, self.finished_at_check = now, self._finished()
 
@@ -441,8 +442,7 @@ def _build(cfg: PrepareConfig, tmp: Path, fp: str, texts: list[InputFile], bins:
         tok, bpe_info = _train_bpe(units, cfg, log)
         tok.save(tmp / "tokenizer.json")
     _check_bins(bins, tok)  # (again, for neox: a file tokenizer's were checked before the lock)
-    b = CorpusBuild(cfg, tmp, fp, tok, journal, log)
-    b.bpe = bpe_info
+    b = CorpusBuild(cfg, tmp, fp, tok, journal, bpe_info)
     _tokenize(b, units, bins, log)
     splits_meta = {}
     for split in sorted(b.writers):
