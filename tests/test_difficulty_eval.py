@@ -28,7 +28,7 @@ from errorcases import TINY, run_cli
 CHAINS = SyntheticConfig(task="chains", train_docs=60, val_docs=6, episodes=3, chains=2, max_hops=3, queries=3)
 SEQ = 32  # the run's max_seq_len: windows of 33 tokens
 WINDOWS, BATCH, TAU = 12, 4, 0.3
-OLD_KEYS = {"tau", "task", "n", "loss", "ppl", "mean_depth", "flops_per_token", "depth_hist", "seconds"}
+OLD_KEYS = {"tau", "task", "n", "tokens", "loss", "ppl", "mean_depth", "flops_per_token", "depth_hist", "seconds"}
 
 
 def quiet(*_) -> None:
