@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts for both tools")
     p.add_argument("--rss-gb", default="0.2,1,2", help="prefixes (GB) for memory against size, largest --workers")
     p.add_argument("--no-hf", action="store_true", help="skip the HF datasets runs")
+    p.add_argument("--only-rss", action="store_true", help="only the memory runs (--rss-gb)")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ponderlm" / "packages")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: beside --corpus)")
     p.add_argument(
@@ -204,7 +205,7 @@ def main() -> None:
               f"{r['peak_rss_main_mb']:.0f} MB main / {r['peak_rss_tree_mb']:.0f} MB tree", flush=True)  # fmt: skip
 
     compared = prefix(files, sizes, args.throughput_gb) if args.throughput_gb else files
-    for n in workers:  # in turns: ponderlm, then HF, at each worker count
+    for n in [] if args.only_rss else workers:  # in turns: ponderlm, then HF, at each worker count
         row("ponderlm", n, compared, ponderlm_run(compared, args.tokenizer, n, work))
         if not args.no_hf:
             row("hf-datasets", n, compared, hf_run(compared, args.tokenizer, n, work))

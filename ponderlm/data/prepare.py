@@ -400,8 +400,7 @@ def _bpe_sample(units: list[Unit], cfg: PrepareConfig, log, taken: list[int]) ->
     compressed inputs), in input order, up to ``bpe_sample_mb`` of text. ``taken`` gets the
     characters used."""
     budget = cfg.bpe_sample_mb << 20
-    estimate = sum(u.size * (COMPRESSION_GUESS if u.compressed and u.label not in SOURCES_BY_NAME else 1)
-                   for u in units)  # fmt: skip
+    estimate = sum(u.size * (COMPRESSION_GUESS if u.compressed else 1) for u in units)
     rate = min(1.0, budget / max(estimate, 1))
     reading = Reading(cfg.text_field, cfg.skip_bad_documents)  # its skip counts are the tokenizing pass's to make
     progress = Progress("BPE sample: read", sum(u.size for u in units), log)
