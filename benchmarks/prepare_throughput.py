@@ -38,6 +38,18 @@ from pathlib import Path
 import psutil
 from common import finish, machine, table
 
+START_SCRIPT = """
+import sys, time
+from ponderlm.data import TokenShards, TrainBatches, check_dataset
+d = sys.argv[1]
+t0 = time.perf_counter()
+meta = check_dataset(d)
+t1 = time.perf_counter()
+x, y = TrainBatches(TokenShards(d, "train"), 1024, 0).batch(0, 32)
+t2 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t1:.3f} {meta['splits']['train']['tokens']}")
+"""
+
 HF_SCRIPT = """
 import sys, time
 from datasets import load_dataset, disable_progress_bars
@@ -214,6 +226,16 @@ def main() -> None:
         keep = args.keep if gb == rss[-1] else None
         part = prefix(files, sizes, gb)
         row("ponderlm", max(workers), part, ponderlm_run(part, args.tokenizer, max(workers), work, keep))
+    if args.keep is not None:  # what `ponderlm train` does before its first step, on the biggest dataset
+        shard_gb = sum(q.stat().st_size for q in args.keep.glob("*.bin")) / 1e9
+        cached = subprocess.run([sys.executable, "-c", START_SCRIPT, str(args.keep)], capture_output=True, text=True)
+        (args.keep / ".verified.json").unlink()  # as on a copy of the dataset: every shard hashed once
+        fresh = subprocess.run([sys.executable, "-c", START_SCRIPT, str(args.keep)], capture_output=True, text=True)
+        (c_check, c_batch, tokens), (f_check, _, _) = cached.stdout.split(), fresh.stdout.split()
+        start = {"shards_gb": round(shard_gb, 2), "tokens": int(tokens), "check_cached_s": float(c_check),
+                 "check_first_time_s": float(f_check), "first_batch_s": float(c_batch)}  # fmt: skip
+        print(f"train start on {shard_gb:.2f} GB of shards ({int(tokens):,} tokens): dataset check {c_check} s "
+              f"(verified before), {f_check} s (first time: every shard hashed), first batch {c_batch} s")  # fmt: skip
     cols = [("tool", "tool", "s"), ("workers", "workers", "d"), ("input_mb", "input MB", ".1f"),
             ("seconds", "s", ".1f"), ("mb_per_s", "MB/s", ".2f"), ("peak_rss_main_mb", "peak RSS main (MB)", ".0f"),
             ("peak_rss_tree_mb", "peak RSS tree (MB)", ".0f")]  # fmt: skip
@@ -222,7 +244,8 @@ def main() -> None:
     best = max(per_core.values())
     print(f"100 GB at the best measured {best:.2f} MB/s per core: {100e3 / best / 3600:.1f} core-hours")
     finish({"benchmark": "prepare_throughput", "machine": machine(), "corpus_mb": round(total_mb, 1),
-            "tokenizer": str(args.tokenizer), "rows": rows, "hours_per_100gb_per_core": round(100e3 / best / 3600, 2)},
+            "tokenizer": str(args.tokenizer), "rows": rows, "hours_per_100gb_per_core": round(100e3 / best / 3600, 2),
+            "train_start": start if args.keep is not None else None},
            args.out)  # fmt: skip
 
 
