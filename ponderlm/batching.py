@@ -79,6 +79,7 @@ class Request:
     temperature: float = 0.0
     top_p: float | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_tokens even past EOS (fixed lengths for load tests)
     on_event: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)  # set from any thread
 
@@ -267,7 +268,7 @@ class Scheduler:
     def _emit(self, row: _Row, tok: int, depth: int) -> bool:
         """Record a sampled token and hand it over; returns whether the row is done."""
         row.depths.append(depth)
-        if self.eos is not None and tok == self.eos:
+        if self.eos is not None and tok == self.eos and not row.req.ignore_eos:
             row.reason = "stop"
             return True
         row.tokens.append(tok)

@@ -64,6 +64,7 @@ class _Body(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as a server without accounts does
+    ignore_eos: bool = False  # extension: generate exactly max_tokens tokens (load tests)
 
 
 class CompletionBody(_Body):
@@ -247,8 +248,12 @@ class Api:
         max_tokens = self.max_tokens(body, len(ids), chat)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+
+        def hand_over(ev: batching.Event) -> None:  # on the scheduler thread
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
         req = batching.Request(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                               on_event=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))  # fmt: skip
+                               ignore_eos=body.ignore_eos, on_event=hand_over)  # fmt: skip
         try:
             self.sched.submit(req)
         except QueueFull as e:

@@ -147,3 +147,17 @@ def test_cache_rows_join_and_leave():
     assert torch.equal(a.k[0][0], b_k[0][0, :, :6]) and torch.equal(a.k[0][1], a_k[0][0, :, :6])
     a.keep_rows(torch.tensor([], dtype=torch.long))
     assert a.batch == 0 and a.capacity == 0 and a.k[0].numel() == 0
+
+
+def test_ignore_eos_runs_to_max_tokens():
+    """The load generator's fixed lengths: with ignore_eos a row goes past EOS, as generate without one."""
+    model = tiny_model("ponderlm3", dtype=torch.float64)
+    first = int(model.generate(torch.tensor([[3, 4]]), 1, tau=0.4).tokens[0, -1])
+    sched = Scheduler(model, first, BatchSettings(tau=0.4))  # the very first token is EOS
+    c, stopped = Collect(), Collect()
+    sched.submit(Request([3, 4], 6, ignore_eos=True, on_event=c))
+    sched.submit(Request([3, 4], 6, on_event=stopped))
+    while sched.step():
+        pass
+    assert (c.tokens, c.depths) == _reference(model, [3, 4], 6, None, 0.4) and c.end.reason == "length"
+    assert stopped.tokens == [] and stopped.end.reason == "stop"
