@@ -202,7 +202,11 @@ class Scheduler:
                 if req.cancelled.is_set():
                     req.on_event(Finished("cancelled", len(req.prompt), []))
                     continue
-                self._admit(req)
+                try:
+                    self._admit(req)
+                except Exception:  # this request fails; the batch goes on
+                    traceback.print_exc(file=sys.stderr)
+                    req.on_event(Finished("error", len(req.prompt), []))
             if self.rows:
                 self._advance()
             self._retire()

@@ -161,3 +161,16 @@ def test_ignore_eos_runs_to_max_tokens():
         pass
     assert (c.tokens, c.depths) == _reference(model, [3, 4], 6, None, 0.4) and c.end.reason == "length"
     assert stopped.tokens == [] and stopped.end.reason == "stop"
+
+
+def test_a_request_that_fails_at_admission_gets_its_error_and_the_batch_goes_on(capsys):
+    model = tiny_model("vanilla", dtype=torch.float64)
+    sched = Scheduler(model, None, BatchSettings())
+    bad, good = Collect(), Collect()
+    sched.submit(Request([model.cfg.vocab_size + 5], 3, on_event=bad))  # an id beyond the vocabulary
+    sched.submit(Request([3, 4], 3, on_event=good))
+    while sched.step():
+        pass
+    assert bad.end.reason == "error" and bad.tokens == []
+    assert (good.tokens, good.depths) == _reference(model, [3, 4], 3, None, model.cfg.tau)
+    assert "Traceback" in capsys.readouterr().err
