@@ -254,20 +254,21 @@ class Scheduler:
         if idx.numel() == 0:
             return
         depth = st.depth[idx]  # (n,)
-        new = torch.empty_like(idx)
-        n_tokens = 0
+        h_hat = st.hs.new_empty(idx.numel(), st.hs.shape[-1])  # (n, D)
         for d in depth.unique().tolist():  # the output mixture over the row's own d+1 slots, as generate's
             sel = (depth == d).nonzero().squeeze(1)
-            logits = model.lm_head(model.mix_slots(st, idx[sel], d + 1))  # (m, V)
-            for j, i in enumerate(sel.tolist()):
-                row = self.rows[int(idx[i])]
-                tok = row.pick(logits[j : j + 1])  # (1,)
-                new[i] = tok[0]
-                n_tokens += 1
-                if self._emit(row, int(tok), d):
-                    self._finish(row)
+            h_hat[sel] = model.mix_slots(st, idx[sel], d + 1)
+        logits = model.lm_head(h_hat)  # (n, V)
+        new = logits.argmax(-1)  # (n,) greedy rows; sampling rows draw below, each from its own generator
+        rows = [self.rows[i] for i in idx.tolist()]
+        for j, row in enumerate(rows):
+            if row.req.temperature > 0:
+                new[j] = row.pick(logits[j : j + 1])[0]
+        for row, tok, d in zip(rows, new.tolist(), depth.tolist(), strict=True):
+            if self._emit(row, tok, d):
+                self._finish(row)
         st.start(idx, model.embed(new), st.pos[idx] + 1)
-        self.stats.recent.append((time.monotonic(), n_tokens))
+        self.stats.recent.append((time.monotonic(), len(rows)))
 
     def _emit(self, row: _Row, tok: int, depth: int) -> bool:
         """Record a sampled token and hand it over; returns whether the row is done."""
