@@ -13,7 +13,8 @@ One thread owns the model and a batch of running rows, one row per request. Ever
 A row that leaves takes its keys and values with it (:meth:`KVCache.keep_rows`), so a request's
 output depends on its own prompt and sampling settings only, never on what else is in the batch:
 greedy output equals ``generate`` on that prompt. Tokens reach the caller through the request's
-``on_event`` callback, called on the scheduler thread (the server hands them to its event loop).
+``on_event`` callback: called on the scheduler thread, or, with a ``deliver`` hook, handed over in
+one batch per step (the server passes a step's events to its event loop in one wake-up).
 """
 
 from __future__ import annotations
@@ -126,7 +127,13 @@ class Stats:
 class Scheduler:
     """Owns the model; :meth:`submit` from any thread, :meth:`step` (or :meth:`start`'s thread) decodes."""
 
-    def __init__(self, model: PonderLM, eos_token_id: int | None, settings: BatchSettings) -> None:
+    def __init__(
+        self,
+        model: PonderLM,
+        eos_token_id: int | None,
+        settings: BatchSettings,
+        deliver: Callable[[list[tuple[Request, Event]]], None] | None = None,
+    ) -> None:
         if model.cfg.n_rounds > 1:
             raise ValueError(f"method {model.cfg.method!r} decodes by rounds, not slots; serve supports slot methods")
         self.model, self.eos, self.s = model, eos_token_id, settings
@@ -139,6 +146,8 @@ class Scheduler:
         self.cache = None  # KVCache of the rows, None when the batch is empty
         self.st: SlotState | None = None  # slot state of the rows
         self.stats = Stats()
+        self.deliver = deliver  # takes a step's (request, event) pairs; None: call each on_event here
+        self._out: list[tuple[Request, Event]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,8 +175,10 @@ class Scheduler:
             row.reason = "cancelled"
             self._finish(row)
         self._retire()
+        self._flush()
         while not self.queue.empty():
-            self.queue.get_nowait().on_event(Finished("cancelled", 0, []))
+            self._send(self.queue.get_nowait(), Finished("cancelled", 0, []))
+        self._flush()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -179,6 +190,7 @@ class Scheduler:
                     row.reason = "error"
                     self._finish(row)
                 self._retire()
+                self._flush()
                 busy = False
             if not busy and self.queue.empty():
                 self._wake.wait(timeout=0.5)
@@ -200,17 +212,32 @@ class Scheduler:
                 except queue.Empty:
                     break
                 if req.cancelled.is_set():
-                    req.on_event(Finished("cancelled", len(req.prompt), []))
+                    self._send(req, Finished("cancelled", len(req.prompt), []))
                     continue
                 try:
                     self._admit(req)
                 except Exception:  # this request fails; the batch goes on
                     traceback.print_exc(file=sys.stderr)
-                    req.on_event(Finished("error", len(req.prompt), []))
+                    self._send(req, Finished("error", len(req.prompt), []))
             if self.rows:
                 self._advance()
             self._retire()
+        self._flush()
         return bool(self.rows)
+
+    def _send(self, req: Request, ev: Event) -> None:
+        self._out.append((req, ev))
+
+    def _flush(self) -> None:
+        """Hand over the events of this step: to ``deliver`` in one batch, or to each on_event."""
+        out, self._out = self._out, []
+        if not out:
+            return
+        if self.deliver is not None:
+            self.deliver(out)
+        else:
+            for req, ev in out:
+                req.on_event(ev)
 
     def _picker(self, req: Request) -> Callable[[Tensor], Tensor]:
         """generate's sampling for one row: its own seeded generator (or torch's global one)."""
@@ -279,7 +306,7 @@ class Scheduler:
         row.tokens.append(tok)
         self.stats.tokens += 1
         self.stats.depth_sum += depth
-        row.req.on_event(Token(tok, depth))
+        self._send(row.req, Token(tok, depth))
         if len(row.tokens) >= row.req.max_tokens:
             row.reason = "length"
             return True
@@ -296,7 +323,7 @@ class Scheduler:
             self.stats.decode_flops += total - prompt
             self.stats.decode_tokens += len(row.tokens)
         self.stats.finished[row.reason] = self.stats.finished.get(row.reason, 0) + 1
-        row.req.on_event(Finished(row.reason, len(row.prompt_depth), list(row.depths), total, prompt))
+        self._send(row.req, Finished(row.reason, len(row.prompt_depth), list(row.depths), total, prompt))
 
     def _retire(self) -> None:
         """Remove the rows that are done; their cache rows are released."""

@@ -3,7 +3,7 @@
 
 The event loop never touches the model: a request is validated, its prompt tokenized and checked
 against the context, and a :class:`~ponderlm.batching.Request` queued; the scheduler thread hands
-each token back with ``loop.call_soon_threadsafe`` into the request's asyncio queue. Text is
+each step's tokens back with one ``loop.call_soon_threadsafe`` into the requests' asyncio queues. Text is
 decoded here, incrementally (an incomplete UTF-8 sequence or a possible start of a stop string
 is held back), and a stop string found in it cancels the row.
 
@@ -246,14 +246,10 @@ class Api:
         if not ids:
             raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt")
         max_tokens = self.max_tokens(body, len(ids), chat)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def hand_over(ev: batching.Event) -> None:  # on the scheduler thread
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+        events: asyncio.Queue = asyncio.Queue()  # filled on the event loop by _dispatch
 
         req = batching.Request(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                               ignore_eos=body.ignore_eos, on_event=hand_over)  # fmt: skip
+                               ignore_eos=body.ignore_eos, on_event=events.put_nowait)  # fmt: skip
         try:
             self.sched.submit(req)
         except QueueFull as e:
@@ -381,12 +377,20 @@ def _guard(app: FastAPI, api: Api) -> None:
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
 
+def _dispatch(items: list[tuple[batching.Request, batching.Event]]) -> None:
+    """On the event loop: a scheduler step's events into their requests' queues."""
+    for req, ev in items:
+        req.on_event(ev)
+
+
 def create_app(sched: Scheduler, tok, settings: ServerSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
     """The FastAPI app; the scheduler is started and stopped with it (``on_ready`` once it runs)."""
     api = Api(sched, tok, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        sched.deliver = lambda items: loop.call_soon_threadsafe(_dispatch, items)  # one wake-up per step
         sched.start()
         if on_ready is not None:
             on_ready()
