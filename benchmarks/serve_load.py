@@ -188,7 +188,10 @@ def soak(args) -> dict:
 
         def metrics() -> dict:
             text = httpx.get(f"{server.url}/metrics").text
-            return {k: float(v) for k, v in re.findall(r"^(\w+) (\S+)$", text, flags=re.M)}
+            m = {k: float(v) for k, v in re.findall(r"^(\w+) (\S+)$", text, flags=re.M)}
+            refused = re.search(r'^ponderlm_http_requests_total\{path="/v1/completions",status="429"\} (\S+)$', text,
+                                flags=re.M)  # fmt: skip
+            return {**m, "refused_429": float(refused.group(1)) if refused else 0.0}
 
         asyncio.run(load(server, prompts, clients, 10**9, args.max_tokens, min(30.0, args.soak / 4)))  # warm-up
         before = {"rss_mb": server.rss_mb(), **metrics()}
@@ -199,7 +202,7 @@ def soak(args) -> dict:
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
-    keys = ["rss_mb", "ponderlm_cache_entries", "ponderlm_batch_rows", "ponderlm_queue_length"]
+    keys = ["rss_mb", "ponderlm_cache_entries", "ponderlm_batch_rows", "ponderlm_queue_length", "refused_429"]
     return {"soak_s": args.soak, "clients": clients, "before": {k: before.get(k) for k in keys},
             "after": {k: after.get(k) for k in keys}, "exit_status": code,
             "generated_tokens": after.get("ponderlm_generated_tokens_total")}  # fmt: skip
