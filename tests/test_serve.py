@@ -295,3 +295,22 @@ def test_sigterm_finishes_streams_and_exits_0(guarded):
     assert lines[-1] == "data: [DONE]" and len(lines) > 2  # finished, not cut
     assert s.proc.wait(timeout=60) == 0
     assert "Traceback" not in s.proc.stderr.read()
+
+
+def test_stop_strings_are_cut_and_their_starts_held_back():
+    from ponderlm.batching import Token
+    from ponderlm.openai_api import CHAT_STOP, Stream, split_at_stop
+
+    assert split_at_stop("Hello wor", ["world"]) == ("Hello wor", False, 3)
+    assert split_at_stop("Hello world!", ["world", "lo"]) == ("Hel", True, 0)
+
+    class Chars:  # a tokenizer whose tokens are characters
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    stream = Stream(Chars(), [CHAT_STOP])
+    text = "ab\n\nUser: more"
+    pieces = [stream.push(Token(ord(c), i % 3)) for i, c in enumerate(text)]
+    sent = "".join(text for text, _ in pieces)
+    assert sent == "ab" and stream.stopped and stream.sent == "ab"
+    assert [d for _, ds in pieces for d in ds] == [i % 3 for i in range(len(text))]  # every token's, in order
