@@ -55,10 +55,12 @@ class KVCache:
         return self.lengths.clone()
 
     def _grow(self, need: int) -> None:
+        if need > self.capacity:
+            self._resize(max(need, 2 * self.capacity))
+
+    def _resize(self, new: int) -> None:
+        """Pad the slot axis with zeros up to ``new`` entries (never below the current capacity)."""
         cap = self.capacity
-        if need <= cap:
-            return
-        new = max(need, 2 * cap)
 
         def grow(t: Tensor, dim: int) -> Tensor:
             shape = list(t.shape)
@@ -68,6 +70,48 @@ class KVCache:
         self.k = [grow(t, 2) for t in self.k]
         self.v = [grow(t, 2) for t in self.v]
         self.bias = grow(self.bias, 1)
+
+    # ---------------------------------------------------- rows joining and leaving (continuous batching)
+    def keep_rows(self, idx: Tensor) -> None:
+        """Keep only rows ``idx`` (n,), in that order; the others' keys and values are released.
+
+        Capacity shrinks to what the kept rows hold (the next step grows it again), so a batch
+        whose long rows left holds no memory for them."""
+        self._check_idle("keep_rows")
+        used = int(self.lengths[idx].max()) if idx.numel() else 0
+        self.k = [t[idx, :, :used].clone() for t in self.k]
+        self.v = [t[idx, :, :used].clone() for t in self.v]
+        self.bias = self.bias[idx, :used].clone()
+        self.lengths = self.lengths[idx].clone()
+        self.next_pos = self.next_pos[idx].clone() if self.next_pos is not None else None
+        self._set_batch(int(idx.numel()))
+
+    def append_rows(self, other: KVCache) -> None:
+        """Add the rows of ``other`` (e.g. a just-prefilled prompt) after this cache's rows."""
+        self._check_idle("append_rows")
+        other._check_idle("append_rows")
+        if (other.n_layers, other.n_kv_heads, other.head_dim, other.dtype) != (
+            self.n_layers, self.n_kv_heads, self.head_dim, self.dtype,
+        ):  # fmt: skip
+            raise ValueError("append_rows: the caches differ in layers, heads, head size or dtype")
+        cap = max(self.capacity, other.capacity)
+        self._resize(cap)
+        other._resize(cap)
+        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k, strict=True)]
+        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v, strict=True)]
+        self.bias = torch.cat([self.bias, other.bias])
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        both = self.next_pos is not None and other.next_pos is not None  # positions kept only if every row has one
+        self.next_pos = torch.cat([self.next_pos, other.next_pos]) if both else None
+        self._set_batch(self.batch + other.batch)
+
+    def _set_batch(self, batch: int) -> None:
+        self.batch = batch
+        self._rows = torch.arange(batch, device=self.device).unsqueeze(1)  # (B, 1)
+
+    def _check_idle(self, what: str) -> None:
+        if self._step is not None:
+            raise RuntimeError(f"KVCache.{what} called between begin() and end()")
 
     def begin(self, n_new: Tensor, L: int, key_bias: Tensor | None) -> None:
         """Prepare a step that adds up to L slots per row; n_new (B,) of them are real.

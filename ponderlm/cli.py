@@ -12,6 +12,7 @@ that die of SIGPIPE do.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -658,6 +659,86 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return serve_main(args.checkpoint, args.prompt, settings, args.interactive, device)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible server, continuous batching at slot granularity",
+                       description="Serves /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                                   "/metrics (docs/SERVING.md). Needs: pip install 'ponderlm[serve]'.")  # fmt: skip
+    p.add_argument("--checkpoint", type=Path, required=True, help="run, checkpoint or exported directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="0 picks a free port (printed when ready)")
+    p.add_argument("--max-batch", type=_int_at_least(1), default=16, help="requests decoding at once")
+    p.add_argument("--max-queue", type=_int_at_least(1), default=64, help="requests waiting; beyond: 429")
+    p.add_argument("--tau", type=float, default=None, help="pruning threshold (default: the model's)")
+    p.add_argument("--api-key", default=None, help="Bearer key every request must carry (or $PONDERLM_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory's name)")
+    p.add_argument("--shutdown-timeout", type=_number(at_least=0), default=30.0,
+                   help="seconds SIGTERM waits for streams in flight")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(handler=cmd_serve)
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = None
+    if v is None or not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in [0, 65535], got {text[:40]}")
+    return v
+
+
+def _listen(host: str, port: int):
+    """A listening TCP socket, or a one-line error (port in use, address not on this machine)."""
+    import socket
+
+    from .config import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"{host}:{port} is already in use; stop what listens there or pick another --port"
+            ) from None
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .config import ConfigError, check_tau
+    from .device import resolve_device
+
+    _needs("fastapi", "ponderlm serve", "'ponderlm[serve]'")
+    _needs("uvicorn", "ponderlm serve", "'ponderlm[serve]'")
+    from .batching import BatchSettings, Scheduler
+    from .loading import load_model
+    from .openai_api import ServerSettings, api_key_from_env, run
+
+    if args.tau is not None:
+        check_tau(args.tau)
+    device = resolve_device(args.device)
+    model, tok, _ = load_model(args.checkpoint, device)
+    if model.cfg.n_rounds > 1:
+        raise ConfigError(f"serve decodes slot methods; {model.cfg.method!r} decodes by rounds (use `generate`)")
+    sched = Scheduler(model, tok.eot_id, BatchSettings(max_batch=args.max_batch, max_queue=args.max_queue,
+                                                       tau=args.tau))  # fmt: skip
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    settings = ServerSettings(model_id=name, context=model.cfg.max_seq_len, api_key=api_key_from_env(args.api_key))
+    sock = _listen(args.host, args.port)
+    return run(sched, tok, settings, sock, shutdown_timeout=args.shutdown_timeout)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a 2-minute CPU tour of the three methods on stdlib docstrings")
     p.add_argument("--steps", type=_int_at_least(1), default=300, help="training steps per method")
@@ -675,7 +756,7 @@ def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 # the subcommands, in the order `ponderlm --help` lists them
 SUBCOMMANDS = (_add_data, _add_train, _add_quickstart, _add_eval, _add_lm_eval, _add_experiment, _add_analyze,
-               _add_export, _add_convert, _add_generate, _add_demo)  # fmt: skip
+               _add_export, _add_convert, _add_generate, _add_serve, _add_demo)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

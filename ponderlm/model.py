@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 import torch
@@ -94,6 +94,14 @@ class SlotState:
         self.x[rows] = x
         self.pos[rows] = pos
         self.stage[rows] = 0
+
+    def select(self, rows: Tensor) -> SlotState:
+        """The state of rows ``rows`` (n,) only, in that order (rows leaving a running batch)."""
+        return SlotState(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
+    def append(self, other: SlotState) -> SlotState:
+        """This state's rows followed by ``other``'s (rows joining a running batch)."""
+        return SlotState(**{f.name: torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)})
 
 
 @dataclass

@@ -57,6 +57,37 @@ def fake_owned(path: Path, kind: str, files: dict[str, str]) -> None:
         (path / name).write_text(text)
 
 
+_HELD: dict = {}  # the socket a case holds open, and what a case hid from sys.modules
+
+
+def hold_port(w, s) -> None:
+    """Something else listens on a port of 127.0.0.1."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    _HELD.update(sock=sock, port=sock.getsockname()[1])
+
+
+def free_port(w, s) -> None:
+    _HELD.pop("sock").close()
+
+
+def hide_fastapi(w, s) -> None:
+    """As if the serve extra were not installed: importing fastapi finds nothing."""
+    _HELD["fastapi"] = sys.modules.get("fastapi")
+    sys.modules["fastapi"] = None
+
+
+def unhide_fastapi(w, s) -> None:
+    old = _HELD.pop("fastapi")
+    if old is None:
+        del sys.modules["fastapi"]
+    else:
+        sys.modules["fastapi"] = old
+
+
 EVAL_JSON = json.dumps({"checkpoint": "RUN", "rows": []})
 
 
@@ -285,6 +316,13 @@ CASES = [
          "layers.0.mlp.up_proj.weight has shape (3, 3), the model config needs (64, 32)", setup=wrong_shape_checkpoint),
     Case("generate_damaged_export", lambda w, s: ["generate", "--checkpoint", str(s / "hf"), "--prompt", "The"],
          "not a readable ponderlm export (", setup=damaged_export),
+    # ---- serve: the mistakes that stop it at start (a request's mistakes are tests/test_serve.py's)
+    Case("serve_missing_checkpoint", lambda w, s: ["serve", "--checkpoint", str(s / "nope")],
+         "nope: no such checkpoint or run directory"),
+    Case("serve_port_in_use", lambda w, s: ["serve", "--checkpoint", str(w.run), "--port", str(_HELD["port"])],
+         "is already in use; stop what listens there or pick another --port", setup=hold_port, cleanup=free_port),
+    Case("serve_without_extra", lambda w, s: ["serve", "--checkpoint", str(w.run)],
+         "ponderlm serve needs fastapi: pip install 'ponderlm[serve]'", setup=hide_fastapi, cleanup=unhide_fastapi),
     # ---- the argument parser itself, and the demo
     Case("unknown_argument", lambda w, s: ["eval", "--checkpoint", str(w.run), "--bogus"],
          "unrecognized arguments: --bogus (see `ponderlm --help`)"),

@@ -1,0 +1,284 @@
+"""Serving under load: does the depth the router saves become requests per second?
+
+For each checkpoint, starts ``ponderlm serve`` as a subprocess on 127.0.0.1 (a free port) and
+drives it with C concurrent streaming clients (closed loop: each sends its next request when the
+last one ends), fixed prompts and fixed lengths (``ignore_eos``), a bounded number of requests and
+a bounded time per level. Reported per (model, clients): generated tokens/s, p50/p99 time to
+first token and per-token latency (a request's mean gap between tokens after its first), mean depth and FLOPs per
+generated token (from the responses' ``ponder_depths`` and ``usage``). Then:
+
+* PonderLM-3 against PonderLM-2 (the runs named by --p3 and --p2): the throughput ratio at each
+  client count, the ideal ratio its FLOPs per token predict, and their quotient (goal >= 0.85 at
+  16 clients);
+* the server's overhead: one wave of --batch requests sent at once against in-process
+  ``generate`` on the same prompts as one batch (same threads, prefill included in both; goal
+  <= 10%).
+
+    python benchmarks/serve_load.py --checkpoints runs/cpu_text/vanilla runs/cpu_text/p2-k3 \\
+        runs/cpu_text/p3-k3-l0.05 --tau 0.05 --out results/serve_load/serve_load.json
+
+``--soak SECONDS`` instead floods the first checkpoint's server beyond its queue for that long
+and reports the server's resident memory and cache entries after a warm-up and after the soak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import finish, machine, table
+
+PASSAGE = (
+    "The history of the country is the history of its people, of the laws they made and the wars they fought, "
+    "of the towns they built along the rivers and the roads that joined them. In the first years of the century "
+    "the government spent more on schools than on ships, and the number of children who could read rose every "
+    "year. Trade with the old world grew as well, and with it the wealth of the ports. Yet the land itself "
+    "remained the heart of the nation: most men still worked on farms, and the price of wheat decided whether a "
+    "family would eat well in winter or sell the cow before spring. "
+) * 4
+
+
+def fixed_prompts(tok, n: int, length: int) -> list[str]:
+    """n prompts of about ``length`` tokens: windows of one fixed passage, the same for every model
+    that shares the tokenizer."""
+    ids = tok.encode(PASSAGE)
+    step = max(1, (len(ids) - length) // max(n, 1))
+    return [tok.decode(ids[i * step : i * step + length]) for i in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+class Server:
+    def __init__(self, checkpoint: str, args) -> None:
+        cmd = [sys.executable, "-m", "ponderlm", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
+               "--port", "0", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]  # fmt: skip
+        if args.tau is not None:
+            cmd += ["--tau", str(args.tau)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        line = self.proc.stdout.readline()
+        m = re.search(r"^serving (\S+) .* on (http://127\.0\.0\.1:\d+)", line)
+        if not m:
+            raise SystemExit(f"the server did not start: {line!r}")
+        self.model, self.url = m.group(1), m.group(2)
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=120)
+
+
+async def one_request(client, server: Server, prompt: str, max_tokens: int) -> dict | None:
+    """A streamed completion; returns its timings, depths and usage (None on a refusal)."""
+    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.perf_counter()
+    stamps, depths, usage = [], [], None
+    async with client.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return None
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ch = json.loads(line[6:])
+            if ch.get("usage"):
+                usage = ch["usage"]
+            for c in ch.get("choices", []):
+                now = time.perf_counter()
+                stamps += [now] * len(c["ponder_depths"])
+                depths += c["ponder_depths"]
+    # per-token latency: the mean gap between this request's tokens after the first (TPOT)
+    tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"), "tpot": tpot, "depths": depths, "usage": usage,
+            "end": time.perf_counter()}  # fmt: skip
+
+
+async def load(server: Server, prompts: list[str], clients: int, requests: int, max_tokens: int,
+               time_limit: float) -> dict:  # fmt: skip
+    """C closed-loop clients, ``requests`` requests in all or until ``time_limit`` seconds."""
+    import httpx
+
+    issued = 0
+    done: list[dict] = []
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < requests and time.perf_counter() - t0 < time_limit:
+                i = issued
+                issued += 1
+                r = await one_request(client, server, prompts[i % len(prompts)], max_tokens)
+                if r is not None:
+                    done.append(r)
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = max(r["end"] for r in done) - t0
+    tokens = sum(len(r["depths"]) for r in done)
+    depths = [d for r in done for d in r["depths"]]
+    tpot = [r["tpot"] for r in done]
+    comp_flops = sum(r["usage"]["completion_flops"] for r in done if r["usage"])
+    return {"clients": clients, "requests": len(done), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft_p50_ms": 1e3 * pct([r["ttft"] for r in done], 0.5),
+            "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in done], 0.99),
+            "tpot_p50_ms": 1e3 * pct(tpot, 0.5), "tpot_p99_ms": 1e3 * pct(tpot, 0.99),
+            "mean_depth": statistics.fmean(depths) if depths else float("nan"),
+            "flops_per_token": comp_flops / tokens if tokens else float("nan")}  # fmt: skip
+
+
+def in_process(checkpoint: str, prompts: list[str], max_tokens: int, tau: float | None, threads: int) -> float:
+    """Generated tokens/s of ``generate`` on the prompts as one left-padded batch (its default
+    schedule and prefill), median of 3 after a warm-up."""
+    import torch
+
+    from ponderlm.loading import load_model
+
+    torch.set_num_threads(threads)
+    model, tok, _ = load_model(checkpoint)
+    enc = [tok.encode(p) for p in prompts]
+    T = max(len(e) for e in enc)
+    ids = torch.tensor([[0] * (T - len(e)) + e for e in enc])
+    mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc])
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        model.generate(ids, max_tokens, attention_mask=mask, tau=tau)
+        times.append(time.perf_counter() - t0)
+    return len(prompts) * max_tokens / statistics.median(times[1:])
+
+
+def wave(server: Server, prompts: list[str], max_tokens: int) -> float:
+    """Generated tokens/s of the server for one wave of len(prompts) requests sent at once."""
+    r = asyncio.run(load(server, prompts, len(prompts), len(prompts), max_tokens, 1e9))
+    return r["tok_s"]
+
+
+def soak(args) -> dict:
+    """Flood one server beyond its queue for --soak seconds; memory and cache entries after."""
+    import httpx
+
+    server = Server(args.checkpoints[0], args)
+    try:
+        from ponderlm.loading import load_model
+
+        _, tok, _ = load_model(args.checkpoints[0])
+        prompts = fixed_prompts(tok, 16, args.prompt_len)
+        clients = args.max_batch + args.max_queue + 8  # more than the server takes: some get 429
+
+        def metrics() -> dict:
+            text = httpx.get(f"{server.url}/metrics").text
+            m = {k: float(v) for k, v in re.findall(r"^(\w+) (\S+)$", text, flags=re.M)}
+            refused = re.search(r'^ponderlm_http_requests_total\{path="/v1/completions",status="429"\} (\S+)$', text,
+                                flags=re.M)  # fmt: skip
+            return {**m, "refused_429": float(refused.group(1)) if refused else 0.0}
+
+        asyncio.run(load(server, prompts, clients, 10**9, args.max_tokens, min(30.0, args.soak / 4)))  # warm-up
+        before = {"rss_mb": server.rss_mb(), **metrics()}
+        asyncio.run(load(server, prompts, clients, 10**9, args.max_tokens, args.soak))
+        time.sleep(1.0)
+        after = {"rss_mb": server.rss_mb(), **metrics()}
+        code = server.stop()
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+    keys = ["rss_mb", "ponderlm_cache_entries", "ponderlm_batch_rows", "ponderlm_queue_length", "refused_429"]
+    return {"soak_s": args.soak, "clients": clients, "before": {k: before.get(k) for k in keys},
+            "after": {k: after.get(k) for k in keys}, "exit_status": code,
+            "generated_tokens": after.get("ponderlm_generated_tokens_total")}  # fmt: skip
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoints", nargs="+", required=True, help="runs to serve, one after another")
+    p.add_argument("--p2", default="p2-k3", help="name of the PonderLM-2 run (directory name)")
+    p.add_argument("--p3", default="p3-k3-l0.05", help="name of the PonderLM-3 run (directory name)")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=64, help="requests per client level (bounded)")
+    p.add_argument("--time-limit", type=float, default=180.0, help="seconds per level: no new request after")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16, help="the wave compared with in-process generate")
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--tau", type=float, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads, server and in-process alike")
+    p.add_argument("--soak", type=float, default=0.0, help="seconds of soak instead of the load table")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    if args.soak:
+        res = soak(args)
+        print(json.dumps(res, indent=2))
+        finish({"benchmark": "serve_soak", "machine": machine(), **res}, args.out)
+        return
+    rows, overhead = [], {}
+    for ck in args.checkpoints:
+        name = Path(ck).name
+        server = Server(ck, args)
+        try:
+            from ponderlm.loading import load_model
+
+            _, tok, _ = load_model(ck)
+            prompts = fixed_prompts(tok, max(args.batch, 16), args.prompt_len)
+            asyncio.run(load(server, prompts, 2, 2, 8, 60))  # warm-up
+            for c in args.clients:
+                r = asyncio.run(load(server, prompts, c, args.requests, args.max_tokens, args.time_limit))
+                rows.append({"model": name, **r})
+                print(f"{name} clients={c}: {r['tok_s']:.1f} tok/s", file=sys.stderr)
+            served = wave(server, prompts[: args.batch], args.max_tokens)
+        finally:
+            server.stop()
+        local = in_process(ck, prompts[: args.batch], args.max_tokens, args.tau, args.threads)
+        overhead[name] = {"served_tok_s": served, "generate_tok_s": local, "overhead": 1 - served / local}
+    cols = [("model", "model", "s"), ("clients", "clients", "d"), ("requests", "requests", "d"),
+            ("tok_s", "tokens/s", ".1f"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
+            ("tpot_p50_ms", "per-token p50 ms", ".1f"), ("tpot_p99_ms", "per-token p99 ms", ".1f"),
+            ("mean_depth", "mean depth", ".2f"), ("flops_per_token", "MFLOPs/token", ".3g")]  # fmt: skip
+    shown = [{**r, "flops_per_token": r["flops_per_token"] / 1e6} for r in rows]
+    print(table(shown, cols))
+    vs = []
+    by = {(r["model"], r["clients"]): r for r in rows}
+    for c in args.clients:
+        p3, p2 = by.get((args.p3, c)), by.get((args.p2, c))
+        if p3 and p2:
+            real, ideal = p3["tok_s"] / p2["tok_s"], p2["flops_per_token"] / p3["flops_per_token"]
+            vs.append({"clients": c, "realised": real, "ideal": ideal, "fraction": real / ideal})
+    if vs:
+        print()
+        print(table(vs, [("clients", "clients", "d"), ("realised", "P3/P2 tokens/s", ".3f"),
+                         ("ideal", "ideal (FLOPs)", ".3f"), ("fraction", "fraction of ideal", ".2f")]))  # fmt: skip
+    print()
+    ov = [{"model": k, **v} for k, v in overhead.items()]
+    print(table(ov, [("model", "model", "s"), ("served_tok_s", f"server, {args.batch} at once, tok/s", ".1f"),
+                     ("generate_tok_s", "in-process generate, tok/s", ".1f"),
+                     ("overhead", "overhead", ".1%")]))  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("clients", "requests", "time_limit", "prompt_len", "max_tokens", "batch",
+                                              "max_batch", "max_queue", "tau", "threads")}  # fmt: skip
+    finish({"benchmark": "serve_load", "machine": machine(), "settings": settings, "rows": rows, "p3_vs_p2": vs,
+            "overhead": overhead}, args.out)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

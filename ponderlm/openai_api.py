@@ -1,0 +1,490 @@
+"""``ponderlm serve``: the OpenAI-compatible HTTP API over the continuous-batching scheduler
+(:mod:`ponderlm.batching`). Needs the ``serve`` extra (FastAPI, uvicorn).
+
+The event loop never touches the model: a request is validated, its prompt tokenized and checked
+against the context, and a :class:`~ponderlm.batching.Request` queued; the scheduler thread hands
+each step's tokens back with one ``loop.call_soon_threadsafe`` into the requests' asyncio queues. Text is
+decoded here, incrementally (an incomplete UTF-8 sequence or a possible start of a stop string
+is held back), and a stop string found in it cancels the row.
+
+Extensions to OpenAI's shapes: every choice (and every streamed chunk) carries ``ponder_depths``,
+the realised ponder steps of each generated token it covers, and ``usage`` adds ``flops`` (the
+request's inference FLOPs at its realised depths) and ``completion_flops`` (those beyond the prompt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import batching
+from .batching import Finished, QueueFull, Scheduler, Token
+
+API_KEY_ENV = "PONDERLM_API_KEY"
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ServerSettings:
+    model_id: str  # the name /v1/models lists and requests must use
+    context: int  # the model's max_seq_len
+    api_key: str | None = None  # Bearer key every request must carry (None: no check)
+    default_max_tokens: int = 16  # completions without max_tokens (OpenAI's default); chat: the rest of the context
+
+
+# ---------------------------------------------------------------------------------------------- request bodies
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as a server without accounts does
+    ignore_eos: bool = False  # extension: generate exactly max_tokens tokens (load tests)
+
+
+class CompletionBody(_Body):
+    prompt: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+
+def chat_prompt(messages: list[Message]) -> str:
+    """The plain chat template (ponderlm's models are base models without one): each message as
+    ``Role: content`` followed by a blank line, then ``Assistant:`` for the reply. ``\\n\\nUser:`` is
+    an implicit stop string, so the reply ends where the model starts the next user turn."""
+    turns = "".join(f"{m.role.capitalize()}: {m.content}\n\n" for m in messages)
+    return turns + "Assistant:"
+
+
+CHAT_STOP = "\n\nUser:"
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
+    return stops
+
+
+def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool, int]:
+    """(the text up to the first stop string, whether one was found, how many characters at the
+    end must be held back because a stop string may start there)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return text[: min(hits)], True, 0
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return text, False, hold
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None, headers: dict | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+        self.headers = headers or {}
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errs = exc.errors()
+    if not errs:
+        return "invalid request body", None
+    e = errs[0]
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return "the body is not valid JSON", None
+    if e.get("type") == "extra_forbidden":
+        return f"unknown field: {'.'.join(loc)}", ".".join(loc) or None
+    where = ".".join(loc)
+    return (f"{where}: {e.get('msg')}" if where else str(e.get("msg"))), where or None
+
+
+# ---------------------------------------------------------------------------------------------- one generation
+class Stream:
+    """The events of one request on the event loop, turned into text pieces."""
+
+    def __init__(self, tok, stops: list[str]) -> None:
+        self.tok, self.stops = tok, stops
+        self.ids: list[int] = []
+        self.depths: list[int] = []
+        self.sent = ""  # text handed out so far
+        self.pending: list[int] = []  # depths of tokens whose text is not out yet
+        self.stopped = False
+
+    def push(self, ev: Token) -> tuple[str, list[int]]:
+        """Add a token; returns (new text that can be sent, depths of the tokens it completes)."""
+        self.ids.append(ev.token)
+        self.depths.append(ev.depth)
+        self.pending.append(ev.depth)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return "", []
+        text, self.stopped, hold = split_at_stop(text, self.stops)
+        ready = text[: len(text) - hold]
+        if len(ready) < len(self.sent):
+            return "", []
+        new, self.sent = ready[len(self.sent) :], ready
+        if not new and not self.stopped:
+            return "", []
+        depths, self.pending = self.pending, []
+        return new, depths
+
+    def flush(self) -> tuple[str, list[int]]:
+        """At the end: whatever was held back (a stop string's prefix that did not complete)."""
+        text = self.tok.decode(self.ids) if not self.stopped else self.sent
+        text, _, _ = split_at_stop(text, self.stops)
+        new = text[len(self.sent) :] if len(text) >= len(self.sent) else ""
+        self.sent += new
+        depths, self.pending = self.pending, []
+        return new, depths
+
+
+def usage(end: Finished, n_completion: int) -> dict:
+    return {
+        "prompt_tokens": end.prompt_tokens,
+        "completion_tokens": n_completion,
+        "total_tokens": end.prompt_tokens + n_completion,
+        "flops": end.flops,
+        "completion_flops": end.flops - end.prompt_flops,
+    }
+
+
+def finish_reason(end: Finished, stream: Stream) -> str:
+    return "stop" if stream.stopped or end.reason == "stop" else "length"
+
+
+# ---------------------------------------------------------------------------------------------- the app
+class Api:
+    """The endpoints' work, on the event loop: validate, queue, turn the scheduler's events into responses."""
+
+    KNOWN = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+    def __init__(self, sched: Scheduler, tok, settings: ServerSettings) -> None:
+        self.sched, self.tok, self.s = sched, tok, settings
+        self.counters: dict[tuple[str, int], int] = {}  # (path, status) -> requests
+
+    def count(self, path: str, status: int) -> None:
+        key = (path if path in self.KNOWN else "other", status)  # bounded label values
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def authorized(self, request: Request) -> bool:
+        return self.s.api_key is None or request.headers.get("authorization", "") == f"Bearer {self.s.api_key}"
+
+    def models(self) -> dict:
+        cfg = self.sched.model.cfg
+        ponder = {"method": cfg.method, "max_depth": cfg.max_depth, "tau": self.sched.tau}
+        card = {"id": self.s.model_id, "object": "model", "created": 0, "owned_by": "ponderlm",
+                "max_model_len": self.s.context, "ponder": ponder}  # fmt: skip
+        return {"object": "list", "data": [card]}
+
+    def max_tokens(self, body: _Body, n_prompt: int, chat: bool) -> int:
+        """The completion length asked for (default: 16 for completions, the rest of the context for
+        chat), refused with a 400 naming the context when it does not fit."""
+        ctx = self.s.context
+        room = ctx - n_prompt
+        n = body.max_tokens
+        if n is None:
+            n = min(self.s.default_max_tokens, room) if not chat else room
+        if room < 1 or n > room:
+            param = "max_tokens" if room >= 1 else ("messages" if chat else "prompt")
+            raise ApiError(400, f"this model's context is {ctx} tokens: the prompt has {n_prompt} and max_tokens "
+                                f"asks for {n}; shorten the prompt or lower max_tokens", param=param,
+                           code="context_length_exceeded")  # fmt: skip
+        return n
+
+    async def serve(self, request: Request, body: _Body, prompt: str, stops: list[str], chat: bool):
+        if body.model != self.s.model_id:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.s.model_id!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        ids = self.tok.encode(prompt) if prompt else []
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt")
+        max_tokens = self.max_tokens(body, len(ids), chat)
+        events: asyncio.Queue = asyncio.Queue()  # filled on the event loop by _dispatch
+
+        req = batching.Request(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                               ignore_eos=body.ignore_eos, on_event=events.put_nowait)  # fmt: skip
+        try:
+            self.sched.submit(req)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is at capacity ({e}); retry later", kind="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None  # fmt: skip
+        out = _Out(rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", created=int(time.time()),
+                   model=self.s.model_id, chat=chat)  # fmt: skip
+        stream = Stream(self.tok, stops)
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            gen = _sse(req, events, stream, out, include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _whole(request, req, events, stream, out)
+
+
+@dataclass
+class _Out:
+    """What every response object of one request repeats."""
+
+    rid: str
+    created: int
+    model: str
+    chat: bool
+
+    def obj(self, choices: list[dict], chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def chunk(self, text: str, depths: list[int], reason: str | None, role: bool = False) -> dict:
+        choice = {"index": 0, "finish_reason": reason, "logprobs": None, "ponder_depths": depths}
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+        else:
+            choice["text"] = text
+        return self.obj([choice], chunk=True)
+
+
+def _sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _sse(req: batching.Request, events: asyncio.Queue, stream: Stream, out: _Out,
+               include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent events: a chunk per piece of text (with the depths of the tokens it completes),
+    the finish reason, usage if asked, ``[DONE]``. However it ends, the row is released."""
+    try:
+        if out.chat:
+            yield _sse_line(out.chunk("", [], None, role=True))
+        while True:
+            ev = await events.get()
+            if isinstance(ev, Token):
+                text, depths = stream.push(ev)
+                if text or depths:
+                    yield _sse_line(out.chunk(text, depths, None))
+                if stream.stopped:
+                    req.cancel()
+                continue
+            if ev.reason in ("cancelled", "error") and not stream.stopped:
+                yield _sse_line(error_body("the generation was cut short on the server", "server_error"))
+                break
+            text, depths = stream.flush()
+            yield _sse_line(out.chunk(text, depths, finish_reason(ev, stream)))
+            if include_usage:
+                yield _sse_line({**out.obj([], chunk=True), "usage": usage(ev, len(stream.ids))})
+            break
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (or the server is stopping): the row goes at the next step
+        req.cancel()
+
+
+async def _whole(request: Request, req: batching.Request, events: asyncio.Queue, stream: Stream, out: _Out):
+    """The whole completion as one response; a client that disconnects releases its row."""
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(events.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return PlainTextResponse("", status_code=499)
+                continue
+            if isinstance(ev, Finished):
+                break
+            stream.push(ev)
+            if stream.stopped:
+                req.cancel()
+    finally:
+        req.cancel()
+    if ev.reason in ("cancelled", "error") and not stream.stopped:
+        raise ApiError(500, "the generation was cut short on the server", kind="server_error")
+    stream.flush()
+    choice = {"index": 0, "finish_reason": finish_reason(ev, stream), "logprobs": None, "ponder_depths": stream.depths}
+    if out.chat:
+        choice["message"] = {"role": "assistant", "content": stream.sent}
+    else:
+        choice["text"] = stream.sent
+    return {**out.obj([choice], chunk=False), "usage": usage(ev, len(stream.ids))}
+
+
+def _guard(app: FastAPI, api: Api) -> None:
+    """The API key check, request counting, and every error in OpenAI's shape."""
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        if not api.authorized(request):
+            api.count(request.url.path, 401)
+            body = error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
+                              code="invalid_api_key")  # fmt: skip
+            return JSONResponse(body, status_code=401)
+        response = await call_next(request)
+        api.count(request.url.path, response.status_code)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        body = error_body(exc.message, exc.kind, exc.param, exc.code)
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+
+def _dispatch(items: list[tuple[batching.Request, batching.Event]]) -> None:
+    """On the event loop: a scheduler step's events into their requests' queues."""
+    for req, ev in items:
+        req.on_event(ev)
+
+
+def create_app(sched: Scheduler, tok, settings: ServerSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app; the scheduler is started and stopped with it (``on_ready`` once it runs)."""
+    api = Api(sched, tok, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        sched.deliver = lambda items: loop.call_soon_threadsafe(_dispatch, items)  # one wake-up per step
+        sched.start()
+        if on_ready is not None:
+            on_ready()
+        yield
+        sched.stop()
+
+    app = FastAPI(title="ponderlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    _guard(app, api)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return api.models()
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(metrics_text(sched, api.counters), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        return await api.serve(request, body, body.prompt, stop_strings(body.stop), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        if body.max_tokens is None:
+            body.max_tokens = body.max_completion_tokens
+        prompt = chat_prompt(body.messages)
+        return await api.serve(request, body, prompt, [*stop_strings(body.stop), CHAT_STOP], chat=True)
+
+    return app
+
+
+def metrics_text(sched: Scheduler, counters: dict) -> str:
+    """Prometheus text exposition of the scheduler's counters and the HTTP request counts."""
+    s = sched.stats
+    lines = ["# HELP ponderlm_http_requests_total HTTP requests by path and status.",
+             "# TYPE ponderlm_http_requests_total counter"]  # fmt: skip
+    for (path, status), n in sorted(counters.items()):
+        lines.append(f'ponderlm_http_requests_total{{path="{path}",status="{status}"}} {n}')
+    finished = "\n".join(f'ponderlm_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(s.finished.items()))
+    gauges = [
+        ("ponderlm_requests_admitted_total", "counter", "Requests that entered the batch.", s.admitted),
+        ("ponderlm_queue_length", "gauge", "Requests waiting for a row.", sched.queue.qsize()),
+        ("ponderlm_queue_capacity", "gauge", "Requests the queue holds before refusing (429).", sched.s.max_queue),
+        ("ponderlm_batch_rows", "gauge", "Rows decoding now.", s.active),
+        ("ponderlm_cache_entries", "gauge", "KV cache slots held by the running rows.", s.cache_entries),
+        ("ponderlm_generated_tokens_total", "counter", "Generated tokens (EOS excluded).", s.tokens),
+        ("ponderlm_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
+         s.tokens_per_second()),
+        ("ponderlm_mean_depth", "gauge", "Mean realised ponder depth of the generated tokens.",
+         s.depth_sum / s.tokens if s.tokens else 0.0),
+        ("ponderlm_flops_per_token", "gauge", "Inference FLOPs per generated token of finished requests.",
+         s.decode_flops / s.decode_tokens if s.decode_tokens else 0.0),
+        ("ponderlm_slot_steps_total", "counter", "Slot steps (model calls) of the batch.", s.steps),
+    ]  # fmt: skip
+    lines += ["# HELP ponderlm_requests_finished_total Requests finished, by reason.",
+              "# TYPE ponderlm_requests_finished_total counter"] + ([finished] if finished else [])  # fmt: skip
+    for name, kind, help_, value in gauges:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
+    return "\n".join(lines) + "\n"
+
+
+def api_key_from_env(given: str | None) -> str | None:
+    return given if given is not None else (os.environ.get(API_KEY_ENV) or None)
+
+
+def run(sched: Scheduler, tok, settings: ServerSettings, sock, *, shutdown_timeout: float = 30.0) -> int:
+    """Serve on the listening socket ``sock`` until SIGTERM or SIGINT, then finish the streams in
+    flight (for up to ``shutdown_timeout`` seconds; later ones are cut), stop the scheduler and
+    return 0."""
+    import signal
+    import sys
+
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+
+    def ready() -> None:
+        cfg = sched.model.cfg
+        what = f"{cfg.method}, K={cfg.max_depth}, tau {sched.tau:g}, max batch {sched.s.max_batch}"
+        print(f"serving {settings.model_id} ({what}, queue {sched.s.max_queue}) on http://{host}:{port}", flush=True)
+
+    app = create_app(sched, tok, settings, on_ready=ready)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=shutdown_timeout,
+                            lifespan="on")  # fmt: skip
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down; a handler that does nothing
+    # turns that into a normal return (exit status 0 after a clean shutdown)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    print("stopped", file=sys.stderr, flush=True)
+    return 0
