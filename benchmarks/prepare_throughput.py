@@ -10,7 +10,9 @@ run at a time, each in its own process tree, timed and sampled for memory every 
   against corpus size);
 - HF ``datasets``: ``load_dataset("json", ...)`` then ``map(tokenize, batched=True, num_proc=N)``
   with the same tokenizer file on the same files (its Arrow cache in a temporary directory; it
-  writes no token shards, which ponderlm's figure includes).
+  writes no token shards, which ponderlm's figure includes). With ``num_proc=1`` the tokenizer's
+  own threads use every core, so that row is also run with them off (``TOKENIZERS_PARALLELISM=
+  false``: one core, like a ponderlm worker).
 
 Throughput is MB of input .jsonl per second of wall time. Peak RSS is reported for the main
 process and for the whole process tree (the sum over processes at the sampled moment of maximum).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -115,10 +118,10 @@ def generate(corpus: Path, gb: float, part_mb: int, cache_dir: Path, fmt: str = 
     return sorted(corpus.glob(f"part-*.{fmt}"))
 
 
-def measure(cmd: list[str]) -> dict:
+def measure(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd``; wall seconds and peak RSS (MB) of its main process and of its whole tree."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak = {"main": 0.0, "tree": 0.0}
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
@@ -165,10 +168,14 @@ def prefix(files: list[Path], sizes: list[int], gb: float) -> list[Path]:
     return out
 
 
-def hf_run(files: list[Path], tok: Path, workers: int, work: Path) -> dict:
+def hf_run(files: list[Path], tok: Path, workers: int, work: Path, one_core: bool = False) -> dict:
+    """HF datasets; ``one_core``: the tokenizer's own thread pool off, as in ponderlm's workers (with
+    num_proc > 1 HF's forked workers turn it off themselves)."""
     cache = Path(tempfile.mkdtemp(dir=work, prefix="hf_cache_"))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"} if one_core else None
     try:
-        return measure([sys.executable, "-c", HF_SCRIPT, str(tok), str(cache), str(workers), *map(str, files)])
+        cmd = [sys.executable, "-c", HF_SCRIPT, str(tok), str(cache), str(workers), *map(str, files)]
+        return measure(cmd, env)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -221,6 +228,8 @@ def main() -> None:
         row("ponderlm", n, compared, ponderlm_run(compared, args.tokenizer, n, work))
         if not args.no_hf:
             row("hf-datasets", n, compared, hf_run(compared, args.tokenizer, n, work))
+            if n == 1:  # num_proc=None tokenizes with the tokenizer's threads, on every core
+                row("hf-datasets, 1 core", n, compared, hf_run(compared, args.tokenizer, n, work, one_core=True))
     rss = sorted(float(g) for g in args.rss_gb.split(",") if g)
     for gb in rss:
         keep = args.keep if gb == rss[-1] else None

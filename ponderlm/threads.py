@@ -11,8 +11,10 @@ Who decides, first match wins:
 2. ``train.threads`` in the run's config (``ponderlm train``);
 3. ``OMP_NUM_THREADS`` in the environment (what a cluster launcher or a shell already chose);
 4. the cores free now: the cores this process may run on (``os.sched_getaffinity``) minus the
-   other work, the 1-minute load average rounded to whole cores, shared among the processes of one
-   launch (torchrun's ``LOCAL_WORLD_SIZE``, or ``experiment pareto --jobs N``'s workers).
+   other work (the CPU other processes use now, sampled for a quarter second from ``/proc/stat``,
+   rounded to whole cores; the 1-minute load average where there is no ``/proc/stat``), shared
+   among the processes of one launch (torchrun's ``LOCAL_WORLD_SIZE``, or ``experiment pareto
+   --jobs N``'s workers).
 
 :func:`choose_threads` is the rule, a pure function of those numbers; :func:`pick` reads them from
 the machine; :func:`use` applies a choice and :func:`describe` is the line that states it.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 
 
@@ -37,7 +40,7 @@ class Choice:
 
 
 def busy_cores(load: float) -> int:
-    """Whole cores taken by other work: the load average rounded half up (0.4 -> 0, 0.6 -> 1)."""
+    """Whole cores taken by other work: the load rounded half up (0.4 -> 0, 0.6 -> 1)."""
     if not math.isfinite(load) or load <= 0:
         return 0
     return math.floor(load + 0.5)
@@ -49,7 +52,7 @@ def choose_threads(cores: int, load: float, procs: int = 1) -> Choice:
 
     Args:
         cores: cores this process may run on (``len(os.sched_getaffinity(0))``).
-        load: the 1-minute load average (``os.getloadavg()[0]``), other processes' work.
+        load: other processes' work in cores (:func:`load_average`).
         procs: processes that share these cores in this launch (torchrun ranks on this node).
     Returns:
         the thread count of one process and the reason, e.g. ``2 cores available, load 1.0 -> 1 free``.
@@ -72,8 +75,53 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+LOAD_SAMPLE_S = 0.25  # how long other processes' CPU use is sampled for
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Busy CPU time of the whole machine and of this process, at one moment (seconds)."""
+
+    machine_busy: float
+    own: float
+    at: float
+
+
+def cpu_sample() -> CpuSample | None:
+    """The machine's busy CPU seconds (``/proc/stat``: all but idle and iowait) and this process's
+    own (``os.times``); None where ``/proc/stat`` is not there."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 5:
+        return None
+    t = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return CpuSample(busy, t.user + t.system, time.monotonic())
+
+
+def busy_elsewhere(a: CpuSample, b: CpuSample) -> float:
+    """Cores' worth of CPU that other processes used between two samples (this process's own use
+    taken out)."""
+    elapsed = b.at - a.at
+    if elapsed <= 0:
+        return 0.0
+    return max(0.0, ((b.machine_busy - a.machine_busy) - (b.own - a.own)) / elapsed)
+
+
 def load_average() -> float:
-    """The 1-minute load average, 0.0 where the system has none."""
+    """Other processes' CPU load now, in cores: sampled for ``LOAD_SAMPLE_S`` from ``/proc/stat``
+    less this process's own use. (The 1-minute load average, the fallback where ``/proc/stat`` is
+    not there, lags by a minute and counts this process's own earlier work: a quickstart's second
+    model saw its first as a neighbour and took one thread on an idle machine.)"""
+    a = cpu_sample()
+    if a is not None:
+        time.sleep(LOAD_SAMPLE_S)
+        b = cpu_sample()
+        if b is not None:
+            return busy_elsewhere(a, b)
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):

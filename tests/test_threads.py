@@ -5,6 +5,8 @@ about it, and train's key=value overrides accepted anywhere on the command line.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import yaml
@@ -141,3 +143,40 @@ def test_overrides_are_taken_after_flags(w, tmp_path):
     r = run_cli(["train", "--config", str(conf), "--resume", "train.max_steps=3", "--threads", "1"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "checkpoints" / "step_00000003").is_dir()
+
+
+def test_other_work_is_the_machine_busy_time_less_our_own():
+    a = threads.CpuSample(machine_busy=100.0, own=10.0, at=50.0)
+    b = threads.CpuSample(machine_busy=101.5, own=10.5, at=51.0)  # 1.5 cores busy, 0.5 of them ours
+    assert threads.busy_elsewhere(a, b) == pytest.approx(1.0)
+    assert threads.busy_elsewhere(a, threads.CpuSample(100.2, 10.4, 51.0)) == 0.0  # never negative
+
+
+def test_a_busy_neighbour_is_seen_at_once_and_our_own_work_is_not(tmp_path):
+    """A process spinning beside us is one busy core within the quarter-second sample (the load
+    average would take a minute to show it); a thread of ours spinning is not someone else's work."""
+    import subprocess
+    import sys
+    import threading
+
+    if threads.cpu_sample() is None:
+        pytest.skip("no /proc/stat")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert threads.load_average() >= 0.6
+    finally:
+        spinner.kill()
+        spinner.wait()
+    stop = threading.Event()
+    mine = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)], daemon=True)
+    mine.start()
+    try:
+        a = threads.cpu_sample()
+        time.sleep(0.3)
+        b = threads.cpu_sample()
+    finally:
+        stop.set()
+        mine.join()
+    assert b.own - a.own >= 0.15  # we were busy...
+    assert threads.busy_elsewhere(a, b) <= (b.machine_busy - a.machine_busy) - 0.15  # ...and that was taken out
