@@ -90,8 +90,9 @@ def _utf8(text: str) -> str:
 def _add_threads(p: argparse.ArgumentParser) -> None:
     """``--threads N`` on a command that computes (see :mod:`ponderlm.threads` for who decides)."""
     p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
-                   help="torch CPU threads (default: the cores free now, from the cores this process may use "
-                   "and the CPU other processes use now; OMP_NUM_THREADS if set; for train, train.threads if set)")  # fmt: skip
+                   help="torch CPU threads (default: the cores free now, from the cores this process may "
+                   "use less the CPU other processes use; OMP_NUM_THREADS if set; for train, train.threads "
+                   "if set)")  # fmt: skip
 
 
 def _use_threads(args: argparse.Namespace, configured: int = 0, source: str = "train.threads"):
