@@ -11,7 +11,7 @@ Who decides, first match wins:
 2. ``train.threads`` in the run's config (``ponderlm train``);
 3. ``OMP_NUM_THREADS`` in the environment (what a cluster launcher or a shell already chose);
 4. the cores free now: the cores this process may run on (``os.sched_getaffinity``) minus the
-   other work (the CPU other processes use now, sampled for a quarter second from ``/proc/stat``,
+   other work (the CPU other processes use now, sampled for a tenth of a second from ``/proc/stat``,
    rounded to whole cores; the 1-minute load average where there is no ``/proc/stat``), shared
    among the processes of one launch (torchrun's ``LOCAL_WORLD_SIZE``, or ``experiment pareto
    --jobs N``'s workers).
@@ -75,7 +75,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-LOAD_SAMPLE_S = 0.25  # how long other processes' CPU use is sampled for
+LOAD_SAMPLE_S = 0.1  # how long other processes' CPU use is sampled for (10 ticks of /proc/stat)
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ def test_other_work_is_the_machine_busy_time_less_our_own():
 
 
 def test_a_busy_neighbour_is_seen_at_once_and_our_own_work_is_not(tmp_path):
-    """A process spinning beside us is one busy core within the quarter-second sample (the load
+    """A process spinning beside us is one busy core within the tenth-of-a-second sample (the load
     average would take a minute to show it); a thread of ours spinning is not someone else's work."""
     import subprocess
     import sys
