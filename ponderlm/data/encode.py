@@ -12,6 +12,7 @@ the main process, in a helper thread so that Ctrl-C still ends the command at on
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import signal
@@ -50,14 +51,11 @@ def _init_worker(parent: int, tokenizer_json: str, eot_id: int, dtype: str) -> N
 
 def encode_texts(tk, texts: list[str], eot_id: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of ``texts``, each closed by end-of-text, concatenated; and the length of each."""
-    encoded = tk.encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    for e, end in zip(encoded, ends.tolist(), strict=True):
-        ids = e.ids
-        flat[end - len(ids) - 1 : end - 1] = ids
-        flat[end - 1] = eot_id
+    seqs = [e.ids for e in tk.encode_batch(texts, add_special_tokens=False)]  # one list per document
+    for seq in seqs:
+        seq.append(eot_id)
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
     return flat, lengths
 
 
