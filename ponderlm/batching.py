@@ -10,7 +10,7 @@ One thread owns the model and a batch of running rows, one row per request. Ever
    slot schedule of ``generate``): a row that completed a token samples the next one and starts it;
 4. retires the rows that emitted EOS or reached ``max_tokens``.
 
-A row that leaves takes its keys and values with it (:meth:`KVCache.keep_rows`), so a request's
+A row that leaves releases its keys and values (:meth:`KVCache.keep_rows`), so a request's
 output depends on its own prompt and sampling settings only, never on what else is in the batch:
 greedy output equals ``generate`` on that prompt. Tokens reach the caller through the request's
 ``on_event`` callback: called on the scheduler thread, or, with a ``deliver`` hook, handed over in
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .cache import KVCache
 from .config import check_tau
 from .flops import inference_flops
 from .generate import sample_next
@@ -42,11 +43,19 @@ class BatchSettings:
     max_batch: int = 16  # rows decoding at once; later requests wait in the queue
     max_queue: int = 64  # requests waiting for a row; beyond it submit() raises QueueFull
     tau: float | None = None  # pruning threshold (default: the model's)
-    prefill: str = "auto"  # the prompt computation, as generate's `prefill` (auto is generate's default)
+    prefill: str = "auto"  # "exact" walks every prompt in the batch; "converged"/"parallel" none; see module doc
+    walk_max: int = 64  # auto: prompts of latent-feedback methods up to this many tokens walk
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {self.max_batch}, {self.max_queue}")
+        if self.prefill not in PREFILLS:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILLS)}, got {self.prefill!r}")
+        if self.walk_max < 0:
+            raise ValueError(f"walk_max must be >= 0, got {self.walk_max}")
+
+
+PREFILLS = ("auto", "exact", "converged", "parallel")
 
 
 @dataclass
@@ -83,10 +92,16 @@ class Request:
     ignore_eos: bool = False  # run to max_tokens even past EOS (fixed lengths for load tests)
     on_event: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)  # set from any thread
+    id: int = 0  # the engine process's name for it (ponderlm.engine)
+    on_cancel: Callable[[], None] | None = None  # called once by cancel() (the engine forwards it)
 
     def cancel(self) -> None:
         """Stop generating; the scheduler drops the row (and frees its cache) at its next step."""
+        if self.cancelled.is_set():
+            return
         self.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
 
 class QueueFull(Exception):
@@ -97,7 +112,8 @@ class QueueFull(Exception):
 class _Row:
     req: Request
     pick: Callable[[Tensor], Tensor]  # logits (1, V) -> token (1,)
-    prompt_depth: list[int]
+    prompt_depth: list[int]  # depth of each prompt token pondered so far
+    walked: int = 0  # prompt tokens started inside the batch (walk); len(prompt) once generating
     depths: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     reason: str | None = None  # set when the row is done
@@ -138,7 +154,11 @@ class Scheduler:
             raise ValueError(f"method {model.cfg.method!r} decodes by rounds, not slots; serve supports slot methods")
         self.model, self.eos, self.s = model, eos_token_id, settings
         self.tau = check_tau(model.cfg.tau if settings.tau is None else settings.tau)
-        self.prefill = model.resolve_prefill(settings.prefill)
+        how = settings.prefill
+        # prompts up to walk_limit tokens walk in the batch; longer ones are prefilled at admission
+        auto = settings.walk_max if model.cfg.uses_jacobi else -1
+        self.walk_limit = {"exact": sys.maxsize, "auto": auto}.get(how, -1)
+        self.prefill = model.resolve_prefill("auto" if how == "exact" else how)  # the prefill at admission
         p = model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=settings.max_queue)
@@ -182,19 +202,24 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                busy = self.step()
-            except Exception:  # a bug must not take the server down: fail the batch, keep serving
-                traceback.print_exc(file=sys.stderr)
-                for row in self.rows:
-                    row.reason = "error"
-                    self._finish(row)
-                self._retire()
-                self._flush()
-                busy = False
+            busy = self.safe_step()
             if not busy and self.queue.empty():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+
+    def safe_step(self) -> bool:
+        """:meth:`step`, except that an exception (a bug) fails the rows in the batch, with its
+        traceback on stderr, instead of ending the loop: a server goes on serving."""
+        try:
+            return self.step()
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            for row in self.rows:
+                row.reason = "error"
+                self._finish(row)
+            self._retire()
+            self._flush()
+            return False
 
     # ------------------------------------------------------------------ the scheduler thread
     def step(self) -> bool:
@@ -250,29 +275,48 @@ class Scheduler:
         return pick
 
     def _admit(self, req: Request) -> None:
-        """Prefill one prompt as generate does for a single prompt; sample its first token; the
-        row joins the batch unless that token already ends it."""
-        model, T = self.model, len(req.prompt)
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)  # (1, T)
+        """A request joins the batch: walking (an empty cache row; its first prompt token starts)
+        or prefilled here as generate prefills a single prompt, its first token sampled at once
+        (the row joins unless that token already ends it)."""
+        model, T, dev = self.model, len(req.prompt), self.device
         capacity = (T + req.max_tokens) * model.cfg.slots_per_token
-        out, cache = model.prefill(ids, tau=self.tau, how=self.prefill, capacity=capacity, with_logits=False)
-        row = _Row(req, self._picker(req), prompt_depth=out.depth[0].long().tolist())
         self.stats.admitted += 1
+        st = model.new_slot_state(1, dev, self.dtype)
+        start = torch.zeros(1, dtype=torch.long, device=dev)
+        if self.walk_limit >= T:
+            ids = torch.tensor([req.prompt], dtype=torch.long, device=dev)  # (1, T)
+            model.check_input_ids(ids)  # here: a bad id found mid-walk would fail the whole batch
+            row = _Row(req, self._picker(req), prompt_depth=[], walked=1)
+            st.start(start, model.embed(ids[:, 0]), start)
+            self._join(row, st, None, capacity)
+            return
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=dev)  # (1, T)
+        out, cache = model.prefill(ids, tau=self.tau, how=self.prefill, capacity=capacity, with_logits=False)
+        row = _Row(req, self._picker(req), prompt_depth=out.depth[0].long().tolist(), walked=T)
         nxt = row.pick(model.lm_head(out.hidden[:, -1]))  # (1,)
         if self._emit(row, int(nxt), row.prompt_depth[-1]):
             self._finish(row)
             return
-        st = model.new_slot_state(1, self.device, self.dtype)
-        st.start(torch.zeros(1, dtype=torch.long, device=self.device), model.embed(nxt), torch.full_like(nxt, T))
+        st.start(start, model.embed(nxt), torch.full_like(nxt, T))
+        self._join(row, st, cache, capacity)
+
+    def _join(self, row: _Row, st: SlotState, cache: KVCache | None, capacity: int) -> None:
+        """The row goes last in the batch, with its prefilled cache row or (None) an empty one."""
         if self.cache is None:
-            self.cache, self.st = cache, st
+            self.cache = cache if cache is not None else self.model.new_cache(1, capacity=capacity)
+            self.st = st
         else:
-            self.cache.append_rows(cache)
+            if cache is not None:
+                self.cache.append_rows(cache)
+            else:
+                self.cache.append_empty(1)
             self.st = self.st.append(st)
         self.rows.append(row)
 
     def _advance(self) -> None:
-        """One slot for every row (the slot schedule); rows that completed a token emit the next."""
+        """One slot for every row (the slot schedule). A row that completed a token starts its next
+        prompt token (walking) or samples the next token (after its last prompt token, or a
+        generated one), emits it and starts it."""
         model, st = self.model, self.st
         running = torch.ones(len(self.rows), dtype=torch.bool, device=self.device)
         done = model.advance_slots(st, running, self.cache, self.tau)  # (B,)
@@ -281,21 +325,46 @@ class Scheduler:
         if idx.numel() == 0:
             return
         depth = st.depth[idx]  # (n,)
-        h_hat = st.hs.new_empty(idx.numel(), st.hs.shape[-1])  # (n, D)
-        for d in depth.unique().tolist():  # the output mixture over the row's own d+1 slots, as generate's
+        nxt = [0] * idx.numel()  # each row's next input token
+        sample = []  # positions in idx of the rows that sample
+        for j, (i, d) in enumerate(zip(idx.tolist(), depth.tolist(), strict=True)):
+            row = self.rows[i]
+            prompt = row.req.prompt
+            if len(row.prompt_depth) < len(prompt):  # a walked prompt token is complete
+                row.prompt_depth.append(d)
+                if row.walked < len(prompt):
+                    nxt[j] = prompt[row.walked]
+                    row.walked += 1
+                    continue
+            sample.append(j)
+        if sample:
+            sel = torch.tensor(sample, dtype=torch.long, device=self.device)  # (m,)
+            emitted = self._sample(idx[sel], depth[sel])
+            for j, tok in zip(sample, emitted, strict=True):
+                nxt[j] = tok
+        new = torch.tensor(nxt, dtype=torch.long, device=self.device)  # (n,)
+        st.start(idx, model.embed(new), st.pos[idx] + 1)
+
+    def _sample(self, idx: Tensor, depth: Tensor) -> list[int]:
+        """Rows ``idx`` (m,) completed the token before their next output: mix each row's own
+        d+1 slots (as generate does), sample with the row's own sampler, emit. Returns the tokens."""
+        model, st = self.model, self.st
+        h_hat = st.hs.new_empty(idx.numel(), st.hs.shape[-1])  # (m, D)
+        for d in depth.unique().tolist():
             sel = (depth == d).nonzero().squeeze(1)
             h_hat[sel] = model.mix_slots(st, idx[sel], d + 1)
-        logits = model.lm_head(h_hat)  # (n, V)
-        new = logits.argmax(-1)  # (n,) greedy rows; sampling rows draw below, each from its own generator
+        logits = model.lm_head(h_hat)  # (m, V)
+        new = logits.argmax(-1)  # (m,) greedy rows; sampling rows draw below, each from its own generator
         rows = [self.rows[i] for i in idx.tolist()]
         for j, row in enumerate(rows):
             if row.req.temperature > 0:
                 new[j] = row.pick(logits[j : j + 1])[0]
-        for row, tok, d in zip(rows, new.tolist(), depth.tolist(), strict=True):
+        toks = new.tolist()
+        for row, tok, d in zip(rows, toks, depth.tolist(), strict=True):
             if self._emit(row, tok, d):
                 self._finish(row)
-        st.start(idx, model.embed(new), st.pos[idx] + 1)
         self.stats.recent.append((time.monotonic(), len(rows)))
+        return toks
 
     def _emit(self, row: _Row, tok: int, depth: int) -> bool:
         """Record a sampled token and hand it over; returns whether the row is done."""
@@ -317,24 +386,31 @@ class Scheduler:
         back (the depth of generated token i is that of the token fed before it)."""
         cfg = self.model.cfg
         fed = torch.tensor([row.prompt_depth + row.depths[1:]], dtype=torch.long)  # (1, T + n - 1)
-        prompt = inference_flops(cfg, torch.tensor([row.prompt_depth])).total
-        total = inference_flops(cfg, fed).total
+        # a row cancelled while walking its prompt has pondered only part of it (maybe nothing)
+        prompt = inference_flops(cfg, torch.tensor([row.prompt_depth])).total if row.prompt_depth else 0.0
+        total = inference_flops(cfg, fed).total if fed.numel() else 0.0
         if row.reason in ("stop", "length"):
             self.stats.decode_flops += total - prompt
             self.stats.decode_tokens += len(row.tokens)
         self.stats.finished[row.reason] = self.stats.finished.get(row.reason, 0) + 1
-        self._send(row.req, Finished(row.reason, len(row.prompt_depth), list(row.depths), total, prompt))
+        self._send(row.req, Finished(row.reason, len(row.req.prompt), list(row.depths), total, prompt))
 
     def _retire(self) -> None:
         """Remove the rows that are done; their cache rows are released."""
-        keep = [i for i, row in enumerate(self.rows) if row.reason is None]
-        if len(keep) < len(self.rows):
-            if keep:
-                idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        n = sum(row.reason is None for row in self.rows)
+        if n < len(self.rows):
+            if n:
+                # a leaving row's place is taken by a row from the end: only those rows' entries move
+                order = list(range(n))
+                holes = [i for i in range(n) if self.rows[i].reason is not None]
+                tail = [i for i in range(n, len(self.rows)) if self.rows[i].reason is None]
+                for h, t in zip(holes, tail, strict=True):
+                    order[h] = t
+                idx = torch.tensor(order, dtype=torch.long, device=self.device)
                 self.cache.keep_rows(idx)
                 self.st = self.st.select(idx)
+                self.rows = [self.rows[i] for i in order]
             else:
-                self.cache, self.st = None, None
-            self.rows = [self.rows[i] for i in keep]
+                self.cache, self.st, self.rows = None, None, []
         self.stats.active = len(self.rows)
         self.stats.cache_entries = int(self.cache.lengths.sum()) if self.cache is not None else 0

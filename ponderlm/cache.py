@@ -37,18 +37,23 @@ class KVCache:
         self.n_layers, self.batch = n_layers, batch
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.device, self.dtype = torch.device(device), dtype
+        # storage for up to `row_capacity` rows; k, v, bias are views of the first `batch` rows
         shape = (batch, n_kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.bias = torch.zeros(batch, capacity, device=device, dtype=dtype)  # (B, cap)
+        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self._bias = torch.zeros(batch, capacity, device=device, dtype=dtype)  # (rows, cap)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
-        self._rows = torch.arange(batch, device=device).unsqueeze(1)  # (B, 1)
         self._step: tuple[Tensor, Tensor, int, Tensor | None] | None = None
         self.next_pos: Tensor | None = None  # (B,) position of each row's next token (transformers wrapper)
+        self._set_batch(batch)
 
     @property
     def capacity(self) -> int:
-        return self.bias.shape[1]
+        return self._bias.shape[1]
+
+    @property
+    def row_capacity(self) -> int:
+        return self._bias.shape[0]
 
     def num_entries(self) -> Tensor:
         """Committed slots per row, (B,)."""
@@ -58,33 +63,53 @@ class KVCache:
         if need > self.capacity:
             self._resize(max(need, 2 * self.capacity))
 
-    def _resize(self, new: int) -> None:
-        """Pad the slot axis with zeros up to ``new`` entries (never below the current capacity)."""
-        cap = self.capacity
+    def _resize(self, new: int, rows: int | None = None) -> None:
+        """Pad the slot axis with zeros up to ``new`` entries and the row axis up to ``rows`` (never
+        below the current capacities)."""
+        cap, n = self.capacity, self.row_capacity
+        new, rows = max(new, cap), max(rows or 0, n)
+        if (new, rows) == (cap, n):
+            return
 
-        def grow(t: Tensor, dim: int) -> Tensor:
+        def grow(t: Tensor, slot_dim: int) -> Tensor:
             shape = list(t.shape)
-            shape[dim] = new - cap
-            return torch.cat([t, t.new_zeros(shape)], dim=dim)
+            shape[0], shape[slot_dim] = rows, new
+            out = t.new_zeros(shape)
+            out[:n].narrow(slot_dim, 0, cap).copy_(t)
+            return out
 
-        self.k = [grow(t, 2) for t in self.k]
-        self.v = [grow(t, 2) for t in self.v]
-        self.bias = grow(self.bias, 1)
+        self._k = [grow(t, 2) for t in self._k]
+        self._v = [grow(t, 2) for t in self._v]
+        self._bias = grow(self._bias, 1)
+        self._set_batch(self.batch)
 
     # ---------------------------------------------------- rows joining and leaving (continuous batching)
+    # Rows live in storage with room for more (grown by doubling); a row that joins is copied in after
+    # the others, one that leaves has its place taken by a later row. Both cost the rows that move,
+    # not the batch; the storage stays for the rows that join next, and goes when the batch empties.
     def keep_rows(self, idx: Tensor) -> None:
-        """Keep only rows ``idx`` (n,), in that order; the others' keys and values are released.
+        """Keep only rows ``idx`` (n,), in that order; the others' entries are released (their
+        storage is reused by rows that join later; all of it is freed when none is kept).
 
-        Capacity shrinks to what the kept rows hold (the next step grows it again), so a batch
-        whose long rows left holds no memory for them."""
+        Only rows whose place changes are copied, so an order that keeps most rows where they are
+        (a leaving row's place taken by a row from the end) moves few."""
         self._check_idle("keep_rows")
-        used = int(self.lengths[idx].max()) if idx.numel() else 0
-        self.k = [t[idx, :, :used].clone() for t in self.k]
-        self.v = [t[idx, :, :used].clone() for t in self.v]
-        self.bias = self.bias[idx, :used].clone()
+        n = int(idx.numel())
+        if n == 0:
+            self.__init__(self.n_layers, 0, self.n_kv_heads, self.head_dim, device=self.device, dtype=self.dtype,
+                          capacity=0)  # fmt: skip
+            return
+        dst = torch.arange(n, device=self.device)
+        moved = idx != dst
+        if bool(moved.any()):
+            src, to = idx[moved], dst[moved]
+            used = int(self.lengths[src].max())
+            for t in (*self._k, *self._v):
+                t[to, :, :used] = t[src, :, :used]  # the right side is gathered first: overlaps are safe
+            self._bias[to, :used] = self._bias[src, :used]
         self.lengths = self.lengths[idx].clone()
         self.next_pos = self.next_pos[idx].clone() if self.next_pos is not None else None
-        self._set_batch(int(idx.numel()))
+        self._set_batch(n)
 
     def append_rows(self, other: KVCache) -> None:
         """Add the rows of ``other`` (e.g. a just-prefilled prompt) after this cache's rows."""
@@ -94,19 +119,38 @@ class KVCache:
             self.n_layers, self.n_kv_heads, self.head_dim, self.dtype,
         ):  # fmt: skip
             raise ValueError("append_rows: the caches differ in layers, heads, head size or dtype")
-        cap = max(self.capacity, other.capacity)
-        self._resize(cap)
-        other._resize(cap)
-        self.k = [torch.cat([a, b]) for a, b in zip(self.k, other.k, strict=True)]
-        self.v = [torch.cat([a, b]) for a, b in zip(self.v, other.v, strict=True)]
-        self.bias = torch.cat([self.bias, other.bias])
-        self.lengths = torch.cat([self.lengths, other.lengths])
+        B, m = self.batch, other.batch
+        used = int(other.lengths.max()) if m else 0
+        self._make_room(B + m, used)
+        for t, o in zip((*self._k, *self._v), (*other.k, *other.v), strict=True):
+            t[B : B + m, :, :used] = o[:, :, :used]
+        self._bias[B : B + m, :used] = other.bias[:, :used]
         both = self.next_pos is not None and other.next_pos is not None  # positions kept only if every row has one
         self.next_pos = torch.cat([self.next_pos, other.next_pos]) if both else None
-        self._set_batch(self.batch + other.batch)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self._set_batch(B + m)
+
+    def append_empty(self, m: int) -> None:
+        """Add ``m`` rows holding nothing yet (prompts that will walk through the recurrence);
+        their next position is 0."""
+        self._check_idle("append_empty")
+        B = self.batch
+        self._make_room(B + m, 0)
+        zeros = torch.zeros(m, dtype=torch.long, device=self.device)
+        self.next_pos = torch.cat([self.next_pos, zeros]) if self.next_pos is not None else None
+        self.lengths = torch.cat([self.lengths, zeros])
+        self._set_batch(B + m)
+
+    def _make_room(self, rows: int, slots: int) -> None:
+        grow_rows = rows > self.row_capacity
+        if grow_rows or slots > self.capacity:
+            self._resize(max(slots, self.capacity), max(rows, 2 * self.row_capacity) if grow_rows else None)
 
     def _set_batch(self, batch: int) -> None:
         self.batch = batch
+        self.k = [t[:batch] for t in self._k]  # (B, Hkv, cap, hd) views
+        self.v = [t[:batch] for t in self._v]
+        self.bias = self._bias[:batch]  # (B, cap)
         self._rows = torch.arange(batch, device=self.device).unsqueeze(1)  # (B, 1)
 
     def _check_idle(self, what: str) -> None:

@@ -631,6 +631,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=_int_at_least(1), default=None)
     p.add_argument("--top-p", type=_number(above=0, at_most=1), default=None)
     p.add_argument("--seed", type=_seed, default=None)
+    p.add_argument("--prefill", choices=("auto", "exact", "converged", "parallel"), default="auto",
+                   help="how the prompt is computed: auto (converged Jacobi for latent-thought models, one "
+                        "parallel pass otherwise), exact (the recurrence, slot by slot: what `ponderlm serve` "
+                        "computes for prompts up to --walk-max tokens)")  # fmt: skip
     p.add_argument("--show-depth", action="store_true", help="colour (terminal) or [d] markers per token")
     p.add_argument("--no-colour", action="store_true", help="plain [d] markers even on a terminal")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -654,7 +658,7 @@ def cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     _use_threads(args)
     settings = Settings(
         max_new_tokens=args.max_new_tokens, tau=args.tau, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, show_depth=args.show_depth,
+        top_p=args.top_p, seed=args.seed, show_depth=args.show_depth, prefill=args.prefill,
         colour=sys.stdout.isatty() and not args.no_colour and not os.environ.get("NO_COLOR"),
     )  # fmt: skip
     return serve_main(args.checkpoint, args.prompt, settings, args.interactive, device)
@@ -674,6 +678,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory's name)")
     p.add_argument("--shutdown-timeout", type=_number(at_least=0), default=30.0,
                    help="seconds SIGTERM waits for streams in flight")  # fmt: skip
+    p.add_argument("--prefill", choices=("auto", "exact", "converged", "parallel"), default="auto",
+                   help="exact: prompts walk through the batch, slot by slot; converged/parallel: each prompt is "
+                        "prefilled alone when admitted; auto (default): walk prompts of up to --walk-max tokens "
+                        "for latent-thought models, parallel for the others (docs/SERVING.md)")  # fmt: skip
+    p.add_argument("--walk-max", type=_int_at_least(0), default=64,
+                   help="with --prefill auto: the longest prompt that walks (default 64 tokens)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(handler=cmd_serve)
 
@@ -722,22 +732,27 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     _needs("fastapi", "ponderlm serve", "'ponderlm[serve]'")
     _needs("uvicorn", "ponderlm serve", "'ponderlm[serve]'")
-    from .batching import BatchSettings, Scheduler
+    from .batching import BatchSettings
+    from .engine import Engine
     from .loading import load_model
     from .openai_api import ServerSettings, api_key_from_env, run
 
     if args.tau is not None:
         check_tau(args.tau)
     device = resolve_device(args.device)
-    model, tok, _ = load_model(args.checkpoint, device)
-    if model.cfg.n_rounds > 1:
-        raise ConfigError(f"serve decodes slot methods; {model.cfg.method!r} decodes by rounds (use `generate`)")
-    sched = Scheduler(model, tok.eot_id, BatchSettings(max_batch=args.max_batch, max_queue=args.max_queue,
-                                                       tau=args.tau))  # fmt: skip
+    model, tok, _ = load_model(args.checkpoint, device)  # every mistake in the checkpoint is one line here
+    cfg = model.cfg
+    del model  # the engine process loads its own copy
+    if cfg.n_rounds > 1:
+        raise ConfigError(f"serve decodes slot methods; {cfg.method!r} decodes by rounds (use `generate`)")
     name = args.model_name or Path(args.checkpoint).resolve().name
-    settings = ServerSettings(model_id=name, context=model.cfg.max_seq_len, api_key=api_key_from_env(args.api_key))
+    settings = ServerSettings(model_id=name, context=cfg.max_seq_len, api_key=api_key_from_env(args.api_key))
     sock = _listen(args.host, args.port)
-    return run(sched, tok, settings, sock, shutdown_timeout=args.shutdown_timeout)
+    batch = BatchSettings(max_batch=args.max_batch, max_queue=args.max_queue, tau=args.tau, prefill=args.prefill,
+                          walk_max=args.walk_max)  # fmt: skip
+    engine = Engine(args.checkpoint, str(device), batch)
+    engine.start()
+    return run(engine, tok, settings, sock, shutdown_timeout=args.shutdown_timeout)
 
 
 def _add_demo(sub) -> None:

@@ -30,6 +30,7 @@ class Settings:
     seed: int | None = None
     show_depth: bool = False
     colour: bool = False
+    prefill: str = "auto"  # the prompt computation (generate's `prefill`); `ponderlm serve` walks short prompts: exact
 
 
 class TextStream:
@@ -91,6 +92,7 @@ def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO, echo
         top_p=settings.top_p,
         seed=settings.seed,
         eos_token_id=tok.eot_id,
+        prefill=settings.prefill,
         on_token=stream,
     )
     out.write("\n")

@@ -129,24 +129,28 @@ def test_round_methods_are_refused():
 def _cache(batch: int, lengths: list[int], cap: int, seed: int) -> KVCache:
     g = torch.Generator().manual_seed(seed)
     c = KVCache(2, batch, 2, 4, device="cpu", dtype=torch.float32, capacity=cap)
-    c.k = [torch.randn(c.k[0].shape, generator=g) for _ in range(2)]
-    c.v = [torch.randn(c.v[0].shape, generator=g) for _ in range(2)]
-    c.bias = torch.randn(c.bias.shape, generator=g)
+    for t in (*c.k, *c.v, c.bias):
+        t.copy_(torch.randn(t.shape, generator=g))
     c.lengths = torch.tensor(lengths)
     return c
 
 
 def test_cache_rows_join_and_leave():
+    """Rows join after the others, leave with their places taken; only held entries count."""
     a, b = _cache(2, [3, 5], 8, 0), _cache(1, [6], 16, 1)
     a_k, b_k = [t.clone() for t in a.k], [t.clone() for t in b.k]
     a.append_rows(b)
-    assert a.batch == 3 and a.capacity == 16 and a.lengths.tolist() == [3, 5, 6]
-    assert torch.equal(a.k[1][:2, :, :8], a_k[1]) and torch.equal(a.k[1][2:], b_k[1])
+    assert a.batch == 3 and a.capacity == 8 and a.lengths.tolist() == [3, 5, 6]  # b held 6 of its 16
+    assert torch.equal(a.k[1][:2, :, :5], a_k[1][:, :, :5]) and torch.equal(a.k[1][2, :, :6], b_k[1][0, :, :6])
+    a.append_empty(2)
+    assert a.batch == 5 and a.row_capacity >= 5 and a.lengths.tolist() == [3, 5, 6, 0, 0]
     a.keep_rows(torch.tensor([2, 0]))
-    assert a.batch == 2 and a.lengths.tolist() == [6, 3] and a.capacity == 6  # shrunk to what is held
-    assert torch.equal(a.k[0][0], b_k[0][0, :, :6]) and torch.equal(a.k[0][1], a_k[0][0, :, :6])
+    assert a.batch == 2 and a.lengths.tolist() == [6, 3] and a.bias.shape[0] == 2
+    assert torch.equal(a.k[0][0, :, :6], b_k[0][0, :, :6]) and torch.equal(a.k[0][1, :, :3], a_k[0][0, :, :3])
+    a.keep_rows(torch.tensor([1]))  # a row moves into the place of one that left
+    assert torch.equal(a.v[1][0, :, :3], _cache(2, [3, 5], 8, 0).v[1][0, :, :3])
     a.keep_rows(torch.tensor([], dtype=torch.long))
-    assert a.batch == 0 and a.capacity == 0 and a.k[0].numel() == 0
+    assert a.batch == 0 and a.capacity == 0 and a.row_capacity == 0 and a.k[0].numel() == 0  # storage freed
 
 
 def test_ignore_eos_runs_to_max_tokens():
@@ -174,3 +178,57 @@ def test_a_request_that_fails_at_admission_gets_its_error_and_the_batch_goes_on(
     assert bad.end.reason == "error" and bad.tokens == []
     assert (good.tokens, good.depths) == _reference(model, [3, 4], 3, None, model.cfg.tau)
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ponderlm2", "ponderlm3"])
+def test_walked_prompts_equal_exact_prefill_and_long_ones_generate_default(method):
+    """In float32, where the two prefills differ in the last bits: prompts up to walk_max tokens
+    walk through the batch and give exactly generate(prefill="exact")'s tokens and depths (prompt
+    depths too, through the FLOPs); longer ones are prefilled alone and give generate's default."""
+    from ponderlm.flops import inference_flops
+
+    model = tiny_model(method, dtype=torch.float32)
+    tau, walk_max = 0.4, 4
+    sched = Scheduler(model, None, BatchSettings(max_batch=3, tau=tau, walk_max=walk_max))
+    prompts = _prompts(6, model.cfg.vocab_size, seed=3)
+    assert {len(p) <= walk_max for p in prompts} == {True, False}  # both kinds, in one batch
+    got = [Collect() for _ in prompts]
+    for step in range(400):
+        if step < len(prompts):  # one arrival per step: rows join while others walk or decode
+            sched.submit(Request(prompts[step], 7, on_event=got[step]))
+        if not sched.step() and step >= len(prompts):
+            break
+    for p, c in zip(prompts, got, strict=True):
+        how = "exact" if len(p) <= walk_max else "auto"
+        out = model.generate(torch.tensor([p]), 7, tau=tau, prefill=how, schedule="token")
+        assert (c.tokens, c.depths) == (out.tokens[0, len(p) :].tolist(), out.depth[0].tolist()), (len(p), how)
+        fed = torch.cat([out.prompt_depth[0], out.depth[0, 1:]]).unsqueeze(0)
+        assert c.end.flops == inference_flops(model.cfg, fed).total and c.end.prompt_tokens == len(p)
+
+
+def test_walking_rows_share_the_steps_and_a_bad_id_is_refused_at_admission():
+    model = tiny_model("ponderlm3", dtype=torch.float64)
+    sched = Scheduler(model, None, BatchSettings(max_batch=4, tau=0.4, prefill="exact"))
+    bad, walker, gone = Collect(), Collect(), Collect()
+    sched.submit(Request([3, 4, model.cfg.vocab_size], 3, on_event=bad))  # the bad id is the last one
+    long = Request(list(range(1, 30)), 2, on_event=gone)
+    sched.submit(Request([5, 6, 7, 8], 3, on_event=walker))
+    sched.submit(long)
+    sched.step()
+    assert bad.end.reason == "error" and len(sched.rows) == 2  # refused before it could fail a step
+    assert sched.cache.lengths.tolist() == [1, 1]  # both walk: one slot each so far, no prefill
+    for _ in range(3):
+        sched.step()
+    long.cancel()  # cancelled while walking its prompt
+    while sched.step():
+        pass
+    assert gone.end.reason == "cancelled" and gone.end.prompt_tokens == 29 and gone.tokens == []
+    assert (walker.tokens, walker.depths) == _reference(model, [5, 6, 7, 8], 3, None, 0.4)
+    assert sched.cache is None
+
+
+def test_batch_settings_are_checked():
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        BatchSettings(prefill="fast")
+    with pytest.raises(ValueError, match="walk_max"):
+        BatchSettings(walk_max=-1)
