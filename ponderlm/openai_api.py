@@ -1,11 +1,12 @@
 """``ponderlm serve``: the OpenAI-compatible HTTP API over the continuous-batching scheduler
-(:mod:`ponderlm.batching`). Needs the ``serve`` extra (FastAPI, uvicorn).
+(:mod:`ponderlm.batching`), which runs in its own process (:mod:`ponderlm.engine`). Needs the
+``serve`` extra (FastAPI, uvicorn, httptools, uvloop).
 
-The event loop never touches the model: a request is validated, its prompt tokenized and checked
-against the context, and a :class:`~ponderlm.batching.Request` queued; the scheduler thread hands
-each step's tokens back with one ``loop.call_soon_threadsafe`` into the requests' asyncio queues. Text is
-decoded here, incrementally (an incomplete UTF-8 sequence or a possible start of a stop string
-is held back), and a stop string found in it cancels the row.
+This process never touches the model: a request is validated, its prompt tokenized and checked
+against the context, and a :class:`~ponderlm.batching.Request` sent to the engine; the engine's
+messages (a step's tokens, in one message) are read on the event loop and put into the requests'
+asyncio queues. Text is decoded here, incrementally (an incomplete UTF-8 sequence or a possible
+start of a stop string is held back), and a stop string found in it cancels the row.
 
 Extensions to OpenAI's shapes: every choice (and every streamed chunk) carries ``ponder_depths``,
 the realised ponder steps of each generated token it covers, and ``usage`` adds ``flops`` (the
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -31,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import batching
-from .batching import Finished, QueueFull, Scheduler, Token
+from .batching import Finished, QueueFull, Token
+from .engine import Engine, EngineError
 
 API_KEY_ENV = "PONDERLM_API_KEY"
 CHAT_ROLES = ("system", "user", "assistant")
@@ -157,11 +160,12 @@ class Stream:
         self.pending: list[int] = []  # depths of tokens whose text is not out yet
         self.stopped = False
 
-    def push(self, ev: Token) -> tuple[str, list[int]]:
-        """Add a token; returns (new text that can be sent, depths of the tokens it completes)."""
-        self.ids.append(ev.token)
-        self.depths.append(ev.depth)
-        self.pending.append(ev.depth)
+    def push(self, evs: list[Token]) -> tuple[str, list[int]]:
+        """Add tokens; returns (new text that can be sent, depths of the tokens it completes)."""
+        for ev in evs:
+            self.ids.append(ev.token)
+            self.depths.append(ev.depth)
+            self.pending.append(ev.depth)
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return "", []
@@ -205,20 +209,17 @@ class Api:
 
     KNOWN = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
-    def __init__(self, sched: Scheduler, tok, settings: ServerSettings) -> None:
-        self.sched, self.tok, self.s = sched, tok, settings
+    def __init__(self, engine: Engine, tok, settings: ServerSettings) -> None:
+        self.engine, self.tok, self.s = engine, tok, settings
         self.counters: dict[tuple[str, int], int] = {}  # (path, status) -> requests
 
     def count(self, path: str, status: int) -> None:
         key = (path if path in self.KNOWN else "other", status)  # bounded label values
         self.counters[key] = self.counters.get(key, 0) + 1
 
-    def authorized(self, request: Request) -> bool:
-        return self.s.api_key is None or request.headers.get("authorization", "") == f"Bearer {self.s.api_key}"
-
     def models(self) -> dict:
-        cfg = self.sched.model.cfg
-        ponder = {"method": cfg.method, "max_depth": cfg.max_depth, "tau": self.sched.tau}
+        info = self.engine.info
+        ponder = {"method": info.method, "max_depth": info.max_depth, "tau": info.tau}
         card = {"id": self.s.model_id, "object": "model", "created": 0, "owned_by": "ponderlm",
                 "max_model_len": self.s.context, "ponder": ponder}  # fmt: skip
         return {"object": "list", "data": [card]}
@@ -251,10 +252,13 @@ class Api:
         req = batching.Request(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                                ignore_eos=body.ignore_eos, on_event=events.put_nowait)  # fmt: skip
         try:
-            self.sched.submit(req)
+            self.engine.submit(req)
         except QueueFull as e:
             raise ApiError(429, f"the server is at capacity ({e}); retry later", kind="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None  # fmt: skip
+        except EngineError as e:
+            raise ApiError(503, f"the server cannot generate: {e}", kind="server_error",
+                           code="engine_down") from None  # fmt: skip
         out = _Out(rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", created=int(time.time()),
                    model=self.s.model_id, chat=chat)  # fmt: skip
         stream = Stream(self.tok, stops)
@@ -291,29 +295,45 @@ def _sse_line(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def _drain(events: asyncio.Queue, first) -> tuple[list[Token], Finished | None]:
+    """``first`` and every event already waiting: the tokens, and the end if it came."""
+    toks, ev = [], first
+    while True:
+        if isinstance(ev, Finished):
+            return toks, ev
+        toks.append(ev)
+        if events.empty():
+            return toks, None
+        ev = events.get_nowait()
+
+
 async def _sse(req: batching.Request, events: asyncio.Queue, stream: Stream, out: _Out,
                include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events: a chunk per piece of text (with the depths of the tokens it completes),
-    the finish reason, usage if asked, ``[DONE]``. However it ends, the row is released."""
+    the finish reason, usage if asked, ``[DONE]``. A chunk carries every token that arrived since
+    the last one: one token while the client keeps up, several when the event loop falls behind
+    (fewer, larger writes exactly when writes are the bottleneck). However it ends, the row is
+    released."""
     try:
         if out.chat:
             yield _sse_line(out.chunk("", [], None, role=True))
         while True:
-            ev = await events.get()
-            if isinstance(ev, Token):
-                text, depths = stream.push(ev)
+            toks, end = _drain(events, await events.get())
+            if toks:
+                text, depths = stream.push(toks)
                 if text or depths:
                     yield _sse_line(out.chunk(text, depths, None))
                 if stream.stopped:
                     req.cancel()
+            if end is None:
                 continue
-            if ev.reason in ("cancelled", "error") and not stream.stopped:
+            if end.reason in ("cancelled", "error") and not stream.stopped:
                 yield _sse_line(error_body("the generation was cut short on the server", "server_error"))
                 break
             text, depths = stream.flush()
-            yield _sse_line(out.chunk(text, depths, finish_reason(ev, stream)))
+            yield _sse_line(out.chunk(text, depths, finish_reason(end, stream)))
             if include_usage:
-                yield _sse_line({**out.obj([], chunk=True), "usage": usage(ev, len(stream.ids))})
+                yield _sse_line({**out.obj([], chunk=True), "usage": usage(end, len(stream.ids))})
             break
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or the server is stopping): the row goes at the next step
@@ -330,11 +350,14 @@ async def _whole(request: Request, req: batching.Request, events: asyncio.Queue,
                 if await request.is_disconnected():
                     return PlainTextResponse("", status_code=499)
                 continue
-            if isinstance(ev, Finished):
+            toks, end = _drain(events, ev)
+            if toks:
+                stream.push(toks)
+                if stream.stopped:
+                    req.cancel()
+            if end is not None:
+                ev = end
                 break
-            stream.push(ev)
-            if stream.stopped:
-                req.cancel()
     finally:
         req.cancel()
     if ev.reason in ("cancelled", "error") and not stream.stopped:
@@ -348,19 +371,41 @@ async def _whole(request: Request, req: batching.Request, events: asyncio.Queue,
     return {**out.obj([choice], chunk=False), "usage": usage(ev, len(stream.ids))}
 
 
+class _AuthAndCount:
+    """Pure ASGI middleware: the API key check and the request count by path and status. (Not
+    Starlette's BaseHTTPMiddleware, which passes every streamed chunk through an extra stream.)"""
+
+    def __init__(self, app, api: Api) -> None:
+        self.app, self.api = app, api
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        key = self.api.s.api_key
+        if key is not None:
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if auth != f"Bearer {key}".encode():
+                self.api.count(path, 401)
+                body = error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
+                                  code="invalid_api_key")  # fmt: skip
+                return await JSONResponse(body, status_code=401)(scope, receive, send)
+        status = []
+
+        async def send_counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.api.count(path, status[0] if status else 500)
+
+
 def _guard(app: FastAPI, api: Api) -> None:
     """The API key check, request counting, and every error in OpenAI's shape."""
-
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        if not api.authorized(request):
-            api.count(request.url.path, 401)
-            body = error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
-                              code="invalid_api_key")  # fmt: skip
-            return JSONResponse(body, status_code=401)
-        response = await call_next(request)
-        api.count(request.url.path, response.status_code)
-        return response
+    app.add_middleware(_AuthAndCount, api=api)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -377,25 +422,18 @@ def _guard(app: FastAPI, api: Api) -> None:
         return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
 
 
-def _dispatch(items: list[tuple[batching.Request, batching.Event]]) -> None:
-    """On the event loop: a scheduler step's events into their requests' queues."""
-    for req, ev in items:
-        req.on_event(ev)
-
-
-def create_app(sched: Scheduler, tok, settings: ServerSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app; the scheduler is started and stopped with it (``on_ready`` once it runs)."""
-    api = Api(sched, tok, settings)
+def create_app(engine: Engine, tok, settings: ServerSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app over a started engine, which it reads on its event loop and stops at the
+    end (``on_ready`` once it serves)."""
+    api = Api(engine, tok, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = asyncio.get_running_loop()
-        sched.deliver = lambda items: loop.call_soon_threadsafe(_dispatch, items)  # one wake-up per step
-        sched.start()
+        engine.attach(asyncio.get_running_loop())
         if on_ready is not None:
             on_ready()
         yield
-        sched.stop()
+        engine.stop(timeout=10.0)
 
     app = FastAPI(title="ponderlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -403,6 +441,8 @@ def create_app(sched: Scheduler, tok, settings: ServerSettings, on_ready: Callab
 
     @app.get("/health")
     async def health():
+        if engine.dead is not None:
+            return JSONResponse({"status": "error", "reason": engine.dead}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -411,7 +451,7 @@ def create_app(sched: Scheduler, tok, settings: ServerSettings, on_ready: Callab
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(metrics_text(sched, api.counters), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics_text(engine, api.counters), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -427,9 +467,12 @@ def create_app(sched: Scheduler, tok, settings: ServerSettings, on_ready: Callab
     return app
 
 
-def metrics_text(sched: Scheduler, counters: dict) -> str:
-    """Prometheus text exposition of the scheduler's counters and the HTTP request counts."""
-    s = sched.stats
+def metrics_text(engine: Engine, counters: dict) -> str:
+    """Prometheus text exposition of the scheduler's counters (as the engine last reported them)
+    and the HTTP request counts."""
+    s = SimpleNamespace(**{"admitted": 0, "tokens": 0, "depth_sum": 0, "decode_flops": 0.0, "decode_tokens": 0,
+                           "steps": 0, "cache_entries": 0, "tokens_per_second": 0.0, **engine.stats})  # fmt: skip
+    waiting = max(0, len(engine.reqs) - s.active)  # in flight here, not (yet) in the batch
     lines = ["# HELP ponderlm_http_requests_total HTTP requests by path and status.",
              "# TYPE ponderlm_http_requests_total counter"]  # fmt: skip
     for (path, status), n in sorted(counters.items()):
@@ -437,13 +480,14 @@ def metrics_text(sched: Scheduler, counters: dict) -> str:
     finished = "\n".join(f'ponderlm_requests_finished_total{{reason="{r}"}} {n}' for r, n in sorted(s.finished.items()))
     gauges = [
         ("ponderlm_requests_admitted_total", "counter", "Requests that entered the batch.", s.admitted),
-        ("ponderlm_queue_length", "gauge", "Requests waiting for a row.", sched.queue.qsize()),
-        ("ponderlm_queue_capacity", "gauge", "Requests the queue holds before refusing (429).", sched.s.max_queue),
+        ("ponderlm_queue_length", "gauge", "Requests waiting for a row.", waiting),
+        ("ponderlm_queue_capacity", "gauge", "Requests the queue holds before refusing (429).",
+         engine.settings.max_queue),
         ("ponderlm_batch_rows", "gauge", "Rows decoding now.", s.active),
         ("ponderlm_cache_entries", "gauge", "KV cache slots held by the running rows.", s.cache_entries),
         ("ponderlm_generated_tokens_total", "counter", "Generated tokens (EOS excluded).", s.tokens),
         ("ponderlm_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
-         s.tokens_per_second()),
+         s.tokens_per_second),
         ("ponderlm_mean_depth", "gauge", "Mean realised ponder depth of the generated tokens.",
          s.depth_sum / s.tokens if s.tokens else 0.0),
         ("ponderlm_flops_per_token", "gauge", "Inference FLOPs per generated token of finished requests.",
@@ -461,7 +505,7 @@ def api_key_from_env(given: str | None) -> str | None:
     return given if given is not None else (os.environ.get(API_KEY_ENV) or None)
 
 
-def run(sched: Scheduler, tok, settings: ServerSettings, sock, *, shutdown_timeout: float = 30.0) -> int:
+def run(engine: Engine, tok, settings: ServerSettings, sock, *, shutdown_timeout: float = 30.0) -> int:
     """Serve on the listening socket ``sock`` until SIGTERM or SIGINT, then finish the streams in
     flight (for up to ``shutdown_timeout`` seconds; later ones are cut), stop the scheduler and
     return 0."""
@@ -473,11 +517,11 @@ def run(sched: Scheduler, tok, settings: ServerSettings, sock, *, shutdown_timeo
     host, port = sock.getsockname()[:2]
 
     def ready() -> None:
-        cfg = sched.model.cfg
-        what = f"{cfg.method}, K={cfg.max_depth}, tau {sched.tau:g}, max batch {sched.s.max_batch}"
-        print(f"serving {settings.model_id} ({what}, queue {sched.s.max_queue}) on http://{host}:{port}", flush=True)
+        i = engine.info
+        what = f"{i.method}, K={i.max_depth}, tau {i.tau:g}, max batch {i.max_batch}"
+        print(f"serving {settings.model_id} ({what}, queue {i.max_queue}) on http://{host}:{port}", flush=True)
 
-    app = create_app(sched, tok, settings, on_ready=ready)
+    app = create_app(engine, tok, settings, on_ready=ready)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=shutdown_timeout,
                             lifespan="on")  # fmt: skip
     server = uvicorn.Server(config)

@@ -52,14 +52,16 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(run):
-    """What `ponderlm generate` computes for one prompt (greedy, EOS stops): (text, depths)."""
+    """What `ponderlm generate --prefill exact` computes for one prompt (greedy, EOS stops):
+    (text, depths). The server walks prompts this short through the batch: the exact recurrence."""
     from ponderlm.loading import load_model
 
     model, tok, _ = load_model(run)
 
     def ref(prompt: str, n: int) -> tuple[str, list[int]]:
         ids = torch.tensor([tok.encode(prompt)])
-        out = model.generate(ids, n, eos_token_id=tok.eot_id, tau=float(TAU), on_token=lambda *_: None)
+        out = model.generate(ids, n, eos_token_id=tok.eot_id, tau=float(TAU), prefill="exact",
+                             on_token=lambda *_: None)  # fmt: skip
         new = out.tokens[0, out.prompt_depth.shape[1] :].tolist()
         k = new.index(tok.eot_id) if tok.eot_id in new else len(new)
         return tok.decode(new[:k]), out.depth[0, :k].tolist()
@@ -79,6 +81,7 @@ class Server:
         assert m, (line, self.proc.stderr.read() if self.proc.poll() is not None else "")
         self.url = m.group(1)
         self.model = run.name
+        self.children = _children(self.proc.pid)  # the engine process (and multiprocessing's helper)
 
     def metrics(self) -> dict[str, float]:
         text = httpx.get(f"{self.url}/metrics", headers=KEY).text
@@ -295,6 +298,33 @@ def test_sigterm_finishes_streams_and_exits_0(guarded):
     assert lines[-1] == "data: [DONE]" and len(lines) > 2  # finished, not cut
     assert s.proc.wait(timeout=60) == 0
     assert "Traceback" not in s.proc.stderr.read()
+    assert not [pid for pid in s.children if _alive(pid)]  # the engine process stopped with it
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # an exited child nobody reaped yet is gone
+
+
+def test_a_killed_server_leaves_no_engine_behind(run):
+    """SIGKILL gives the server no chance to stop its engine process: the engine notices the
+    closed pipe and exits by itself."""
+    s = Server(run)
+    kids = _children(s.proc.pid)
+    assert kids, "the engine runs in a child process"
+    s.proc.kill()
+    s.proc.wait(timeout=30)
+    end = time.monotonic() + 20
+    while [pid for pid in kids if _alive(pid)] and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not [pid for pid in kids if _alive(pid)]
 
 
 def test_stop_strings_are_cut_and_their_starts_held_back():
@@ -308,9 +338,11 @@ def test_stop_strings_are_cut_and_their_starts_held_back():
         def decode(self, ids):
             return "".join(map(chr, ids))
 
-    stream = Stream(Chars(), [CHAT_STOP])
     text = "ab\n\nUser: more"
-    pieces = [stream.push(Token(ord(c), i % 3)) for i, c in enumerate(text)]
-    sent = "".join(text for text, _ in pieces)
-    assert sent == "ab" and stream.stopped and stream.sent == "ab"
-    assert [d for _, ds in pieces for d in ds] == [i % 3 for i in range(len(text))]  # every token's, in order
+    toks = [Token(ord(c), i % 3) for i, c in enumerate(text)]
+    for size in (1, 3):  # one token per chunk, or several (a stream whose client fell behind)
+        stream = Stream(Chars(), [CHAT_STOP])
+        pieces = [stream.push(toks[i : i + size]) for i in range(0, len(toks), size)]
+        sent = "".join(text for text, _ in pieces)
+        assert sent == "ab" and stream.stopped and stream.sent == "ab"
+        assert [d for _, ds in pieces for d in ds] == [i % 3 for i in range(len(text))]  # every token's, in order
