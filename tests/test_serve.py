@@ -346,3 +346,20 @@ def test_stop_strings_are_cut_and_their_starts_held_back():
         sent = "".join(text for text, _ in pieces)
         assert sent == "ab" and stream.stopped and stream.sent == "ab"
         assert [d for _, ds in pieces for d in ds] == [i % 3 for i in range(len(text))]  # every token's, in order
+
+
+def test_a_dead_engine_gives_503_and_the_server_still_stops_cleanly(run):
+    s = Server(run)
+    try:
+        engine = [pid for pid in s.children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(engine) == 1
+        os.kill(engine[0], signal.SIGKILL)
+        end = time.monotonic() + 20
+        while httpx.get(f"{s.url}/health").status_code != 503 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert httpx.get(f"{s.url}/health").status_code == 503
+        r = httpx.post(f"{s.url}/v1/completions", json={"model": s.model, "prompt": "The", "max_tokens": 3})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down"
+    finally:
+        assert s.stop() == 0
+    assert "engine process exited" in s.proc.stderr.read()
