@@ -1,21 +1,24 @@
 """Serving under load: does the depth the router saves become requests per second?
 
-For each checkpoint, starts ``ponderlm serve`` as a subprocess on 127.0.0.1 (a free port) and
-drives it with C concurrent streaming clients (closed loop: each sends its next request when the
-last one ends), fixed prompts and fixed lengths (``ignore_eos``), a bounded number of requests and
-a bounded time per level. Reported per (model, clients): generated tokens/s, p50/p99 time to
-first token and per-token latency (a request's mean gap between tokens after its first), mean depth and FLOPs per
+Starts ``ponderlm serve`` for every checkpoint as a subprocess on 127.0.0.1 (free ports), and
+drives each with C concurrent streaming clients (closed loop: each sends its next request when
+the last one ends), fixed prompts and fixed lengths (``ignore_eos``), a bounded number of
+requests and a bounded time per turn. The models take turns (``--turns``, the order rotating),
+so a drift in the machine's speed moves them alike. Reported per (model, clients): generated
+tokens/s (median turn), p50/p99 time to first token and per-token latency (a request's mean gap
+between tokens after its first; over every request of every turn), mean depth and FLOPs per
 generated token (from the responses' ``ponder_depths`` and ``usage``). Then:
 
 * PonderLM-3 against PonderLM-2 (the runs named by --p3 and --p2): the throughput ratio at each
-  client count, the ideal ratio its FLOPs per token predict, and their quotient (goal >= 0.85 at
-  16 clients);
+  client count (median over turns of the ratio within a turn), the ideal ratio its FLOPs per token
+  predict, and their quotient (goal >= 0.85 at 16 clients);
 * the server's overhead: one wave of --batch requests sent at once against in-process
-  ``generate`` on the same prompts as one batch (same threads, prefill included in both; goal
-  <= 10%).
+  ``generate`` on the same prompts as one batch, in turns (medians; one torch thread each,
+  prompts included in both; goal <= 10%), with the server's computation (``prefill="exact"``:
+  prompts walked slot by slot, as the server walks them) and with generate's default prefill.
 
     python benchmarks/serve_load.py --checkpoints runs/cpu_text/vanilla runs/cpu_text/p2-k3 \\
-        runs/cpu_text/p3-k3-l0.05 --tau 0.05 --out results/serve_load/serve_load.json
+        runs/cpu_text/p3-k3-l0.05 --tau 0.05 --out results/serve/serve-load.json
 
 ``--soak SECONDS`` instead floods the first checkpoint's server beyond its queue for that long
 and reports the server's resident memory and cache entries after a warm-up and after the soak.
@@ -144,34 +147,53 @@ async def load(server: Server, prompts: list[str], clients: int, requests: int, 
             "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in done], 0.99),
             "tpot_p50_ms": 1e3 * pct(tpot, 0.5), "tpot_p99_ms": 1e3 * pct(tpot, 0.99),
             "mean_depth": statistics.fmean(depths) if depths else float("nan"),
-            "flops_per_token": comp_flops / tokens if tokens else float("nan")}  # fmt: skip
+            "flops_per_token": comp_flops / tokens if tokens else float("nan"),
+            "ttft": [r["ttft"] for r in done], "tpot": tpot, "completion_flops": comp_flops,
+            "depths": depths}  # fmt: skip
 
 
-def in_process(checkpoint: str, prompts: list[str], max_tokens: int, tau: float | None, threads: int) -> float:
-    """Generated tokens/s of ``generate`` on the prompts as one left-padded batch (its default
-    schedule and prefill), median of 3 after a warm-up."""
-    import torch
+def pooled(runs: list[dict]) -> dict:
+    """One row from a model's turns at one client count: the median turn's tokens/s, latency
+    percentiles over every request of every turn, depth and FLOPs over every token."""
+    ttft = [x for r in runs for x in r["ttft"]]
+    tpot = [x for r in runs for x in r["tpot"]]
+    depths = [d for r in runs for d in r["depths"]]
+    tokens = sum(r["tokens"] for r in runs)
+    return {"clients": runs[0]["clients"], "turns": len(runs), "requests": sum(r["requests"] for r in runs),
+            "tokens": tokens, "tok_s": statistics.median(r["tok_s"] for r in runs),
+            "tok_s_turns": [r["tok_s"] for r in runs],
+            "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
+            "tpot_p50_ms": 1e3 * pct(tpot, 0.5), "tpot_p99_ms": 1e3 * pct(tpot, 0.99),
+            "mean_depth": statistics.fmean(depths) if depths else float("nan"),
+            "flops_per_token": sum(r["completion_flops"] for r in runs) / max(tokens, 1)}  # fmt: skip
 
-    from ponderlm.loading import load_model
 
-    torch.set_num_threads(threads)
-    model, tok, _ = load_model(checkpoint)
-    enc = [tok.encode(p) for p in prompts]
-    T = max(len(e) for e in enc)
-    ids = torch.tensor([[0] * (T - len(e)) + e for e in enc])
-    mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc])
-    times = []
-    for _ in range(4):
+class InProcess:
+    """``generate`` in this process on the prompts as one left-padded batch (its default schedule)."""
+
+    def __init__(self, checkpoint: str, prompts: list[str], max_tokens: int, tau: float | None, threads: int) -> None:
+        import torch
+
+        from ponderlm.loading import load_model
+
+        torch.set_num_threads(threads)
+        self.model, tok, _ = load_model(checkpoint)
+        enc = [tok.encode(p) for p in prompts]
+        T = max(len(e) for e in enc)
+        self.ids = torch.tensor([[0] * (T - len(e)) + e for e in enc])
+        self.mask = torch.tensor([[0] * (T - len(e)) + [1] * len(e) for e in enc])
+        self.max_tokens, self.tau = max_tokens, tau
+        self.tok_s("exact")  # warm-up
+
+    def tok_s(self, prefill: str) -> float:
         t0 = time.perf_counter()
-        model.generate(ids, max_tokens, attention_mask=mask, tau=tau)
-        times.append(time.perf_counter() - t0)
-    return len(prompts) * max_tokens / statistics.median(times[1:])
+        self.model.generate(self.ids, self.max_tokens, attention_mask=self.mask, tau=self.tau, prefill=prefill)
+        return self.ids.shape[0] * self.max_tokens / (time.perf_counter() - t0)
 
 
 def wave(server: Server, prompts: list[str], max_tokens: int) -> float:
     """Generated tokens/s of the server for one wave of len(prompts) requests sent at once."""
-    r = asyncio.run(load(server, prompts, len(prompts), len(prompts), max_tokens, 1e9))
-    return r["tok_s"]
+    return asyncio.run(load(server, prompts, len(prompts), len(prompts), max_tokens, 1e9))["tok_s"]
 
 
 def soak(args) -> dict:
@@ -208,6 +230,52 @@ def soak(args) -> dict:
             "generated_tokens": after.get("ponderlm_generated_tokens_total")}  # fmt: skip
 
 
+def measure(args) -> tuple[list[dict], dict, dict]:
+    """The load turns and the overhead waves: (rows, turns by (model, clients), overhead)."""
+    from ponderlm.loading import load_model
+
+    names = [Path(ck).name for ck in args.checkpoints]
+    servers: dict[str, Server] = {}
+    try:
+        for name, ck in zip(names, args.checkpoints, strict=True):  # all up at once; an idle one costs nothing
+            servers[name] = Server(ck, args)
+        _, tok, _ = load_model(args.checkpoints[0])
+        prompts = fixed_prompts(tok, max(args.batch, 16), args.prompt_len)
+        for s in servers.values():
+            asyncio.run(load(s, prompts, 2, 2, 8, 60))  # warm-up
+        # the models take turns (the order rotating), so a drift in the machine's speed moves every
+        # model alike; the P3/P2 ratio is taken within each turn, then the median
+        turns: dict[tuple[str, int], list[dict]] = {}
+        for c in args.clients:
+            for t in range(args.turns):
+                for name in names[t % len(names) :] + names[: t % len(names)]:
+                    n = max(args.requests, 4 * c)
+                    r = asyncio.run(load(servers[name], prompts, c, n, args.max_tokens, args.time_limit))
+                    turns.setdefault((name, c), []).append(r)
+                    print(f"{name} clients={c} turn {t + 1}: {r['tok_s']:.1f} tok/s", file=sys.stderr)
+        rows = [{"model": name, **pooled(turns[(name, c)])} for c in args.clients for name in names]
+        # the overhead: a wave of --batch requests against in-process generate on the same prompts
+        # as one batch, in turns (the idle servers stay up and cost nothing meanwhile)
+        local = {name: InProcess(ck, prompts[: args.batch], args.max_tokens, args.tau, args.threads)
+                 for name, ck in zip(names, args.checkpoints, strict=True)}  # fmt: skip
+        waves = {name: {"served": [], "exact": [], "default": []} for name in names}
+        for _ in range(args.turns):
+            for name in names:
+                waves[name]["served"].append(wave(servers[name], prompts[: args.batch], args.max_tokens))
+                waves[name]["exact"].append(local[name].tok_s("exact"))
+                waves[name]["default"].append(local[name].tok_s("auto"))
+    finally:
+        for s in servers.values():
+            s.stop()
+    overhead = {}
+    for name in names:
+        served, ex, de = (statistics.median(waves[name][k]) for k in ("served", "exact", "default"))
+        overhead[name] = {"served_tok_s": served, "generate_exact_tok_s": ex, "overhead_exact": 1 - served / ex,
+                          "generate_default_tok_s": de, "overhead_default": 1 - served / de,
+                          "turns": waves[name]}  # fmt: skip
+    return rows, turns, overhead
+
+
 def main() -> None:
     import argparse
 
@@ -216,8 +284,10 @@ def main() -> None:
     p.add_argument("--p2", default="p2-k3", help="name of the PonderLM-2 run (directory name)")
     p.add_argument("--p3", default="p3-k3-l0.05", help="name of the PonderLM-3 run (directory name)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=64, help="requests per client level (bounded)")
-    p.add_argument("--time-limit", type=float, default=180.0, help="seconds per level: no new request after")
+    p.add_argument("--requests", type=int, default=32,
+                   help="requests per turn of a model at a client level (at least 4 per client)")  # fmt: skip
+    p.add_argument("--turns", type=int, default=3, help="turns per model and client level (medians reported)")
+    p.add_argument("--time-limit", type=float, default=30.0, help="seconds per turn: no new request after")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=16, help="the wave compared with in-process generate")
@@ -233,25 +303,7 @@ def main() -> None:
         print(json.dumps(res, indent=2))
         finish({"benchmark": "serve_soak", "machine": machine(), **res}, args.out)
         return
-    rows, overhead = [], {}
-    for ck in args.checkpoints:
-        name = Path(ck).name
-        server = Server(ck, args)
-        try:
-            from ponderlm.loading import load_model
-
-            _, tok, _ = load_model(ck)
-            prompts = fixed_prompts(tok, max(args.batch, 16), args.prompt_len)
-            asyncio.run(load(server, prompts, 2, 2, 8, 60))  # warm-up
-            for c in args.clients:
-                r = asyncio.run(load(server, prompts, c, args.requests, args.max_tokens, args.time_limit))
-                rows.append({"model": name, **r})
-                print(f"{name} clients={c}: {r['tok_s']:.1f} tok/s", file=sys.stderr)
-            served = wave(server, prompts[: args.batch], args.max_tokens)
-        finally:
-            server.stop()
-        local = in_process(ck, prompts[: args.batch], args.max_tokens, args.tau, args.threads)
-        overhead[name] = {"served_tok_s": served, "generate_tok_s": local, "overhead": 1 - served / local}
+    rows, turns, overhead = measure(args)
     cols = [("model", "model", "s"), ("clients", "clients", "d"), ("requests", "requests", "d"),
             ("tok_s", "tokens/s", ".1f"), ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p99_ms", "TTFT p99 ms", ".0f"),
             ("tpot_p50_ms", "per-token p50 ms", ".1f"), ("tpot_p99_ms", "per-token p99 ms", ".1f"),
@@ -263,8 +315,10 @@ def main() -> None:
     for c in args.clients:
         p3, p2 = by.get((args.p3, c)), by.get((args.p2, c))
         if p3 and p2:
-            real, ideal = p3["tok_s"] / p2["tok_s"], p2["flops_per_token"] / p3["flops_per_token"]
-            vs.append({"clients": c, "realised": real, "ideal": ideal, "fraction": real / ideal})
+            per_turn = [a["tok_s"] / b["tok_s"] for a, b in zip(turns[(args.p3, c)], turns[(args.p2, c)], strict=True)]
+            real, ideal = statistics.median(per_turn), p2["flops_per_token"] / p3["flops_per_token"]
+            vs.append({"clients": c, "realised": real, "realised_turns": per_turn, "ideal": ideal,
+                       "fraction": real / ideal})  # fmt: skip
     if vs:
         print()
         print(table(vs, [("clients", "clients", "d"), ("realised", "P3/P2 tokens/s", ".3f"),
@@ -272,10 +326,12 @@ def main() -> None:
     print()
     ov = [{"model": k, **v} for k, v in overhead.items()]
     print(table(ov, [("model", "model", "s"), ("served_tok_s", f"server, {args.batch} at once, tok/s", ".1f"),
-                     ("generate_tok_s", "in-process generate, tok/s", ".1f"),
-                     ("overhead", "overhead", ".1%")]))  # fmt: skip
-    settings = {k: getattr(args, k) for k in ("clients", "requests", "time_limit", "prompt_len", "max_tokens", "batch",
-                                              "max_batch", "max_queue", "tau", "threads")}  # fmt: skip
+                     ("generate_exact_tok_s", "generate, exact prefill, tok/s", ".1f"),
+                     ("overhead_exact", "overhead", ".1%"),
+                     ("generate_default_tok_s", "generate, default prefill, tok/s", ".1f"),
+                     ("overhead_default", "overhead", ".1%")]))  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("clients", "requests", "turns", "time_limit", "prompt_len", "max_tokens",
+                                              "batch", "max_batch", "max_queue", "tau", "threads")}  # fmt: skip
     finish({"benchmark": "serve_load", "machine": machine(), "settings": settings, "rows": rows, "p3_vs_p2": vs,
             "overhead": overhead}, args.out)  # fmt: skip
 

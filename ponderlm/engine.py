@@ -9,9 +9,9 @@ child process and the server talks to it over a pipe:
 * server -> engine: ``("add", id, prompt, max_tokens, temperature, top_p, seed, ignore_eos)``,
   ``("cancel", id)``, ``("stop",)``;
 * engine -> server: ``("ready", info)`` once the model is loaded (or ``("error", line)``), then
-  ``("events", [(id, Token | Finished), ...], stats)`` after the steps that produced events (and
-  at least every :data:`STATS_EVERY` seconds while busy, and whenever the batch empties),
-  ``("bye",)`` after a stop.
+  ``("events", [(id, Token | Finished), ...], stats)`` after each step that produced events, with
+  the scheduler's counters (``stats``) at most every :data:`STATS_EVERY` seconds while busy and
+  whenever the batch empties (None in between), and ``("bye",)`` after a stop.
 
 The server bounds the requests it has in flight (``max_batch + max_queue``; beyond it, 429); the
 engine admits them into the batch in order. The engine ignores SIGINT and SIGTERM (the server
@@ -27,10 +27,11 @@ import multiprocessing as mp
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
-from .batching import BatchSettings, Finished, QueueFull, Request
+from .batching import BatchSettings, Finished, QueueFull, Request, Token
 from .errors import UserError
 
 STATS_EVERY = 0.1  # seconds: the longest a busy engine goes without reporting its counters
@@ -56,8 +57,7 @@ def _stats(sched) -> dict:
     s = sched.stats
     return {"admitted": s.admitted, "finished": dict(s.finished), "tokens": s.tokens, "depth_sum": s.depth_sum,
             "decode_flops": s.decode_flops, "decode_tokens": s.decode_tokens, "steps": s.steps,
-            "active": s.active, "cache_entries": s.cache_entries, "waiting": sched.queue.qsize(),
-            "tokens_per_second": s.tokens_per_second()}  # fmt: skip
+            "active": s.active, "cache_entries": s.cache_entries, "waiting": sched.queue.qsize()}  # fmt: skip
 
 
 def _engine_main(conn, checkpoint: str, device: str, settings: BatchSettings) -> None:
@@ -117,17 +117,19 @@ class _EngineLoop:
                 return
             busy = sched.safe_step()
             now = time.monotonic()
-            if self.out or (busy and now - last > STATS_EVERY) or (not busy and last >= 0):
-                self.report()
+            counters = (busy and now - last > STATS_EVERY) or (not busy and last >= 0)
+            if self.out or counters:
+                self.report(counters)
+            if counters:
                 last = now if busy else -1.0  # idle: one report, then quiet until the next step
 
-    def report(self) -> None:
+    def report(self, counters: bool = True) -> None:
         events = [(req.id, ev) for req, ev in self.out]
         self.out.clear()
         for rid, ev in events:
             if isinstance(ev, Finished):
                 self.reqs.pop(rid, None)
-        self.conn.send(("events", events, _stats(self.sched)))
+        self.conn.send(("events", events, _stats(self.sched) if counters else None))
 
 
 class Engine:
@@ -146,6 +148,7 @@ class Engine:
         self._ids = itertools.count()
         self.stats: dict = {"active": 0, "waiting": 0, "finished": {}}
         self.dead: str | None = None  # why the engine is gone, once it is
+        self.recent: deque = deque(maxlen=8192)  # (time, tokens) per message, for the rate
 
     def start(self) -> EngineInfo:
         """Spawn the process and wait until it holds the model; EngineError with its reason otherwise."""
@@ -173,11 +176,15 @@ class Engine:
                 msg = self.conn.recv()
                 if msg[0] == "events":
                     self._dispatch(msg[1])
-                    self.stats = msg[2]
+                    if msg[2] is not None:
+                        self.stats = msg[2]
         except (EOFError, OSError):
             self._died("the engine process exited")
 
     def _dispatch(self, events) -> None:
+        tokens = sum(isinstance(ev, Token) for _, ev in events)
+        if tokens:
+            self.recent.append((time.monotonic(), tokens))
         for rid, ev in events:
             req = self.reqs.get(rid)
             if req is None:
@@ -227,7 +234,8 @@ class Engine:
                     msg = self.conn.recv()
                     if msg[0] == "events":
                         self._dispatch(msg[1])
-                        self.stats = msg[2]
+                        if msg[2] is not None:
+                            self.stats = msg[2]
                     elif msg[0] == "bye":
                         break
             except (EOFError, OSError):
@@ -237,5 +245,7 @@ class Engine:
             self.proc.kill()
             self.proc.join()
 
-    def snapshot(self) -> dict:
-        return {**self.stats, "in_flight": len(self.reqs), **asdict(self.info)} if self.info else dict(self.stats)
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window`` seconds, as they reached the server."""
+        now = time.monotonic()
+        return sum(n for t, n in self.recent if now - t <= window) / window

@@ -471,7 +471,7 @@ def metrics_text(engine: Engine, counters: dict) -> str:
     """Prometheus text exposition of the scheduler's counters (as the engine last reported them)
     and the HTTP request counts."""
     s = SimpleNamespace(**{"admitted": 0, "tokens": 0, "depth_sum": 0, "decode_flops": 0.0, "decode_tokens": 0,
-                           "steps": 0, "cache_entries": 0, "tokens_per_second": 0.0, **engine.stats})  # fmt: skip
+                           "steps": 0, "cache_entries": 0, **engine.stats})  # fmt: skip
     waiting = max(0, len(engine.reqs) - s.active)  # in flight here, not (yet) in the batch
     lines = ["# HELP ponderlm_http_requests_total HTTP requests by path and status.",
              "# TYPE ponderlm_http_requests_total counter"]  # fmt: skip
@@ -487,7 +487,7 @@ def metrics_text(engine: Engine, counters: dict) -> str:
         ("ponderlm_cache_entries", "gauge", "KV cache slots held by the running rows.", s.cache_entries),
         ("ponderlm_generated_tokens_total", "counter", "Generated tokens (EOS excluded).", s.tokens),
         ("ponderlm_tokens_per_second", "gauge", "Generated tokens per second over the last 10 s.",
-         s.tokens_per_second),
+         engine.tokens_per_second()),
         ("ponderlm_mean_depth", "gauge", "Mean realised ponder depth of the generated tokens.",
          s.depth_sum / s.tokens if s.tokens else 0.0),
         ("ponderlm_flops_per_token", "gauge", "Inference FLOPs per generated token of finished requests.",
