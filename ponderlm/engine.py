@@ -27,8 +27,9 @@ import multiprocessing as mp
 import signal
 import sys
 import time
+import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .batching import BatchSettings, Finished, QueueFull, Request, Token
@@ -64,12 +65,11 @@ def _engine_main(conn, checkpoint: str, device: str, settings: BatchSettings) ->
     """The child: load the model, then step the scheduler and answer the pipe until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM reach the server, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .batching import Scheduler
     from .loading import load_model
 
     try:
         model, tok, _ = load_model(checkpoint, device)
-        sched = Scheduler(model, tok.eot_id, settings)
+        sched = engine_scheduler(model, tok.eot_id, settings)
     except Exception as e:  # the server already loaded this checkpoint once; report whatever happens
         conn.send(("error", f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)))
         return
@@ -78,6 +78,15 @@ def _engine_main(conn, checkpoint: str, device: str, settings: BatchSettings) ->
                                    settings.max_queue)))  # fmt: skip
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the server went away: so do we
         _EngineLoop(conn, sched).run()
+
+
+def engine_scheduler(model, eos_token_id: int | None, settings: BatchSettings):
+    """The engine's scheduler. Its queue holds everything the server may have in flight
+    (``max_batch + max_queue``): a burst of requests can arrive between two steps, before any of
+    them took a row, and the server has already bounded it."""
+    from .batching import Scheduler
+
+    return Scheduler(model, eos_token_id, replace(settings, max_queue=settings.max_queue + settings.max_batch))
 
 
 class _EngineLoop:
@@ -96,7 +105,7 @@ class _EngineLoop:
             req = Request(prompt, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           ignore_eos=ignore_eos, id=rid)  # fmt: skip
             self.reqs[rid] = req
-            self.sched.queue.put_nowait(req)  # not full: the server bounds what it sends (max_queue is its bound)
+            self.sched.queue.put_nowait(req)  # never full: see engine_scheduler
         elif msg[0] == "cancel":
             if msg[1] in self.reqs:
                 self.reqs[msg[1]].cancel()
@@ -109,7 +118,14 @@ class _EngineLoop:
             wait = 0.0 if (sched.rows or not sched.queue.empty()) else 0.5
             while self.conn.poll(wait):
                 wait = 0.0
-                self.handle(self.conn.recv())
+                msg = self.conn.recv()
+                try:
+                    self.handle(msg)
+                except Exception:  # a bug: this request fails, the engine goes on serving the others
+                    traceback.print_exc(file=sys.stderr)
+                    if msg[0] == "add":
+                        self.reqs.pop(msg[1], None)
+                        self.out.append((Request(msg[2], msg[3], id=msg[1]), Finished("error", len(msg[2]), [])))
             if self.stopping:
                 sched.stop()  # the rows and requests left get Finished("cancelled")
                 self.report()

@@ -232,3 +232,26 @@ def test_batch_settings_are_checked():
         BatchSettings(prefill="fast")
     with pytest.raises(ValueError, match="walk_max"):
         BatchSettings(walk_max=-1)
+
+
+def test_the_engine_queue_takes_a_burst_of_everything_the_server_lets_in():
+    """Between two engine steps the server may send max_batch + max_queue requests, none of them
+    in a row yet: the engine's queue must take them all (it once held max_queue and crashed)."""
+    from ponderlm.engine import _EngineLoop, engine_scheduler
+
+    model = tiny_model("ponderlm3", dtype=torch.float64)
+    settings = BatchSettings(max_batch=2, max_queue=3, tau=0.4)
+    sent = []
+
+    class Pipe:
+        def send(self, msg):
+            sent.append(msg)
+
+    loop = _EngineLoop(Pipe(), engine_scheduler(model, None, settings))
+    for rid in range(settings.max_batch + settings.max_queue):
+        loop.handle(("add", rid, [3, 4], 2, 0.0, None, None, False))
+    while loop.sched.safe_step() or not loop.sched.queue.empty():
+        pass
+    loop.report()
+    done = [ev for _, events, _ in sent for _, ev in events if isinstance(ev, Finished)]
+    assert len(done) == 5 and {ev.reason for ev in done} == {"length"}
