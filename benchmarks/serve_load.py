@@ -50,6 +50,11 @@ PASSAGE = (
 ) * 4
 
 
+# --pin: the CPUs of the model's computation (the engine process, in-process generate) and of the rest
+MODEL_CPUS = {0}
+OTHER_CPUS = set(range(1, os.cpu_count() or 1)) or {0}
+
+
 def fixed_prompts(tok, n: int, length: int) -> list[str]:
     """n prompts of about ``length`` tokens: windows of one fixed passage, the same for every model
     that shares the tokenizer."""
@@ -78,12 +83,25 @@ class Server:
         if not m:
             raise SystemExit(f"the server did not start: {line!r}")
         self.model, self.url = m.group(1), m.group(2)
+        if args.pin:  # the model's process gets core 0 to itself; HTTP (and this client) share the rest
+            pid = self.proc.pid
+            for kid in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                if b"spawn_main" in Path(f"/proc/{kid}/cmdline").read_bytes():
+                    os.sched_setaffinity(int(kid), MODEL_CPUS)
+            os.sched_setaffinity(pid, OTHER_CPUS)
 
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024
-        return float("nan")
+    def rss_mb(self) -> dict[str, float]:
+        """Resident memory of the server process and of its engine process (its children), MB."""
+
+        def rss(pid: int) -> float:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1]) / 1024
+            return float("nan")
+
+        pid = self.proc.pid
+        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return {"server": rss(pid), "engine": sum(rss(k) for k in kids)}
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -117,15 +135,19 @@ async def one_request(client, server: Server, prompt: str, max_tokens: int) -> d
 
 
 async def load(server: Server, prompts: list[str], clients: int, requests: int, max_tokens: int,
-               time_limit: float) -> dict:  # fmt: skip
-    """C closed-loop clients, ``requests`` requests in all or until ``time_limit`` seconds."""
+               time_limit: float, warm: int = 0) -> dict:  # fmt: skip
+    """C closed-loop clients, ``requests`` requests in all or until ``time_limit`` seconds. With
+    ``warm``, that many requests first open the client's connections (not counted), as a client
+    that has talked to the server before keeps them open."""
     import httpx
 
-    issued = 0
-    done: list[dict] = []
-    t0 = time.perf_counter()
-    limits = httpx.Limits(max_connections=clients + 4)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        if warm:
+            await asyncio.gather(*(one_request(client, server, prompts[0], 1) for _ in range(warm)))
+        issued = 0
+        done: list[dict] = []
+        t0 = time.perf_counter()
 
         async def worker() -> None:
             nonlocal issued
@@ -137,12 +159,13 @@ async def load(server: Server, prompts: list[str], clients: int, requests: int, 
                     done.append(r)
 
         await asyncio.gather(*(worker() for _ in range(clients)))
-    wall = max(r["end"] for r in done) - t0
+    wall = (max(r["end"] for r in done) if done else time.perf_counter()) - t0
     tokens = sum(len(r["depths"]) for r in done)
     depths = [d for r in done for d in r["depths"]]
     tpot = [r["tpot"] for r in done]
     comp_flops = sum(r["usage"]["completion_flops"] for r in done if r["usage"])
-    return {"clients": clients, "requests": len(done), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+    return {"clients": clients, "requests": len(done), "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall if wall > 0 else 0.0,
             "ttft_p50_ms": 1e3 * pct([r["ttft"] for r in done], 0.5),
             "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in done], 0.99),
             "tpot_p50_ms": 1e3 * pct(tpot, 0.5), "tpot_p99_ms": 1e3 * pct(tpot, 0.99),
@@ -185,15 +208,24 @@ class InProcess:
         self.max_tokens, self.tau = max_tokens, tau
         self.tok_s("exact")  # warm-up
 
-    def tok_s(self, prefill: str) -> float:
-        t0 = time.perf_counter()
-        self.model.generate(self.ids, self.max_tokens, attention_mask=self.mask, tau=self.tau, prefill=prefill)
-        return self.ids.shape[0] * self.max_tokens / (time.perf_counter() - t0)
+    def tok_s(self, prefill: str, pin: bool = False) -> float:
+        """One generate call's tokens/s (on the model's CPUs with ``pin``, as the engine runs)."""
+        if pin:
+            os.sched_setaffinity(0, MODEL_CPUS)
+        try:
+            t0 = time.perf_counter()
+            self.model.generate(self.ids, self.max_tokens, attention_mask=self.mask, tau=self.tau, prefill=prefill)
+            return self.ids.shape[0] * self.max_tokens / (time.perf_counter() - t0)
+        finally:
+            if pin:
+                os.sched_setaffinity(0, OTHER_CPUS)
 
 
 def wave(server: Server, prompts: list[str], max_tokens: int) -> float:
-    """Generated tokens/s of the server for one wave of len(prompts) requests sent at once."""
-    return asyncio.run(load(server, prompts, len(prompts), len(prompts), max_tokens, 1e9))["tok_s"]
+    """Generated tokens/s of the server for one wave of len(prompts) requests sent at once, over
+    connections already open."""
+    n = len(prompts)
+    return asyncio.run(load(server, prompts, n, n, max_tokens, 1e9, warm=n))["tok_s"]
 
 
 def soak(args) -> dict:
@@ -216,15 +248,22 @@ def soak(args) -> dict:
             return {**m, "refused_429": float(refused.group(1)) if refused else 0.0}
 
         asyncio.run(load(server, prompts, clients, 10**9, args.max_tokens, min(30.0, args.soak / 4)))  # warm-up
-        before = {"rss_mb": server.rss_mb(), **metrics()}
+        before = {**{f"rss_mb_{k}": v for k, v in server.rss_mb().items()}, **metrics()}
         asyncio.run(load(server, prompts, clients, 10**9, args.max_tokens, args.soak))
         time.sleep(1.0)
-        after = {"rss_mb": server.rss_mb(), **metrics()}
+        after = {**{f"rss_mb_{k}": v for k, v in server.rss_mb().items()}, **metrics()}
         code = server.stop()
     finally:
         if server.proc.poll() is None:
             server.proc.kill()
-    keys = ["rss_mb", "ponderlm_cache_entries", "ponderlm_batch_rows", "ponderlm_queue_length", "refused_429"]
+    keys = [
+        "rss_mb_server",
+        "rss_mb_engine",
+        "ponderlm_cache_entries",
+        "ponderlm_batch_rows",
+        "ponderlm_queue_length",
+        "refused_429",
+    ]
     return {"soak_s": args.soak, "clients": clients, "before": {k: before.get(k) for k in keys},
             "after": {k: after.get(k) for k in keys}, "exit_status": code,
             "generated_tokens": after.get("ponderlm_generated_tokens_total")}  # fmt: skip
@@ -249,7 +288,7 @@ def measure(args) -> tuple[list[dict], dict, dict]:
         for c in args.clients:
             for t in range(args.turns):
                 for name in names[t % len(names) :] + names[: t % len(names)]:
-                    n = max(args.requests, 4 * c)
+                    n = max(args.requests, 8 * c)
                     r = asyncio.run(load(servers[name], prompts, c, n, args.max_tokens, args.time_limit))
                     turns.setdefault((name, c), []).append(r)
                     print(f"{name} clients={c} turn {t + 1}: {r['tok_s']:.1f} tok/s", file=sys.stderr)
@@ -259,11 +298,11 @@ def measure(args) -> tuple[list[dict], dict, dict]:
         local = {name: InProcess(ck, prompts[: args.batch], args.max_tokens, args.tau, args.threads)
                  for name, ck in zip(names, args.checkpoints, strict=True)}  # fmt: skip
         waves = {name: {"served": [], "exact": [], "default": []} for name in names}
-        for _ in range(args.turns):
+        for _ in range(3 * args.turns):  # a wave lasts under a second: more turns
             for name in names:
                 waves[name]["served"].append(wave(servers[name], prompts[: args.batch], args.max_tokens))
-                waves[name]["exact"].append(local[name].tok_s("exact"))
-                waves[name]["default"].append(local[name].tok_s("auto"))
+                waves[name]["exact"].append(local[name].tok_s("exact", args.pin))
+                waves[name]["default"].append(local[name].tok_s("auto", args.pin))
     finally:
         for s in servers.values():
             s.stop()
@@ -285,8 +324,8 @@ def main() -> None:
     p.add_argument("--p3", default="p3-k3-l0.05", help="name of the PonderLM-3 run (directory name)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=32,
-                   help="requests per turn of a model at a client level (at least 4 per client)")  # fmt: skip
-    p.add_argument("--turns", type=int, default=3, help="turns per model and client level (medians reported)")
+                   help="requests per turn of a model at a client level (at least 8 per client)")  # fmt: skip
+    p.add_argument("--turns", type=int, default=5, help="turns per model and client level (medians reported)")
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds per turn: no new request after")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -296,8 +335,14 @@ def main() -> None:
     p.add_argument("--tau", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads, server and in-process alike")
     p.add_argument("--soak", type=float, default=0.0, help="seconds of soak instead of the load table")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="do not pin the model's process to CPU 0 and the server and clients to the others "
+                        "(pinning is the default with 2 or more CPUs)")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    args.pin = args.pin and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
+    if args.pin:
+        os.sched_setaffinity(0, OTHER_CPUS)  # the clients
     if args.soak:
         res = soak(args)
         print(json.dumps(res, indent=2))
@@ -331,7 +376,7 @@ def main() -> None:
                      ("generate_default_tok_s", "generate, default prefill, tok/s", ".1f"),
                      ("overhead_default", "overhead", ".1%")]))  # fmt: skip
     settings = {k: getattr(args, k) for k in ("clients", "requests", "turns", "time_limit", "prompt_len", "max_tokens",
-                                              "batch", "max_batch", "max_queue", "tau", "threads")}  # fmt: skip
+                                              "batch", "max_batch", "max_queue", "tau", "threads", "pin")}  # fmt: skip
     finish({"benchmark": "serve_load", "machine": machine(), "settings": settings, "rows": rows, "p3_vs_p2": vs,
             "overhead": overhead}, args.out)  # fmt: skip
 

@@ -1,20 +1,33 @@
 """Continuous batching at slot granularity: the scheduler behind ``ponderlm serve``.
 
-One thread owns the model and a batch of running rows, one row per request. Every step it
+One thread (the engine process's, in the server) owns the model and a batch of running rows, one
+row per request. Every step it
 
 1. drops the rows whose request was cancelled (the client went away, a stop string was found);
-2. admits waiting requests while the batch has room: each prompt is prefilled on its own, as
-   :func:`ponderlm.generate.generate` prefills a single prompt (same prefill mode, same capacity),
-   its first token is sampled from the last prompt position, and its cache row joins the batch;
+2. admits waiting requests while the batch has room. A prompt that *walks* joins with an empty
+   cache row and goes through its tokens inside the batch, one slot per step like every other
+   row: the exact recurrence, ``generate(prefill="exact")``. The other prompts admitted at the
+   step are prefilled together, left-padded as :func:`ponderlm.generate.generate` prefills a
+   batch ("converged" or "parallel"; one prompt alone is exactly generate's single-prompt
+   prefill), and each samples its first token at once;
 3. advances every running row by one slot of its own through :meth:`PonderLM.advance_slots` (the
-   slot schedule of ``generate``): a row that completed a token samples the next one and starts it;
+   slot schedule of ``generate``): a row that completed a token starts its next prompt token
+   (walking) or samples the next token and starts it;
 4. retires the rows that emitted EOS or reached ``max_tokens``.
 
-A row that leaves releases its keys and values (:meth:`KVCache.keep_rows`), so a request's
-output depends on its own prompt and sampling settings only, never on what else is in the batch:
-greedy output equals ``generate`` on that prompt. Tokens reach the caller through the request's
-``on_event`` callback: called on the scheduler thread, or, with a ``deliver`` hook, handed over in
-one batch per step (the server passes a step's events to its event loop in one wake-up).
+Which prompts walk (``BatchSettings.prefill``): "exact", all; "converged"/"parallel", none; "auto"
+(the default), the prompts of latent-feedback methods up to ``walk_max`` tokens. Walking costs a
+prompt's slots as extra rows of steps the batch runs anyway, where a prefill at admission stops
+every row for its Jacobi passes; a long prompt walks for many steps before its first token, so it
+is prefilled instead (docs/SERVING.md). Methods whose one parallel pass is already exact (vanilla,
+pause) are prefilled.
+
+A row that leaves releases its keys and values (:meth:`KVCache.keep_rows`). Attention never
+crosses rows, so a request's output depends on its own prompt and sampling settings, not on what
+else is in the batch, up to floating-point rounding of batched matmuls: greedy output equals
+``generate`` on that prompt with the prefill it took. Tokens reach the caller through the
+request's ``on_event`` callback: called on the scheduler thread, or, with a ``deliver`` hook,
+handed over in one batch per step.
 """
 
 from __future__ import annotations
@@ -231,7 +244,8 @@ class Scheduler:
                     row.reason = "cancelled"
                     self._finish(row)
             self._retire()
-            while len(self.rows) < self.s.max_batch:
+            together: list[Request] = []  # prompts prefilled at admission: in one batch
+            while len(self.rows) + len(together) < self.s.max_batch:
                 try:
                     req = self.queue.get_nowait()
                 except queue.Empty:
@@ -240,10 +254,16 @@ class Scheduler:
                     self._send(req, Finished("cancelled", len(req.prompt), []))
                     continue
                 try:
-                    self._admit(req)
+                    self.model.check_input_ids(torch.tensor([req.prompt], dtype=torch.long))  # (1, T)
+                    if self.walk_limit >= len(req.prompt):
+                        self._admit_walking(req)
+                    else:
+                        together.append(req)
                 except Exception:  # this request fails; the batch goes on
                     traceback.print_exc(file=sys.stderr)
                     self._send(req, Finished("error", len(req.prompt), []))
+            if together:
+                self._admit_prefilled(together)
             if self.rows:
                 self._advance()
             self._retire()
@@ -274,44 +294,78 @@ class Scheduler:
 
         return pick
 
-    def _admit(self, req: Request) -> None:
-        """A request joins the batch: walking (an empty cache row; its first prompt token starts)
-        or prefilled here as generate prefills a single prompt, its first token sampled at once
-        (the row joins unless that token already ends it)."""
-        model, T, dev = self.model, len(req.prompt), self.device
-        capacity = (T + req.max_tokens) * model.cfg.slots_per_token
+    def _admit_walking(self, req: Request) -> None:
+        """The request joins with an empty cache row; its first prompt token starts."""
+        model, dev = self.model, self.device
         self.stats.admitted += 1
+        row = _Row(req, self._picker(req), prompt_depth=[], walked=1)
         st = model.new_slot_state(1, dev, self.dtype)
         start = torch.zeros(1, dtype=torch.long, device=dev)
-        if self.walk_limit >= T:
-            ids = torch.tensor([req.prompt], dtype=torch.long, device=dev)  # (1, T)
-            model.check_input_ids(ids)  # here: a bad id found mid-walk would fail the whole batch
-            row = _Row(req, self._picker(req), prompt_depth=[], walked=1)
-            st.start(start, model.embed(ids[:, 0]), start)
-            self._join(row, st, None, capacity)
-            return
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=dev)  # (1, T)
-        out, cache = model.prefill(ids, tau=self.tau, how=self.prefill, capacity=capacity, with_logits=False)
-        row = _Row(req, self._picker(req), prompt_depth=out.depth[0].long().tolist(), walked=T)
-        nxt = row.pick(model.lm_head(out.hidden[:, -1]))  # (1,)
-        if self._emit(row, int(nxt), row.prompt_depth[-1]):
-            self._finish(row)
-            return
-        st.start(start, model.embed(nxt), torch.full_like(nxt, T))
-        self._join(row, st, cache, capacity)
+        st.start(start, model.embed(torch.tensor(req.prompt[:1], dtype=torch.long, device=dev)), start)
+        self._join([row], st, None, (len(req.prompt) + req.max_tokens) * model.cfg.slots_per_token)
 
-    def _join(self, row: _Row, st: SlotState, cache: KVCache | None, capacity: int) -> None:
-        """The row goes last in the batch, with its prefilled cache row or (None) an empty one."""
+    def _admit_prefilled(self, reqs: list[Request]) -> None:
+        """Prefill these prompts together; if that fails, each alone, so a bad request fails by
+        itself and the batch goes on."""
+        try:
+            self._prefill_together(reqs)
+        except Exception:
+            if len(reqs) == 1:
+                traceback.print_exc(file=sys.stderr)
+                self._send(reqs[0], Finished("error", len(reqs[0].prompt), []))
+                return
+            for req in reqs:
+                self._admit_prefilled([req])
+
+    def _prefill_together(self, reqs: list[Request]) -> None:
+        """One prefill of the prompts, left-padded as ``generate`` prefills a batch (one prompt:
+        exactly its single-prompt prefill); each samples its first token and joins the batch
+        unless that token already ends it."""
+        model, dev = self.model, self.device
+        lengths = [len(r.prompt) for r in reqs]
+        T = max(lengths)
+        rows_ids = [[0] * (T - n) + r.prompt for r, n in zip(reqs, lengths, strict=True)]
+        ids = torch.tensor(rows_ids, dtype=torch.long, device=dev)  # (B, T)
+        mask = None
+        if min(lengths) < T:
+            mask = torch.tensor([[0] * (T - n) + [1] * n for n in lengths], dtype=torch.bool, device=dev)  # (B, T)
+        capacity = max((n + r.max_tokens) * model.cfg.slots_per_token for r, n in zip(reqs, lengths, strict=True))
+        out, cache = model.prefill(ids, tau=self.tau, attention_mask=mask, how=self.prefill, capacity=capacity,
+                                   with_logits=False)  # fmt: skip
+        logits = model.lm_head(out.hidden[:, -1])  # (B, V): the last column is real in every row
+        depth = out.depth.long().tolist()
+        rows, keep, first = [], [], []
+        for j, (req, n) in enumerate(zip(reqs, lengths, strict=True)):
+            self.stats.admitted += 1
+            row = _Row(req, self._picker(req), prompt_depth=depth[j][T - n :], walked=n)
+            nxt = int(row.pick(logits[j : j + 1])[0])
+            if self._emit(row, nxt, row.prompt_depth[-1]):
+                self._finish(row)
+                continue
+            rows.append(row)
+            keep.append(j)
+            first.append(nxt)
+        if not rows:
+            return
+        if len(keep) < len(reqs):
+            cache.keep_rows(torch.tensor(keep, dtype=torch.long, device=dev))
+        st = model.new_slot_state(len(rows), dev, self.dtype)
+        pos = torch.tensor([lengths[j] for j in keep], dtype=torch.long, device=dev)  # (n,)
+        st.start(torch.arange(len(rows), device=dev), model.embed(torch.tensor(first, device=dev)), pos)
+        self._join(rows, st, cache, capacity)
+
+    def _join(self, rows: list[_Row], st: SlotState, cache: KVCache | None, capacity: int) -> None:
+        """The rows go last in the batch, with their prefilled cache rows or (None) empty ones."""
         if self.cache is None:
-            self.cache = cache if cache is not None else self.model.new_cache(1, capacity=capacity)
+            self.cache = cache if cache is not None else self.model.new_cache(len(rows), capacity=capacity)
             self.st = st
         else:
             if cache is not None:
                 self.cache.append_rows(cache)
             else:
-                self.cache.append_empty(1)
+                self.cache.append_empty(len(rows))
             self.st = self.st.append(st)
-        self.rows.append(row)
+        self.rows += rows
 
     def _advance(self) -> None:
         """One slot for every row (the slot schedule). A row that completed a token starts its next
