@@ -679,9 +679,11 @@ def _add_serve(sub) -> None:
     p.add_argument("--shutdown-timeout", type=_number(at_least=0), default=30.0,
                    help="seconds SIGTERM waits for streams in flight")  # fmt: skip
     p.add_argument("--prefill", choices=("auto", "exact", "converged", "parallel"), default="auto",
-                   help="exact: prompts walk through the batch, slot by slot; converged/parallel: each prompt is "
-                        "prefilled alone when admitted; auto (default): walk prompts of up to --walk-max tokens "
-                        "for latent-thought models, parallel for the others (docs/SERVING.md)")  # fmt: skip
+                   help="exact: prompts walk through the batch, slot by slot; converged/parallel: prompts are "
+                        "prefilled when admitted (with the others admitted at that step); auto (default): "
+                        "latent-thought models walk prompts of up to --walk-max tokens and prefill longer ones "
+                        "(converged Jacobi), other methods prefill every prompt in one pass "
+                        "(docs/SERVING.md)")  # fmt: skip
     p.add_argument("--walk-max", type=_int_at_least(0), default=64,
                    help="with --prefill auto: the longest prompt that walks (default 64 tokens)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
