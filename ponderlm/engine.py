@@ -165,6 +165,7 @@ class Engine:
         self.stats: dict = {"active": 0, "waiting": 0, "finished": {}}
         self.dead: str | None = None  # why the engine is gone, once it is
         self.recent: deque = deque(maxlen=8192)  # (time, tokens) per message, for the rate
+        self._loop = None  # the event loop reading the pipe, once attached
 
     def start(self) -> EngineInfo:
         """Spawn the process and wait until it holds the model; EngineError with its reason otherwise."""
@@ -214,6 +215,8 @@ class Engine:
         if self.dead is not None:
             return
         self.dead = why
+        if self._loop is None:  # stopping: the engine was told to go
+            return
         self._loop.remove_reader(self.conn.fileno())
         print(f"error: {why}; the server can no longer generate", file=sys.stderr, flush=True)
         for req in list(self.reqs.values()):
@@ -242,6 +245,9 @@ class Engine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask the engine to stop (its rows end as cancelled), deliver its last events, wait for it."""
+        if self._loop is not None and self.dead is None:
+            self._loop.remove_reader(self.conn.fileno())  # from here on this method reads the pipe
+        self._loop = None
         if self.dead is None and self.proc.is_alive():
             self._send(("stop",))
             end = time.monotonic() + timeout
