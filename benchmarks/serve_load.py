@@ -18,7 +18,7 @@ generated token (from the responses' ``ponder_depths`` and ``usage``). Then:
   prompts walked slot by slot, as the server walks them) and with generate's default prefill.
 
     python benchmarks/serve_load.py --checkpoints runs/cpu_text/vanilla runs/cpu_text/p2-k3 \\
-        runs/cpu_text/p3-k3-l0.05 --tau 0.05 --out results/serve/serve-load.json
+        runs/cpu_text/p3-k3-l0.05 --tau 0.05 --out serve-load.json
 
 ``--soak SECONDS`` instead floods the first checkpoint's server beyond its queue for that long
 and reports the server's resident memory and cache entries after a warm-up and after the soak.

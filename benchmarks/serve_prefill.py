@@ -7,11 +7,11 @@ computing prompts it reports generated tokens/s and the time to the first token 
 side by side in one run:
 
 * ``exact``: the prompt walks through the batch, one slot per step like every other row;
-* ``converged``: the prompt is prefilled alone when admitted (Jacobi passes until the latents
-  settle), while the other rows wait.
+* ``converged``: the prompt is prefilled when admitted (Jacobi passes until the latents settle;
+  together with the others admitted at that step), while the other rows wait.
 
-    python benchmarks/serve_prefill.py --checkpoints runs/cpu_text/p2-k3 runs/cpu_text/p3-k3-l0.05 \\
-        --tau 0.05 --lengths 16 64 128 192 --out results/serve/prefill.json
+    taskset -c 0 python benchmarks/serve_prefill.py --checkpoints runs/cpu_text/p2-k3 \\
+        runs/cpu_text/p3-k3-l0.05 --tau 0.05 --lengths 16 64 128 192 --out prefill.json
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def main() -> None:
                            "ttft": r["ttft_p50_ms"] / c["ttft_p50_ms"]})  # fmt: skip
     print()
     print(table(ratios, [("model", "model", "s"), ("prompt", "prompt tokens", "d"),
-                         ("tok_s", "walk / prefill alone: tokens/s", ".2f"),
-                         ("ttft", "walk / prefill alone: TTFT p50", ".2f")]))  # fmt: skip
+                         ("tok_s", "walk / prefill: tokens/s", ".2f"),
+                         ("ttft", "walk / prefill: TTFT p50", ".2f")]))  # fmt: skip
     settings = {k: getattr(args, k) for k in ("lengths", "rows", "requests", "max_tokens", "tau", "threads")}
     finish(
         {"benchmark": "serve_prefill", "machine": machine(), "settings": settings, "rows": rows, "ratios": ratios},
