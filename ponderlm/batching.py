@@ -35,9 +35,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-import time
 import traceback
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -125,8 +123,7 @@ class QueueFull(Exception):
 class _Row:
     req: Request
     pick: Callable[[Tensor], Tensor]  # logits (1, V) -> token (1,)
-    prompt_depth: list[int]  # depth of each prompt token pondered so far
-    walked: int = 0  # prompt tokens started inside the batch (walk); len(prompt) once generating
+    prompt_depth: list[int]  # depth of each prompt token pondered so far (all of them once generating)
     depths: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     reason: str | None = None  # set when the row is done
@@ -145,12 +142,6 @@ class Stats:
     steps: int = 0  # advance_slots calls
     active: int = 0  # rows in the batch
     cache_entries: int = 0  # KV cache slots the batch holds
-    recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, tokens) per step
-
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        now = time.monotonic()
-        n = sum(k for t, k in list(self.recent) if now - t <= window)
-        return n / window
 
 
 class Scheduler:
@@ -254,7 +245,6 @@ class Scheduler:
                     self._send(req, Finished("cancelled", len(req.prompt), []))
                     continue
                 try:
-                    self.model.check_input_ids(torch.tensor([req.prompt], dtype=torch.long))  # (1, T)
                     if self.walk_limit >= len(req.prompt):
                         self._admit_walking(req)
                     else:
@@ -297,8 +287,10 @@ class Scheduler:
     def _admit_walking(self, req: Request) -> None:
         """The request joins with an empty cache row; its first prompt token starts."""
         model, dev = self.model, self.device
+        # its ids are checked here (a prefill checks its own): a bad id met mid-walk would fail the batch
+        model.check_input_ids(torch.tensor([req.prompt], dtype=torch.long, device=dev))  # (1, T)
         self.stats.admitted += 1
-        row = _Row(req, self._picker(req), prompt_depth=[], walked=1)
+        row = _Row(req, self._picker(req), prompt_depth=[])
         st = model.new_slot_state(1, dev, self.dtype)
         start = torch.zeros(1, dtype=torch.long, device=dev)
         st.start(start, model.embed(torch.tensor(req.prompt[:1], dtype=torch.long, device=dev)), start)
@@ -337,7 +329,7 @@ class Scheduler:
         rows, keep, first = [], [], []
         for j, (req, n) in enumerate(zip(reqs, lengths, strict=True)):
             self.stats.admitted += 1
-            row = _Row(req, self._picker(req), prompt_depth=depth[j][T - n :], walked=n)
+            row = _Row(req, self._picker(req), prompt_depth=depth[j][T - n :])
             nxt = int(row.pick(logits[j : j + 1])[0])
             if self._emit(row, nxt, row.prompt_depth[-1]):
                 self._finish(row)
@@ -386,9 +378,8 @@ class Scheduler:
             prompt = row.req.prompt
             if len(row.prompt_depth) < len(prompt):  # a walked prompt token is complete
                 row.prompt_depth.append(d)
-                if row.walked < len(prompt):
-                    nxt[j] = prompt[row.walked]
-                    row.walked += 1
+                if len(row.prompt_depth) < len(prompt):  # the next one starts
+                    nxt[j] = prompt[len(row.prompt_depth)]
                     continue
             sample.append(j)
         if sample:
@@ -417,7 +408,6 @@ class Scheduler:
         for row, tok, d in zip(rows, toks, depth.tolist(), strict=True):
             if self._emit(row, tok, d):
                 self._finish(row)
-        self.stats.recent.append((time.monotonic(), len(rows)))
         return toks
 
     def _emit(self, row: _Row, tok: int, depth: int) -> bool:

@@ -37,13 +37,17 @@ class KVCache:
         self.n_layers, self.batch = n_layers, batch
         self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
         self.device, self.dtype = torch.device(device), dtype
-        # storage for up to `row_capacity` rows; k, v, bias are views of the first `batch` rows
-        shape = (batch, n_kv_heads, capacity, head_dim)
-        self._k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self._v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self._bias = torch.zeros(batch, capacity, device=device, dtype=dtype)  # (rows, cap)
-        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
         self._step: tuple[Tensor, Tensor, int, Tensor | None] | None = None
+        self._empty_storage(batch, capacity)
+
+    def _empty_storage(self, batch: int, capacity: int) -> None:
+        """Fresh zero storage for ``batch`` rows of ``capacity`` slots, all of them empty. Rows live
+        in storage with room for up to ``row_capacity``; k, v, bias are views of the first ``batch``."""
+        shape = (batch, self.n_kv_heads, capacity, self.head_dim)
+        self._k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
+        self._v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
+        self._bias = torch.zeros(batch, capacity, device=self.device, dtype=self.dtype)  # (rows, cap)
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)  # (B,)
         self.next_pos: Tensor | None = None  # (B,) position of each row's next token (transformers wrapper)
         self._set_batch(batch)
 
@@ -59,9 +63,12 @@ class KVCache:
         """Committed slots per row, (B,)."""
         return self.lengths.clone()
 
-    def _grow(self, need: int) -> None:
-        if need > self.capacity:
-            self._resize(max(need, 2 * self.capacity))
+    def _make_room(self, rows: int, slots: int) -> None:
+        """Storage for at least ``rows`` rows of ``slots`` slots; an axis that grows at least doubles."""
+        grow_rows, grow_slots = rows > self.row_capacity, slots > self.capacity
+        if grow_rows or grow_slots:
+            self._resize(max(slots, 2 * self.capacity) if grow_slots else self.capacity,
+                         max(rows, 2 * self.row_capacity) if grow_rows else None)  # fmt: skip
 
     def _resize(self, new: int, rows: int | None = None) -> None:
         """Pad the slot axis with zeros up to ``new`` entries and the row axis up to ``rows`` (never
@@ -96,8 +103,7 @@ class KVCache:
         self._check_idle("keep_rows")
         n = int(idx.numel())
         if n == 0:
-            self.__init__(self.n_layers, 0, self.n_kv_heads, self.head_dim, device=self.device, dtype=self.dtype,
-                          capacity=0)  # fmt: skip
+            self._empty_storage(0, 0)
             return
         dst = torch.arange(n, device=self.device)
         moved = idx != dst
@@ -141,11 +147,6 @@ class KVCache:
         self.lengths = torch.cat([self.lengths, zeros])
         self._set_batch(B + m)
 
-    def _make_room(self, rows: int, slots: int) -> None:
-        grow_rows = rows > self.row_capacity
-        if grow_rows or slots > self.capacity:
-            self._resize(max(slots, self.capacity), max(rows, 2 * self.row_capacity) if grow_rows else None)
-
     def _set_batch(self, batch: int) -> None:
         self.batch = batch
         self.k = [t[:batch] for t in self._k]  # (B, Hkv, cap, hd) views
@@ -166,7 +167,7 @@ class KVCache:
             raise RuntimeError("KVCache.begin called twice without end()")
         start = self.lengths
         used = int(start.max()) + L
-        self._grow(used)
+        self._make_room(self.batch, used)
         write = start.unsqueeze(1) + torch.arange(L, device=self.device)  # (B, L)
         kb = key_bias.to(self.dtype) if key_bias is not None else self.bias.new_zeros(self.batch, L)
         self.bias[self._rows, write] = kb

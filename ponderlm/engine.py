@@ -29,7 +29,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .batching import BatchSettings, Finished, QueueFull, Request, Token
@@ -55,10 +55,7 @@ class EngineInfo:
 
 
 def _stats(sched) -> dict:
-    s = sched.stats
-    return {"admitted": s.admitted, "finished": dict(s.finished), "tokens": s.tokens, "depth_sum": s.depth_sum,
-            "decode_flops": s.decode_flops, "decode_tokens": s.decode_tokens, "steps": s.steps,
-            "active": s.active, "cache_entries": s.cache_entries, "waiting": sched.queue.qsize()}  # fmt: skip
+    return {**asdict(sched.stats), "waiting": sched.queue.qsize()}
 
 
 def _engine_main(conn, checkpoint: str, device: str, settings: BatchSettings) -> None:
@@ -190,13 +187,16 @@ class Engine:
     def _readable(self) -> None:
         try:
             while self.conn.poll():
-                msg = self.conn.recv()
-                if msg[0] == "events":
-                    self._dispatch(msg[1])
-                    if msg[2] is not None:
-                        self.stats = msg[2]
+                self._take(self.conn.recv())
         except (EOFError, OSError):
             self._died("the engine process exited")
+
+    def _take(self, msg) -> None:
+        """One message of the engine: a step's events to their requests, and its counters."""
+        if msg[0] == "events":
+            self._dispatch(msg[1])
+            if msg[2] is not None:
+                self.stats = msg[2]
 
     def _dispatch(self, events) -> None:
         tokens = sum(isinstance(ev, Token) for _, ev in events)
@@ -254,12 +254,9 @@ class Engine:
             try:
                 while time.monotonic() < end and self.conn.poll(max(0.0, end - time.monotonic())):
                     msg = self.conn.recv()
-                    if msg[0] == "events":
-                        self._dispatch(msg[1])
-                        if msg[2] is not None:
-                            self.stats = msg[2]
-                    elif msg[0] == "bye":
+                    if msg[0] == "bye":
                         break
+                    self._take(msg)
             except (EOFError, OSError):
                 pass
         self.proc.join(timeout=10)
