@@ -53,7 +53,7 @@ CONVERGED = {"jacobi_iters": PREFILL_MAX_ITERS, "jacobi_tol": PREFILL_TOL}
 
 @dataclass
 class PonderOutput:
-    logits: Tensor | None  # (B, T, V); None only from extend(..., with_logits=False)
+    logits: Tensor | None  # (B, T, V); None when asked for with_logits=False (``hidden`` is what the head maps)
     depth: Tensor  # (B, T) float: expected steps (soft) or realised steps (hard/exact)
     router_probs: Tensor | None = None  # (B, T, K+1) s_t over depths 0..K (PonderLM-3)
     log_reach: Tensor | None = None  # (B, T, K+1) log w_{t,k}, clamped at log_floor
@@ -315,6 +315,7 @@ class PonderLM(nn.Module):
         attention_mask: Tensor | None = None,
         depth_override: Tensor | None = None,
         jacobi_tol: float | None = None,
+        with_logits: bool = True,
     ) -> PonderOutput:
         """Next-token logits for every position.
 
@@ -331,17 +332,21 @@ class PonderLM(nn.Module):
                 entropy-ranked allocation) compute exactly these slots and no others.
             jacobi_tol: soft/hard: refine until no latent changes by more than this (then
                 ``jacobi_iters`` is a cap), report ``out.converged`` and ``out.jacobi_passes``.
+            with_logits: False skips the head: ``out.logits`` is None and ``out.hidden`` (B, T, D)
+                is what ``lm_head`` maps to them, for scorers that need a few positions' logits
+                rather than (B, T, vocab) of them.
         """
         tau, attention_mask, depth_override = self._check_forward(input_ids, mode, tau, attention_mask,
                                                                   depth_override)  # fmt: skip
         if mode == "exact":
-            return self._exact(input_ids, tau, attention_mask)
+            return self._exact(input_ids, tau, attention_mask, with_logits)
         J = self.cfg.jacobi_iters if jacobi_iters is None else int(jacobi_iters)
         if J < 1:
             raise ValueError(f"jacobi_iters must be >= 1, got {J}")
         if jacobi_tol is not None and not jacobi_tol > 0:
             raise ValueError(f"jacobi_tol must be > 0, got {jacobi_tol}")
-        return self._parallel(input_ids, mode, tau, J, attention_mask, depth_override=depth_override, tol=jacobi_tol)
+        return self._parallel(input_ids, mode, tau, J, attention_mask, depth_override=depth_override, tol=jacobi_tol,
+                              with_logits=with_logits)  # fmt: skip
 
     def _check_forward(
         self, input_ids: Tensor, mode: str, tau: float | None, mask: Tensor | None, depth_override: Tensor | None
@@ -392,6 +397,7 @@ class PonderLM(nn.Module):
         cache: KVCache | None = None,
         depth_override: Tensor | None = None,
         tol: float | None = None,
+        with_logits: bool = True,
     ) -> PonderOutput:
         cfg = self.cfg
         B, T = input_ids.shape
@@ -399,13 +405,13 @@ class PonderLM(nn.Module):
         tok_pos = slots.token_positions(B, T, token_mask, e.device)  # (B, T)
         tok_keep = token_mask.unsqueeze(-1) if (mode == "hard" and token_mask is not None) else None
         if cfg.n_rounds > 1:
-            return self._rounds(e, tok_pos, tok_keep, token_mask, cache)
+            return self._rounds(e, tok_pos, tok_keep, token_mask, cache, with_logits)
         if cfg.n_latent == 0:  # vanilla: one pass over the tokens
             h = self._pass(e.unsqueeze(2), tok_pos, None, tok_keep, cache)  # (B, T, 1, D)
-            return self._output(self.mix(h, None, None), torch.zeros(B, T, device=e.device))
+            return self._output(self.mix(h, None, None), torch.zeros(B, T, device=e.device), with_logits=with_logits)
 
         passes = self._slot_passes(e, tok_pos, mode == "hard", tau, J, token_mask, cache, depth_override, tol)
-        return self._slot_output(passes, mode == "hard", token_mask)
+        return self._slot_output(passes, mode == "hard", token_mask, with_logits)
 
     def _slot_passes(
         self,
@@ -510,7 +516,9 @@ class PonderLM(nn.Module):
                 st.residual = (new - latents).abs().amax()
         return new
 
-    def _slot_output(self, st: _Passes, hard: bool, token_mask: Tensor | None) -> PonderOutput:
+    def _slot_output(
+        self, st: _Passes, hard: bool, token_mask: Tensor | None, with_logits: bool = True
+    ) -> PonderOutput:
         """Logits from the last pass: the mixture (or the last slot), with the realised depth
         (hard), the expected depth under the router (soft) or K."""
         K = self.cfg.n_latent
@@ -522,11 +530,12 @@ class PonderLM(nn.Module):
             depth = st.probs @ torch.arange(K + 1, device=h_hat.device, dtype=st.probs.dtype)  # E[depth]
         else:
             depth = torch.full((B, T), float(K), device=h_hat.device)
-        out = self._output(h_hat, depth, st.probs, st.log_reach, st.residual)
+        out = self._output(h_hat, depth, st.probs, st.log_reach, st.residual, with_logits)
         out.token_hidden = st.h[:, :, 0]
         out.jacobi_passes, out.converged = st.passes, st.converged
         if token_mask is not None:
-            out.logits = out.logits.masked_fill(~token_mask.unsqueeze(-1), 0.0)
+            if out.logits is not None:
+                out.logits = out.logits.masked_fill(~token_mask.unsqueeze(-1), 0.0)
             out.depth = out.depth.masked_fill(~token_mask, 0.0)
         return out
 
@@ -537,6 +546,7 @@ class PonderLM(nn.Module):
         tok_keep: Tensor | None,
         token_mask: Tensor | None,
         cache: RoundCaches | None = None,
+        with_logits: bool = True,
     ) -> PonderOutput:
         """loop / ponderlm1: K+1 full passes over the tokens, each exact and causal on its own.
 
@@ -555,9 +565,10 @@ class PonderLM(nn.Module):
             ]  # (B, T, D)
             x = self._next_round_input(e, h, last)
         depth = torch.full((B, T), float(cfg.max_depth), device=e.device)
-        out = self._output(x, depth)
+        out = self._output(x, depth, with_logits=with_logits)
         if token_mask is not None:
-            out.logits = out.logits.masked_fill(~token_mask.unsqueeze(-1), 0.0)
+            if out.logits is not None:
+                out.logits = out.logits.masked_fill(~token_mask.unsqueeze(-1), 0.0)
             out.depth = out.depth.masked_fill(~token_mask, 0.0)
         return out
 
@@ -568,9 +579,10 @@ class PonderLM(nn.Module):
             return h
         return self.soft_token_feedback(e, h)
 
-    def _output(self, h_hat: Tensor, depth: Tensor, probs=None, log_reach=None, residual=None) -> PonderOutput:
+    def _output(self, h_hat: Tensor, depth: Tensor, probs=None, log_reach=None, residual=None,
+                with_logits: bool = True) -> PonderOutput:  # fmt: skip
         return PonderOutput(
-            logits=self.lm_head(h_hat),
+            logits=self.lm_head(h_hat) if with_logits else None,
             depth=depth,
             router_probs=probs,
             log_reach=log_reach,
@@ -767,15 +779,17 @@ class PonderLM(nn.Module):
             return self.extend(input_ids, cache, tau=tau, attention_mask=mask, with_logits=with_logits), cache
         tol = PREFILL_TOL if how == "converged" and self.cfg.uses_jacobi else None
         J = jacobi_iters or (PREFILL_MAX_ITERS if tol is not None else self.cfg.jacobi_iters)
-        out = self._parallel(input_ids, "hard", tau, J, mask, cache, tol=tol)
+        out = self._parallel(input_ids, "hard", tau, J, mask, cache, tol=tol, with_logits=with_logits)
         if tol is not None and not out.converged:  # not within the cap: the sequential recurrence instead
             return self.prefill(input_ids, tau=tau, attention_mask=mask, how="exact", capacity=capacity,
                                 with_logits=with_logits)  # fmt: skip
         cache.next_pos = mask.long().sum(-1) if mask is not None else torch.full_like(input_ids[:, 0], T)
         return out, cache
 
-    def _exact(self, input_ids: Tensor, tau: float, token_mask: Tensor | None) -> PonderOutput:
-        out, cache = self.prefill(input_ids, tau=tau, attention_mask=token_mask, how="exact")
+    def _exact(
+        self, input_ids: Tensor, tau: float, token_mask: Tensor | None, with_logits: bool = True
+    ) -> PonderOutput:
+        out, cache = self.prefill(input_ids, tau=tau, attention_mask=token_mask, how="exact", with_logits=with_logits)
         out.cache = cache
         return out
 

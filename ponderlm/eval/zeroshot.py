@@ -18,6 +18,7 @@ import torch
 from .. import flops as flops_mod
 from ..data.tokenizer import Tokenizer
 from ..model import PonderLM
+from .head import head_chunks
 from .tasks import Doc
 
 
@@ -42,7 +43,6 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return ctx, cont
 
 
-@torch.no_grad()
 def _right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids, mask), each (B, longest), padded on the right (causal attention never
     sees the padding of a row before its last real token)."""
@@ -55,6 +55,7 @@ def _right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@torch.no_grad()
 def loglikelihoods(
     model: PonderLM,
     tok: Tokenizer,
@@ -67,7 +68,11 @@ def loglikelihoods(
 ) -> tuple[list[Scored], dict[str, float]]:
     """Score (context, continuation) pairs; returns the scores in input order and compute stats
     (tokens, mean realised depth, inference FLOPs per token over every scored position).
-    ``jacobi``: hard mode's ``jacobi_iters`` / ``jacobi_tol`` (default: the model's J)."""
+    ``jacobi``: hard mode's ``jacobi_iters`` / ``jacobi_tol`` (default: the model's J).
+
+    Builds no autograd graph; the head runs only at the positions that predict a continuation
+    token (log-softmax in at least float32), so a batch holds (continuation tokens, vocab) logits,
+    not (B, T, vocab)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     L = cfg.max_seq_len
@@ -87,20 +92,33 @@ def loglikelihoods(
         kw = {"tau": tau, "attention_mask": mask.to(device)} if mode != "soft" else {}
         if mode == "hard":
             kw.update(jacobi or {})
-        res = model(ids.to(device), mode=mode, **kw)
-        logits = res.logits.to(torch.promote_types(res.logits.dtype, torch.float32))
-        logp = logits.log_softmax(-1).cpu()  # (B, T, V), at least float32
+        res = model(ids.to(device), mode=mode, with_logits=False, **kw)
+        rows, cols, tgt = [], [], []  # the scored positions, row by row, and the tokens they predict
+        for r, i in enumerate(idx):
+            full, n_cont = enc[i]
+            n_in = len(full) - 1
+            rows += [r] * n_cont
+            cols += range(n_in - n_cont, n_in)  # the positions whose logits predict the continuation
+            tgt += full[-n_cont:]
+        tgt_t = torch.tensor(tgt, device=device)  # (N,)
+        hidden = res.hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]  # (N, D)
+        lp = torch.empty(len(tgt), dtype=torch.promote_types(hidden.dtype, torch.float32))  # log p(target)
+        top = torch.empty(len(tgt), dtype=torch.bool)  # the target is the argmax
+        for s, e, logits in head_chunks(model, hidden):
+            logp = logits.log_softmax(-1)  # (n, V)
+            lp[s:e] = logp.gather(-1, tgt_t[s:e, None]).squeeze(-1).cpu()
+            top[s:e] = (logp.argmax(-1) == tgt_t[s:e]).cpu()
         realised = res.depth.round().long().cpu() if mode != "soft" else torch.full((len(idx), T), cfg.max_depth)
+        del res, hidden  # this batch's activations go before the next batch's forward
         depth = realised * mask
         n_tok += float(mask.sum())
         depth_sum += float(depth.sum())
         flops_sum += flops_mod.inference_flops(cfg, depth, mask).total
-        for r, i in enumerate(idx):
-            full, n_cont = enc[i]
-            n_in = len(full) - 1
-            tgt = torch.tensor(full[-n_cont:])  # (n_cont,)
-            lp = logp[r, n_in - n_cont : n_in]  # (n_cont, V): logits that predict them
-            out[i] = Scored(float(lp.gather(-1, tgt[:, None]).sum()), bool((lp.argmax(-1) == tgt).all()))
+        k = 0
+        for i in idx:
+            n_cont = enc[i][1]
+            out[i] = Scored(float(lp[k : k + n_cont].sum()), bool(top[k : k + n_cont].all()))
+            k += n_cont
     stats = {"tokens": n_tok, "mean_depth": depth_sum / max(n_tok, 1), "flops_per_token": flops_sum / max(n_tok, 1)}
     return out, stats
 
