@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, RunConfig, save_run_config
 from .errors import UserError, describe_os_error
+from .limits import InputTooLarge, check_model_fits, read_json_limited
 from .owned import as_umask_allows
 
 PREFIX = "step_"
@@ -170,10 +171,14 @@ def verify_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not mf.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no manifest.json)")
-    try:
-        manifest = json.loads(mf.read_text())
+    try:  # bounded: a manifest is a few hundred bytes; a huge or deeply nested one is refused unparsed
+        manifest = read_json_limited(mf, "manifest.json")
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+            raise TypeError
+    except InputTooLarge as e:
+        raise CheckpointError(f"{path}: unreadable manifest.json ({e})") from None
+    except (ValueError, KeyError, TypeError, OSError):  # invalid JSON, not UTF-8, not {"files": {name: sha}}
         raise CheckpointError(f"{path}: unreadable manifest.json") from None
     for name, digest in files.items():
         p = path / name
@@ -228,10 +233,12 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> dict[st
     """Verify and load a checkpoint directory (CPU tensors)."""
     path = Path(path)
     verify_checkpoint(path)
-    try:
+    try:  # a value of the wrong type (a string for a size) fails validation with TypeError
         model_cfg = ModelConfig.load(path / "model_config.json")
-    except (ConfigError, json.JSONDecodeError, OSError) as e:
-        raise CheckpointError(f"{path}: invalid model_config.json ({e})") from None
+    except (ConfigError, ValueError, TypeError, OSError) as e:
+        raise CheckpointError(f"{path}: invalid model_config.json ({str(e)[:300]})") from None
+    # sizes a hand-edited or foreign config declares are refused before anything is allocated
+    check_model_fits(model_cfg, f"{path}: the model of model_config.json", prefix="")
     try:
         state = load_file(str(path / "model.safetensors"))
     except Exception as e:  # safetensors raises its own error types for truncated/foreign files
@@ -254,9 +261,9 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> dict[st
 
 def _trainer_state(path: Path) -> dict[str, Any]:
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_json_limited(path / "trainer_state.json", "trainer_state.json")
         int(state["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # InputTooLarge is a ValueError
         raise CheckpointError(f"{path}: trainer_state.json is missing or has no step") from None
     return state
 

@@ -21,6 +21,10 @@ class ConfigError(UserError, ValueError):
 
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64 bits; seeds stay non-negative and signed-safe
+# more CPU threads than any machine has cores: OpenMP allocated per-thread state for 10**9 (216 GB) and aborted
+MAX_THREADS = 4096
+# a year: longer collective timeouts are typos (and beyond 10**14 s, Python's timedelta overflows)
+MAX_DIST_TIMEOUT_S = 365 * 24 * 3600
 SLOT_INPUTS = ("none", "learned", "hidden")
 ROUND_INPUTS = ("none", "residual", "soft_token")
 
@@ -216,6 +220,12 @@ class ModelConfig:
         return warm + [K + 1] * (jacobi_iters + 1)
 
     @property
+    def max_jacobi_iters(self) -> int:
+        """The most Jacobi refinements that can change anything: each pass makes at least one more
+        slot of the longest dependency chain exact, and a sequence has max_seq_len x (K+1) slots."""
+        return self.max_seq_len * self.slots_per_token
+
+    @property
     def router_width(self) -> int:
         return self.router_hidden or max(1, self.d_model // 4)
 
@@ -242,7 +252,8 @@ class ModelConfig:
         _need(self.head_dim % 2 == 0, f"head_dim d_model/n_heads = {self.head_dim} must be even")
         _need(self.n_heads % self.kv_heads == 0,
               f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")  # fmt: skip
-        _need(self.max_seq_len >= 1, f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        _need(isinstance(self.max_seq_len, int) and self.max_seq_len >= 1,
+              f"max_seq_len must be an integer >= 1, got {self.max_seq_len!r}")  # fmt: skip
         _need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
         _need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         _need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
@@ -260,6 +271,12 @@ class ModelConfig:
         _need(len(Js) > 0 and all(j >= 1 for j in Js),
               f"jacobi_train_iters must be a non-empty list of integers >= 1, got {Js}")  # fmt: skip
         _need(self.jacobi_warmup in WARMUPS, f"jacobi_warmup must be one of {WARMUPS}")
+        if self.uses_jacobi:  # huge J once built a list of a pass per refinement, and ran for ever
+            cap = self.max_jacobi_iters
+            _need(max(self.jacobi_iters, *Js) <= cap,
+                  f"jacobi_iters and jacobi_train_iters must be at most max_seq_len x (K+1) = {cap} (the passes "
+                  f"reach the recurrence exactly within one per slot of a sequence), got "
+                  f"{max(self.jacobi_iters, *Js)}")  # fmt: skip
         _need(isinstance(self.jacobi_grad_passes, int) and self.jacobi_grad_passes >= 0,
               f"jacobi_grad_passes must be an integer >= 0 (0 = all), got {self.jacobi_grad_passes!r}")  # fmt: skip
         _need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
@@ -300,7 +317,14 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_json(Path(path).read_text())
+        """A saved config; a file beyond limits.MAX_METADATA_BYTES is refused unread (InputTooLarge),
+        JSON that is not a mapping of fields is a ConfigError."""
+        from .limits import read_json_limited
+
+        d = read_json_limited(path, "model_config.json")
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a mapping of ModelConfig fields, got {type(d).__name__}")
+        return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A validated copy with some fields changed."""
@@ -374,6 +398,9 @@ class TrainConfig:
         # a seed the data order (numpy) and the initialisation (torch) both take: checked here, not at step 1
         need(0 <= self.seed <= SEED_MAX, f"train.seed must be an integer in [0, 2**63 - 1], got {self.seed}")
         need(self.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 (seconds), got {self.dist_timeout_s}")
+        need(self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
+             f"train.dist_timeout_s must be <= {MAX_DIST_TIMEOUT_S} (a year), got {self.dist_timeout_s}")  # fmt: skip
+        need(self.threads <= MAX_THREADS, f"train.threads must be in [0, {MAX_THREADS}], got {self.threads}")
         for name in ("data_dir", "out_dir"):
             need(str(getattr(self, name)).strip() != "", f"train.{name} must name a directory, got an empty string")
         need(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -403,12 +430,18 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} file not found: {p}" if not p.exists() else f"{what} file {p} is not a file")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    from .limits import MAX_METADATA_BYTES, InputTooLarge, read_limited
+
+    try:  # bounded: a config is a few KB
+        raw = yaml.safe_load(read_limited(p, MAX_METADATA_BYTES, f"{what} file").decode("utf-8")) or {}
+    except InputTooLarge as e:
+        raise ConfigError(str(e)) from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not a text YAML file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:  # the YAML parser recurses once per level of nesting
+        raise ConfigError(f"{p}: not valid YAML (nested too deeply)") from None
     except OSError as e:
         raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
     if not isinstance(raw, dict):

@@ -10,7 +10,6 @@ everywhere: a missing, damaged or tokenizer-less model is one :class:`Checkpoint
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from .checkpoint import CheckpointError, load_checkpoint, load_model_weights, re
 from .data import DataError, load_meta
 from .data.tokenizer import Tokenizer
 from .device import resolve_device
+from .limits import MAX_METADATA_BYTES, check_model_fits, read_json_limited, read_limited
 from .model import PonderLM
 
 
@@ -28,9 +28,9 @@ def is_hf_export(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == "ponderlm"
-    except (json.JSONDecodeError, OSError, AttributeError):
+    try:  # bounded: a config.json of gigabytes, or nested too deeply to parse, is not an export
+        return read_json_limited(cfg, "config.json").get("model_type") == "ponderlm"
+    except (ValueError, OSError, AttributeError):
         return False
 
 
@@ -45,9 +45,15 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
 
 def _load_export(path: Path) -> tuple[PonderLM, Tokenizer, Path]:
     """The ponderlm model inside a transformers export, and the export's tokenizer."""
+    from .config import ConfigError, ModelConfig
     from .convert import first_line, quiet_transformers
     from .hf import PonderLMForCausalLM
 
+    try:  # the sizes config.json declares, refused before transformers allocates them
+        cfg = ModelConfig.from_dict(read_json_limited(path / "config.json", "config.json")["ponder"])
+    except (ConfigError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable ponderlm export (config.json: {str(e)[:300]})") from None
+    check_model_fits(cfg, f"{path}: the model of config.json", prefix="ponder.")
     try:
         with quiet_transformers():  # no progress bar or load report around a one-line error
             model = PonderLMForCausalLM.from_pretrained(path).model
@@ -55,7 +61,7 @@ def _load_export(path: Path) -> tuple[PonderLM, Tokenizer, Path]:
         raise CheckpointError(f"{path}: not a readable ponderlm export ({first_line(e)})") from None
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json in this export")
-    return model, Tokenizer.load(path / "tokenizer.json"), path
+    return model, _model_tokenizer(path, model), path
 
 
 def _load_trained(checkpoint: str | Path) -> tuple[PonderLM, Tokenizer, Path]:
@@ -67,7 +73,19 @@ def _load_trained(checkpoint: str | Path) -> tuple[PonderLM, Tokenizer, Path]:
     tok_file = ck_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise CheckpointError(f"{ck_dir}: no tokenizer.json saved with this checkpoint")
-    return model, Tokenizer.load(tok_file), ck_dir
+    return model, _model_tokenizer(ck_dir, model), ck_dir
+
+
+def _model_tokenizer(where: Path, model: PonderLM) -> Tokenizer:
+    """The tokenizer.json beside a model, refused when it has ids the model has no embedding for
+    (they would fail inside the embedding lookup, or the tokenizer is another model's)."""
+    tok = Tokenizer.load(where / "tokenizer.json")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise CheckpointError(
+            f"{where}: tokenizer.json has {tok.vocab_size} entries, more than the model's vocab_size "
+            f"{model.cfg.vocab_size} (ids beyond it have no embedding); it is not this model's tokenizer"
+        )
+    return tok
 
 
 def _sha(p: Path) -> str:
@@ -78,8 +96,14 @@ def checkpoint_dataset(ck_dir: Path, data_dir: Path | None) -> tuple[Path, dict]
     """The dataset to evaluate a checkpoint on (default: the one it was trained on, from its
     config.yaml), checked to share the checkpoint's tokenizer. Returns (data_dir, meta)."""
     if data_dir is None:
-        run_cfg = yaml.safe_load((ck_dir / "config.yaml").read_text()) if (ck_dir / "config.yaml").is_file() else {}
-        found = (run_cfg or {}).get("train", {}).get("data_dir")
+        run_cfg = {}
+        if (ck_dir / "config.yaml").is_file():
+            try:  # bounded, as every metadata file of a checkpoint
+                run_cfg = yaml.safe_load(read_limited(ck_dir / "config.yaml", MAX_METADATA_BYTES, "config.yaml"))
+            except (ValueError, yaml.YAMLError, RecursionError, OSError) as e:
+                raise DataError(f"{ck_dir}/config.yaml is not a readable run config ({str(e)[:200]})") from None
+        train_cfg = run_cfg.get("train") if isinstance(run_cfg, dict) else None
+        found = train_cfg.get("data_dir") if isinstance(train_cfg, dict) else None
         if not found:
             raise DataError(f"{ck_dir}: no train.data_dir in config.yaml; pass the dataset directory")
         data_dir = Path(found)

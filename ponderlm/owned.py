@@ -104,8 +104,10 @@ def make_owned_dir(directory: Path, kind: str) -> None:
 
 # ------------------------------------------------------------- recognition
 def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
+    from .limits import read_json_limited
+
+    try:  # bounded, and JSON nested too deeply is a ValueError there: not ours either way
+        return read_json_limited(path, path.name)
     except (OSError, ValueError):
         return None
 
@@ -117,9 +119,11 @@ def _legacy_ours(directory: Path, kind: str) -> bool:
         return isinstance(meta, dict) and {"format_version", "fingerprint", "splits"} <= set(meta)
     if kind == "run":
         if (directory / "config.yaml").is_file():
-            try:
-                cfg = yaml.safe_load((directory / "config.yaml").read_text())
-            except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            from .limits import MAX_METADATA_BYTES, read_limited
+
+            try:  # bounded; a huge or deeply nested config.yaml is not one of ours
+                cfg = yaml.safe_load(read_limited(directory / "config.yaml", MAX_METADATA_BYTES, "config.yaml"))
+            except (OSError, ValueError, yaml.YAMLError, RecursionError):
                 return False
             return isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("train"), dict)
         cks = directory / "checkpoints"  # a run written by `ponderlm convert`: checkpoints only

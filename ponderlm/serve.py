@@ -13,6 +13,7 @@ import torch
 from . import threads
 from .data import DataError
 from .errors import UserError, utf8_problem
+from .limits import encode_prefix
 from .loading import load_model
 
 # depth 0 .. 3+ : plain, green, yellow, red (bold)
@@ -69,13 +70,14 @@ def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO, echo
     why = utf8_problem(prompt)
     if why:
         raise DataError(f"the prompt is {why}")
-    ids = tok.encode(prompt)
+    ctx = model.cfg.max_seq_len
+    ids, complete = encode_prefix(tok.encode, prompt, ctx)  # a prompt of megabytes is tokenized only this far
     if not ids:
         raise DataError("the prompt encodes to no tokens")
-    ctx = model.cfg.max_seq_len
-    if len(ids) + settings.max_new_tokens > ctx:
+    if not complete or len(ids) + settings.max_new_tokens > ctx:
+        many = f"{len(ids)} tokens" if complete else f"more than {ctx} tokens"
         raise DataError(
-            f"prompt ({len(ids)} tokens) + --max-new-tokens ({settings.max_new_tokens}) exceeds the model's "
+            f"prompt ({many}) + --max-new-tokens ({settings.max_new_tokens}) exceeds the model's "
             f"context of {ctx} tokens; shorten the prompt or ask for fewer tokens"
         )
     if echo:

@@ -22,10 +22,12 @@ from .. import threads
 from ..config import ConfigError, check_tau
 from ..data import DataError, TokenShards, eval_windows, window_labels
 from ..data.tokenizer import EOT, Tokenizer
+from ..limits import encode_prefix
 from ..loading import checkpoint_dataset, load_model
 from ..model import CONVERGED, PonderLM
 from ..owned import DirLock
 from ..progress import heartbeat
+from .head import head_chunks
 from .perplexity import class_sums, summarize_classes
 from .run import check_results_dir, write_result_files
 from .stats import pearson, spearman
@@ -45,18 +47,23 @@ def position_stats(model: PonderLM, x: torch.Tensor, y: torch.Tensor, tau: float
     Returns ids (the input token, long), depth (realised steps, long), loss (-log p(y), float64),
     entropy (of the predictive distribution in nats, float64) and correct (bool: argmax == y).
     """
-    out = model(x, mode="hard", tau=tau, **CONVERGED)  # eval's default computation
-    logits = out.logits
-    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)  # (B, T, V)
-    entropy = -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)  # (B, T)
-    loss = -logp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    loss = loss.masked_fill(y == IGNORE, float("nan"))
+    out = model(x, mode="hard", tau=tau, with_logits=False, **CONVERGED)  # eval's default computation
+    hidden, target = out.hidden.flatten(0, 1), y.flatten().clamp_min(0)  # (B*T, D), (B*T,)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    loss = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+    entropy, correct = torch.empty_like(loss), torch.empty(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+    for s, e, logits in head_chunks(model, hidden):  # a bounded number of (position, vocab) logits at a time
+        logp = logits.log_softmax(-1)
+        entropy[s:e] = -(logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+        loss[s:e] = -logp.gather(-1, target[s:e, None]).squeeze(-1)
+        correct[s:e] = logits.argmax(-1) == y.flatten()[s:e]
+    loss = loss.masked_fill(y.flatten() == IGNORE, float("nan"))
     return {
         "ids": x.flatten().cpu(),
         "depth": out.depth.round().long().flatten().cpu(),
-        "loss": loss.flatten().double().cpu(),
-        "entropy": entropy.flatten().double().cpu(),
-        "correct": (logits.argmax(-1) == y).flatten().cpu(),
+        "loss": loss.double().cpu(),
+        "entropy": entropy.double().cpu(),
+        "correct": correct.cpu(),
     }
 
 
@@ -538,11 +545,15 @@ def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_siz
     cfg = model.cfg
     tau = check_tau(cfg.tau if tau is None else tau)
     if text is not None:
-        ids, source = tok.encode(text), "given text"
+        # the first max_seq_len tokens are shown (and the next one scores the last): a long text is
+        # tokenized only that far, so its length costs its characters, not gigabytes of tokens
+        ids, complete = encode_prefix(tok.encode, text, cfg.max_seq_len + 1)
+        source = "given text"
         if not ids:
             raise DataError("the text to visualise is empty after tokenization")
         if len(ids) > cfg.max_seq_len:
-            log(f"note: the text has {len(ids)} tokens; showing the first {cfg.max_seq_len} (max_seq_len)")
+            many = len(ids) if complete else f"more than {cfg.max_seq_len}"
+            log(f"note: the text has {many} tokens; showing the first {cfg.max_seq_len} (max_seq_len)")
     data_dir, val, labels = _val_windows(ck_dir, data_dir, cfg.max_seq_len, windows)
     meta = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "tau": tau}
     log(threads.describe())

@@ -70,6 +70,10 @@ def evaluate_checkpoint(
     scoring = _check_scoring(mode, jacobi_iters, jacobi_tol, ablation)
     model, tok, ck_dir = load_model(checkpoint, device)
     cfg = model.cfg
+    iters = scoring.get("jacobi_iters")
+    if cfg.uses_jacobi and iters is not None and iters > cfg.max_jacobi_iters:  # once a list of 10**12 passes
+        raise ConfigError(f"--jacobi-iters must be at most max_seq_len x (K+1) = {cfg.max_jacobi_iters} for this "
+                          f"model (the passes reach the recurrence within one per slot), got {iters}")  # fmt: skip
     zs = [t for t in tasks if t not in PPL_SETS]
     windows, labels = _perplexity_windows(ck_dir, data_dir, [t for t in tasks if t in PPL_SETS], cfg.max_seq_len,
                                           ppl_windows, log)  # fmt: skip
