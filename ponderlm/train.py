@@ -45,6 +45,7 @@ from .data.tokenizer import same_tokenizer
 from .device import resolve_device
 from .errors import describe_os_error
 from .eval.perplexity import HIST, score_batch, summarize
+from .limits import check_training_fits
 from .losses import ponder_loss
 from .model import PonderLM
 from .owned import (
@@ -190,6 +191,9 @@ class Trainer:
             self.init_state, explicit = self._init_source(tc.init_from, cfg, explicit)
         resolve_model_config(cfg, explicit, tok_vocab)
         self._check_batching()
+        # sizes that cannot fit are refused here, naming the keys, not as an allocator's traceback later
+        bf16 = tc.dtype == "bf16" or (tc.dtype == "auto" and self.env.device.type == "cuda")
+        check_training_fits(cfg.model, self.micro, tc.seq_len, self.env.world, self.env.device, 2 if bf16 else 4)
 
         self.train_data = TrainBatches(TokenShards(tc.data_dir, "train"), tc.seq_len, tc.seed)
         self.val = eval_windows(TokenShards(tc.data_dir, "val"), tc.seq_len, tc.eval_windows)
@@ -525,14 +529,22 @@ class Trainer:
         tc, mc = self.cfg.train, self.cfg.model
         self.wrapped.eval()
         rows = self.val[self.env.rank :: self.env.world]
+        # FSDP2: every forward is collective (each block all-gathers its parameters), so every rank
+        # runs as many batches as rank 0, which has the most rows; a rank out of rows scores a
+        # window and discards it (otherwise rank 0's extra forward waits until dist_timeout_s)
+        fsdp = self.env.world > 1 and tc.dist == "fsdp"
+        n_rows = len(self.val[:: self.env.world]) if fsdp else len(rows)
         modes = ["soft"] + (["hard"] if mc.has_router else [])
         accs = []
         for mode in modes:
             acc = torch.zeros(HIST + mc.max_depth + 1, dtype=torch.float64)
-            for i in range(0, len(rows), self.micro):
-                w = rows[i : i + self.micro].to(self.env.device)
+            for i in range(0, n_rows, self.micro):
+                w = rows[i : i + self.micro]
+                x = (w if len(w) else self.val[:1]).to(self.env.device)
                 with self._autocast():
-                    acc += score_batch(self.wrapped, mc, w[:, :-1], w[:, 1:], mode=mode, tau=tc.eval_tau)
+                    sums = score_batch(self.wrapped, mc, x[:, :-1], x[:, 1:], mode=mode, tau=tc.eval_tau)
+                if len(w):
+                    acc += sums
             accs.append(acc)
         accs = self.env.all_sum(torch.stack(accs)).cpu()
         res: dict[str, float] = {}
