@@ -104,15 +104,18 @@ class Request:
     on_event: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)  # set from any thread
     id: int = 0  # the engine process's name for it (ponderlm.engine)
-    on_cancel: Callable[[], None] | None = None  # called once by cancel() (the engine forwards it)
+    on_cancel: Callable[[str], None] | None = None  # called once by cancel() with its reason (the engine forwards it)
+    cancel_reason: str = "cancelled"  # the Finished reason of a cancelled row: "stop" when a stop string ended it
 
-    def cancel(self) -> None:
-        """Stop generating; the scheduler drops the row (and frees its cache) at its next step."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop generating; the scheduler drops the row (and frees its cache) at its next step,
+        finished with ``reason`` ("stop": the caller found a stop string; "cancelled" otherwise)."""
         if self.cancelled.is_set():
             return
+        self.cancel_reason = reason
         self.cancelled.set()
         if self.on_cancel is not None:
-            self.on_cancel()
+            self.on_cancel(reason)
 
 
 class QueueFull(Exception):
@@ -232,7 +235,7 @@ class Scheduler:
         with torch.no_grad():
             for row in self.rows:
                 if row.req.cancelled.is_set():
-                    row.reason = "cancelled"
+                    row.reason = row.req.cancel_reason
                     self._finish(row)
             self._retire()
             together: list[Request] = []  # prompts prefilled at admission: in one batch

@@ -7,7 +7,7 @@ per step (PonderLM-3 at a low depth) would pay for it more. So the scheduler run
 child process and the server talks to it over a pipe:
 
 * server -> engine: ``("add", id, prompt, max_tokens, temperature, top_p, seed, ignore_eos)``,
-  ``("cancel", id)``, ``("stop",)``;
+  ``("cancel", id, reason)`` (reason "stop" when the server found a stop string), ``("stop",)``;
 * engine -> server: ``("ready", info)`` once the model is loaded (or ``("error", line)``), then
   ``("events", [(id, Token | Finished), ...], stats)`` after each step that produced events, with
   the scheduler's counters (``stats``) at most every :data:`STATS_EVERY` seconds while busy and
@@ -105,7 +105,7 @@ class _EngineLoop:
             self.sched.queue.put_nowait(req)  # never full: see engine_scheduler
         elif msg[0] == "cancel":
             if msg[1] in self.reqs:
-                self.reqs[msg[1]].cancel()
+                self.reqs[msg[1]].cancel(msg[2])
         elif msg[0] == "stop":
             self.stopping = True
 
@@ -233,7 +233,7 @@ class Engine:
         rid = next(self._ids)
         self.reqs[rid] = req
         req.id = rid
-        req.on_cancel = lambda: self._send(("cancel", rid))
+        req.on_cancel = lambda reason: self._send(("cancel", rid, reason))
         self._send(("add", rid, req.prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.ignore_eos))
 
     def _send(self, msg) -> None:

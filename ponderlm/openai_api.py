@@ -8,6 +8,17 @@ messages (a step's tokens, in one message) are read on the event loop and put in
 asyncio queues. Text is decoded here, incrementally (an incomplete UTF-8 sequence or a possible
 start of a stop string is held back), and a stop string found in it cancels the row.
 
+What a client controls is bounded before it costs anything (docs/SERVING.md, "Limits"): the body is
+read at most ``--max-body-bytes`` bytes (413 beyond; a declared ``Content-Length`` beyond is refused
+before reading) within ``--request-timeout`` seconds (408); the request line and headers are bounded
+too (:data:`MAX_HEAD_BYTES`, 431; ``--request-timeout``, 408), in uvicorn's protocol
+(:func:`bounded_protocol`), where they are read; a prompt longer than could fit in the
+context is refused by its length in characters before it is tokenized (every token covers at most
+:func:`longest_token` characters), and tokenizing runs in a worker thread (the tokenizer releases
+the interpreter lock there), so a large prompt does not stall the streams in flight. Text fields
+must be encodable text (a lone surrogate is a 400). An unexpected exception in a handler is a 500
+in OpenAI's shape and one line on stderr; the server goes on serving.
+
 Extensions to OpenAI's shapes: every choice (and every streamed chunk) carries ``ponder_depths``,
 the realised ponder steps of each generated token it covers, and ``usage`` adds ``flops`` (the
 request's inference FLOPs at its realised depths) and ``completion_flops`` (those beyond the prompt).
@@ -16,11 +27,14 @@ request's inference FLOPs at its realised depths) and ``completion_flops`` (thos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -38,6 +52,10 @@ from .engine import Engine, EngineError
 
 API_KEY_ENV = "PONDERLM_API_KEY"
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_BODY_BYTES = 4 << 20  # --max-body-bytes default (docs/SERVING.md, "Limits")
+REQUEST_TIMEOUT = 30.0  # --request-timeout default: seconds to receive a request's head, and again its body
+MAX_HEAD_BYTES = 32 << 10  # the request line and headers of one request; beyond: 431 and the connection closed
+MAX_STOP_CHARS = 256  # the longest stop string (each token checks every prefix of every stop string)
 
 
 @dataclass
@@ -46,6 +64,24 @@ class ServerSettings:
     context: int  # the model's max_seq_len
     api_key: str | None = None  # Bearer key every request must carry (None: no check)
     default_max_tokens: int = 16  # completions without max_tokens (OpenAI's default); chat: the rest of the context
+    max_body_bytes: int = MAX_BODY_BYTES  # a larger request body is refused (413) and not read further
+    request_timeout: float = REQUEST_TIMEOUT  # seconds to receive the head, and the body (408 beyond)
+    token_chars: int = 64  # the most characters one token covers (longest_token): bounds a prompt before tokenizing
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """A prompt of more characters than this cannot fit in the context: refused before tokenizing."""
+        return self.context * self.token_chars
+
+
+def longest_token(tok) -> int:
+    """The most characters of text one token of ``tok`` can stand for: the longest entry of its
+    vocabulary (a byte-level entry has one character per byte, and a byte is at most one character
+    of text; added tokens match their own text). So a text of more than ``n * longest_token``
+    characters encodes to more than n tokens, whatever it is (unless the tokenizer's normaliser
+    merges or drops characters, as NFC composes combining marks: such rare texts are refused all
+    the same)."""
+    return max(1, max((len(t) for t in tok.tk.get_vocab(with_added_tokens=True)), default=1))
 
 
 # ---------------------------------------------------------------------------------------------- request bodies
@@ -103,7 +139,21 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > 4 or any(not s for s in stops):
         raise ApiError(400, "stop takes at most 4 non-empty strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
+    for s in stops:
+        check_text(s, "stop")
     return stops
+
+
+def check_text(text: str, param: str) -> None:
+    """A 400 naming ``param`` unless ``text`` is text the tokenizer can take: JSON's ``\\ud800``
+    escapes give strings with lone surrogates, which are not Unicode characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param} is not valid text: a lone surrogate (U+{ord(text[e.start]):04X}) at "
+                            f"character {e.start}", param=param) from None  # fmt: skip
 
 
 def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool, int]:
@@ -212,6 +262,8 @@ class Api:
     def __init__(self, engine: Engine, tok, settings: ServerSettings) -> None:
         self.engine, self.tok, self.s = engine, tok, settings
         self.counters: dict[tuple[str, int], int] = {}  # (path, status) -> requests
+        # tokenizing off the event loop: two at a time (more would take cores from the engine)
+        self.tokenizer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ponderlm-tokenize")
 
     def count(self, path: str, status: int) -> None:
         key = (path if path in self.KNOWN else "other", status)  # bounded label values
@@ -239,13 +291,25 @@ class Api:
                            code="context_length_exceeded")  # fmt: skip
         return n
 
+    async def tokenize(self, prompt: str) -> list[int]:
+        """The prompt's ids, computed in a worker thread: ``encode_batch`` releases the interpreter
+        lock while it works (``encode`` holds it), so the event loop goes on streaming."""
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(self.tokenizer_pool, self.tok.encode_batch, [prompt]))[0]
+
     async def serve(self, request: Request, body: _Body, prompt: str, stops: list[str], chat: bool):
         if body.model != self.s.model_id:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.s.model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
-        ids = self.tok.encode(prompt) if prompt else []
+        field = "messages" if chat else "prompt"
+        limit = self.s.max_prompt_chars
+        if len(prompt) > limit:  # bounded before any work proportional to it
+            raise ApiError(400, f"this model's context is {self.s.context} tokens, which no prompt of more than "
+                                f"{limit} characters fits; the prompt has {len(prompt)}", param=field,
+                           code="context_length_exceeded")  # fmt: skip
+        ids = await self.tokenize(prompt) if prompt else []
         if not ids:
-            raise ApiError(400, "the prompt is empty", param="messages" if chat else "prompt")
+            raise ApiError(400, "the prompt is empty", param=field)
         max_tokens = self.max_tokens(body, len(ids), chat)
         events: asyncio.Queue = asyncio.Queue()  # filled on the event loop by _dispatch
 
@@ -324,7 +388,7 @@ async def _sse(req: batching.Request, events: asyncio.Queue, stream: Stream, out
                 if text or depths:
                     yield _sse_line(out.chunk(text, depths, None))
                 if stream.stopped:
-                    req.cancel()
+                    req.cancel("stop")
             if end is None:
                 continue
             if end.reason in ("cancelled", "error") and not stream.stopped:
@@ -340,26 +404,32 @@ async def _sse(req: batching.Request, events: asyncio.Queue, stream: Stream, out
         req.cancel()
 
 
+async def _until_disconnect(receive, req: batching.Request) -> None:
+    """Wait for the client to go away (the server's ``http.disconnect``), then cancel the row."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    req.cancel()
+
+
 async def _whole(request: Request, req: batching.Request, events: asyncio.Queue, stream: Stream, out: _Out):
-    """The whole completion as one response; a client that disconnects releases its row."""
+    """The whole completion as one response. A task watches the connection meanwhile: a client
+    that disconnects cancels its row at once (the next step drops it), however busy the row is."""
+    watch = asyncio.create_task(_until_disconnect(request.receive, req))
     try:
         while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return PlainTextResponse("", status_code=499)
-                continue
-            toks, end = _drain(events, ev)
+            toks, end = _drain(events, await events.get())
             if toks:
                 stream.push(toks)
                 if stream.stopped:
-                    req.cancel()
+                    req.cancel("stop")
             if end is not None:
                 ev = end
                 break
     finally:
+        watch.cancel()
         req.cancel()
+    if watch.done() and not watch.cancelled() and watch.exception() is None and not stream.stopped:  # client gone
+        return PlainTextResponse("", status_code=499)
     if ev.reason in ("cancelled", "error") and not stream.stopped:
         raise ApiError(500, "the generation was cut short on the server", kind="server_error")
     stream.flush()
@@ -371,9 +441,39 @@ async def _whole(request: Request, req: batching.Request, events: asyncio.Queue,
     return {**out.obj([choice], chunk=False), "usage": usage(ev, len(stream.ids))}
 
 
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_body(receive, cap: int, timeout: float) -> bytes | None:
+    """The request's body, read up to ``cap`` bytes within ``timeout`` seconds: _TooLarge past the
+    cap (nothing after it is read: the connection is closed), TimeoutError past the time, None if
+    the client went away. Chunked bodies (no Content-Length) are counted the same way."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    chunks, size = [], 0
+    while True:
+        msg = await asyncio.wait_for(receive(), max(0.0, end - loop.time()))  # TimeoutError past the end
+        if msg["type"] == "http.disconnect":
+            return None
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 class _AuthAndCount:
-    """Pure ASGI middleware: the API key check and the request count by path and status. (Not
-    Starlette's BaseHTTPMiddleware, which passes every streamed chunk through an extra stream.)"""
+    """Pure ASGI middleware: the API key check, the bounded body read, the request count by path
+    and status, and the last resort for unexpected exceptions (a 500 in OpenAI's shape and one line
+    on stderr, never a traceback). (Not Starlette's BaseHTTPMiddleware, which passes every streamed
+    chunk through an extra stream.)"""
 
     def __init__(self, app, api: Api) -> None:
         self.app, self.api = app, api
@@ -398,9 +498,58 @@ class _AuthAndCount:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_counted)
+            replay = await self.bounded_body(scope, receive, send_counted)
+            if replay is not None:
+                await self.app(scope, replay, send_counted)
+            elif not status:  # the client went away before its body arrived (nginx's 499)
+                status.append(499)
+        except Exception as e:  # a bug: this request fails in OpenAI's shape, the server goes on
+            print(f"error: {scope.get('method', '')} {path} failed: {_one_line(e)}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):  # the client may be gone too
+                if not status:
+                    body = error_body("the server failed on this request (an internal error; it is logged)",
+                                      "server_error", code="internal_error")  # fmt: skip
+                    await JSONResponse(body, status_code=500)(scope, receive, send_counted)
+                else:  # the response started: end it
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.api.count(path, status[0] if status else 500)
+
+    async def bounded_body(self, scope, receive, send):
+        """Read the body within the limits: a ``receive`` that gives it to the app (then passes the
+        server's messages on: the disconnect), or None once the request was refused (413, 408) or
+        its client went away."""
+        s = self.api.s
+
+        async def refuse(code: int, message: str, err: str) -> None:
+            body = error_body(message, "invalid_request_error", code=err)
+            # Connection: close, so that the rest of the body is never read
+            await JSONResponse(body, status_code=code, headers={"Connection": "close"})(scope, receive, send)
+
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > s.max_body_bytes:
+            return await refuse(413, f"the request body is {int(declared)} bytes; this server takes at most "
+                                     f"{s.max_body_bytes} (--max-body-bytes)", "request_too_large")  # fmt: skip
+        try:
+            body = await _read_body(receive, s.max_body_bytes, s.request_timeout)
+        except _TooLarge:
+            return await refuse(413, f"the request body is larger than {s.max_body_bytes} bytes, the most this "
+                                     f"server takes (--max-body-bytes)", "request_too_large")  # fmt: skip
+        except asyncio.TimeoutError:
+            return await refuse(408, f"the request body did not arrive within {s.request_timeout:g} seconds "
+                                     f"(--request-timeout)", "request_timeout")  # fmt: skip
+        if body is None:  # the client went away before its body arrived
+            return None
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
 
 
 def _guard(app: FastAPI, api: Api) -> None:
@@ -434,6 +583,7 @@ def create_app(engine: Engine, tok, settings: ServerSettings, on_ready: Callable
             on_ready()
         yield
         engine.stop(timeout=10.0)
+        api.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="ponderlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -455,12 +605,15 @@ def create_app(engine: Engine, tok, settings: ServerSettings, on_ready: Callable
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
+        check_text(body.prompt, "prompt")
         return await api.serve(request, body, body.prompt, stop_strings(body.stop), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         if body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
+        for i, m in enumerate(body.messages):
+            check_text(m.content, f"messages.{i}.content")
         prompt = chat_prompt(body.messages)
         return await api.serve(request, body, prompt, [*stop_strings(body.stop), CHAT_STOP], chat=True)
 
@@ -501,6 +654,93 @@ def metrics_text(engine: Engine, counters: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _plain_answer(transport, status: int, reason: str, message: str, code: str) -> None:
+    """An error in OpenAI's shape written straight to a connection, which is then closed."""
+    body = json.dumps(error_body(message, "invalid_request_error", code=code)).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"connection: close\r\n\r\n").encode()  # fmt: skip
+    transport.write(head + body)
+    transport.close()
+
+
+class _BoundedHead:
+    """Mixed into uvicorn's HTTP/1.1 protocol (httptools) by :func:`bounded_protocol`: the request's
+    head bounded where it is read."""
+
+    timeout: float
+    max_head: int
+    in_head, head_bytes, head_timer, refused = True, 0, None, False
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.arm()
+
+    def connection_lost(self, exc) -> None:
+        self.disarm()
+        super().connection_lost(exc)
+
+    def arm(self) -> None:
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.timeout, self.head_too_slow)
+
+    def disarm(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_too_slow(self) -> None:
+        self.head_timer = None
+        if self.in_head and not self.transport.is_closing():
+            self.refuse(408, "Request Timeout", f"the request's headers did not arrive within {self.timeout:g} "
+                                                f"seconds (--request-timeout)", "request_timeout")  # fmt: skip
+
+    def refuse(self, status: int, reason: str, message: str, code: str) -> None:
+        self.refused = True
+        _plain_answer(self.transport, status, reason, message, code)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.in_head and self.head_bytes + len(data) > self.max_head:  # feed up to the bound, then look
+            room = self.max_head - self.head_bytes
+            self.head_bytes = self.max_head
+            super().data_received(data[:room])
+            if self.in_head and not self.refused and not self.transport.is_closing():
+                self.refuse(431, "Request Header Fields Too Large", f"the request's line and headers are larger "
+                            f"than {self.max_head} bytes", "headers_too_large")  # fmt: skip
+                return
+            data = data[room:]
+        elif self.in_head:
+            self.head_bytes += len(data)
+        if data and not self.refused:
+            super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.arm()
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.disarm()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.in_head, self.head_bytes = True, 0  # what follows is the next request's head
+
+
+def bounded_protocol(timeout: float, max_head: int = MAX_HEAD_BYTES) -> type:
+    """uvicorn's HTTP/1.1 protocol (httptools), with the request's head bounded where it is read:
+    at most ``max_head`` bytes of request line and headers (431 beyond; httptools itself gathers a
+    header of any length), received within ``timeout`` seconds of the connection or of the
+    request's first byte (408 then; uvicorn waits for a slow head forever). Both answer in OpenAI's
+    shape and close the connection. The body's bounds are the app's (:class:`_AuthAndCount`)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    return type("BoundedHttpToolsProtocol", (_BoundedHead, HttpToolsProtocol), {"timeout": timeout,
+                                                                              "max_head": max_head})  # fmt: skip
+
+
 def api_key_from_env(given: str | None) -> str | None:
     return given if given is not None else (os.environ.get(API_KEY_ENV) or None)
 
@@ -523,7 +763,7 @@ def run(engine: Engine, tok, settings: ServerSettings, sock, *, shutdown_timeout
 
     app = create_app(engine, tok, settings, on_ready=ready)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=shutdown_timeout,
-                            lifespan="on")  # fmt: skip
+                            lifespan="on", http=bounded_protocol(settings.request_timeout))  # fmt: skip
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler that does nothing
     # turns that into a normal return (exit status 0 after a clean shutdown)

@@ -4,12 +4,16 @@ the official ``openai`` client and httpx as clients, a tiny trained PonderLM-3 m
 What is checked: greedy output (text and per-token depths) equals ``generate`` on the same prompt
 alone while other requests arrive and leave; malformed, unknown, out-of-range and too-long
 requests get a 400 in OpenAI's error shape and disturb nothing in flight; a full queue answers 429
-with Retry-After; a client that disconnects frees its row and cache; the API key is enforced;
-SIGTERM finishes the streams and exits 0.
+with Retry-After; a client that disconnects frees its row and cache (streamed or not); the API key
+is enforced; SIGTERM finishes the streams and exits 0. Every limit on what a client sends (head,
+body, prompt, fields; issue 30) is refused in OpenAI's shape by a real server while a stream
+decodes, and docs/ERRORS.md's server table lists exactly these cases; an unexpected exception is
+a 500 of one log line; a stop string is counted as "stop".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -35,19 +39,23 @@ TAU = "0.4"  # spread depths: the tiny router's distribution is flat
 PROMPTS = ["The king", "Of the people and", "It was a", "What is the", "There were no", "In a year"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A tiny PonderLM-3 trained two steps (context 256, a router that varies depths)."""
+def tiny_p3(root: Path, context: int) -> Path:
+    """A tiny PonderLM-3 trained two steps in ``root/p3`` (a router that varies depths)."""
     from ponderlm.config import load_run_config
     from ponderlm.train import train
 
-    root = tmp_path_factory.mktemp("serve")
     ds = build_fake_dataset(root)
-    cfg, explicit = load_run_config(None, [*TINY, "model.max_seq_len=256", "model.method=ponderlm3",
+    cfg, explicit = load_run_config(None, [*TINY, f"model.max_seq_len={context}", "model.method=ponderlm3",
                                            "model.router_init_bias=0.0", f"train.data_dir={ds}",
                                            f"train.out_dir={root / 'p3'}"])  # fmt: skip
     train(cfg, explicit, log=lambda *_: None)
     return root / "p3"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """The tiny PonderLM-3 of context 256."""
+    return tiny_p3(tmp_path_factory.mktemp("serve"), 256)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +78,12 @@ def reference(run):
 
 
 class Server:
-    """`python -m ponderlm serve ...` on a free port, until stopped."""
+    """`python -m ponderlm serve ...` on a free port, until stopped (``launch``: the Python code
+    that runs the command line instead of ``-m ponderlm``, e.g. with a fault injected first)."""
 
-    def __init__(self, run: Path, *args: str, env: dict | None = None) -> None:
-        cmd = [sys.executable, "-m", "ponderlm", "serve", "--checkpoint", str(run), "--port", "0", "--tau", TAU, *args]
+    def __init__(self, run: Path, *args: str, env: dict | None = None, launch: str | None = None) -> None:
+        head = [sys.executable, "-m", "ponderlm"] if launch is None else [sys.executable, "-c", launch]
+        cmd = [*head, "serve", "--checkpoint", str(run), "--port", "0", "--tau", TAU, *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
         line = self.proc.stdout.readline()  # "serving NAME (...) on http://127.0.0.1:PORT" once ready
@@ -187,15 +197,17 @@ def test_chat_models_and_health(server, reference):
     assert seeded[0] == seeded[1]
 
 
-BAD = [  # (body or raw bytes, status, what the message says)
-    (b'{"model": "p3", "prompt": ', 400, "not valid JSON"),
-    ({"prompt": "The", "max_tokens": 4, "frobnicate": 1}, 400, "unknown field: frobnicate"),
-    ({"prompt": "The", "temperature": 7}, 400, "temperature"),
-    ({"prompt": "The", "max_tokens": 0}, 400, "max_tokens"),
-    ({"prompt": "The", "n": 2}, 400, "n"),
-    ({"prompt": "the " * 300, "max_tokens": 4}, 400, "context is 256 tokens"),
-    ({"prompt": "The", "max_tokens": 4, "model": "gpt-4"}, 404, "does not exist"),
-]
+BAD = [  # (case id in docs/ERRORS.md, body or raw bytes, status, what the message says)
+    ("invalid_json", b'{"model": "p3", "prompt": ', 400, "the body is not valid JSON"),
+    ("unknown_field", {"prompt": "The", "max_tokens": 4, "frobnicate": 1}, 400, "unknown field: frobnicate"),
+    ("out_of_range", {"prompt": "The", "temperature": 7}, 400, "temperature: Input should be less than or equal to 2"),
+    ("max_tokens_zero", {"prompt": "The", "max_tokens": 0}, 400,
+     "max_tokens: Input should be greater than or equal to 1"),
+    ("n_above_one", {"prompt": "The", "n": 2}, 400, "n: Input should be less than or equal to 1"),
+    ("prompt_too_many_tokens", {"prompt": "the " * 300, "max_tokens": 4}, 400,
+     "this model's context is 256 tokens: the prompt has"),
+    ("unknown_model", {"prompt": "The", "max_tokens": 4, "model": "gpt-4"}, 404, "does not exist"),
+]  # fmt: skip
 
 
 def test_bad_requests_get_openai_errors_and_disturb_nothing(server, reference):
@@ -204,7 +216,7 @@ def test_bad_requests_get_openai_errors_and_disturb_nothing(server, reference):
     errors = []
 
     def send_bad() -> None:
-        for body, status, says in BAD:
+        for _, body, status, says in BAD:
             if isinstance(body, bytes):
                 r = httpx.post(
                     f"{server.url}/v1/completions", content=body, headers={"Content-Type": "application/json"}
@@ -299,6 +311,9 @@ def test_sigterm_finishes_streams_and_exits_0(guarded):
     assert s.proc.wait(timeout=60) == 0
     err = s.proc.stderr.read()
     assert "Traceback" not in err and "error" not in err, err  # a clean stop reports nothing wrong
+    end = time.monotonic() + 10  # multiprocessing's helper notices the closed pipe a moment later under load
+    while [pid for pid in s.children if _alive(pid)] and time.monotonic() < end:
+        time.sleep(0.05)
     assert not [pid for pid in s.children if _alive(pid)]  # the engine process stopped with it
 
 
@@ -364,3 +379,260 @@ def test_a_dead_engine_gives_503_and_the_server_still_stops_cleanly(run):
     finally:
         assert s.stop() == 0
     assert "engine process exited" in s.proc.stderr.read()
+
+
+# ---------------------------------------------------------------------------------------------- limits (issue 30)
+LIMIT_BODY = 65536  # the `limited` server's --max-body-bytes
+LIMIT_TIMEOUT = 1.0  # its --request-timeout
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory) -> Path:
+    """The tiny PonderLM-3 with a context of 2048 tokens: requests long enough that a disconnect shows."""
+    return tiny_p3(tmp_path_factory.mktemp("serve_long"), 2048)
+
+
+@pytest.fixture(scope="module")
+def limited(long_run):
+    """A server with a small body cap (64 KiB) and a short request timeout (1 s)."""
+    limits = ["--max-body-bytes", str(LIMIT_BODY), "--request-timeout", str(LIMIT_TIMEOUT)]
+    s = Server(long_run, "--max-batch", "2", *limits)
+    yield s
+    assert s.stop() == 0
+
+
+def _raw(server: Server, head: str, chunks=(), limit_s: float = 20.0) -> tuple[int, dict | str | None, int]:
+    """One request as raw bytes: ``head`` (the request line and headers), then each body chunk until
+    the server answers. Returns (status, the JSON body (or the text of one that is not JSON), body
+    bytes sent)."""
+    import select
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    sent, resp = 0, b""
+    with socket.create_connection((host, int(port)), timeout=limit_s) as sock:
+        sock.sendall(head.encode())
+        for chunk in chunks:
+            if select.select([sock], [], [], 0)[0]:  # the server answered: stop sending
+                break
+            try:
+                sock.sendall(chunk)
+            except OSError:  # it answered and closed while we wrote
+                break
+            sent += len(chunk)
+        end = time.monotonic() + limit_s
+        with contextlib.suppress(OSError):
+            while time.monotonic() < end and not _complete(resp):
+                data = sock.recv(1 << 16)
+                if not data:
+                    break
+                resp += data
+    if not resp:
+        return 0, None, sent
+    status = int(resp.split(b" ", 2)[1])
+    head_end = resp.index(b"\r\n\r\n") + 4
+    headers = resp[:head_end].decode("latin-1").lower()
+    m = re.search(r"content-length: (\d+)", headers)
+    body = resp[head_end : head_end + int(m.group(1))] if m else b""
+    return status, json.loads(body) if body.startswith(b"{") else body.decode(errors="replace"), sent
+
+
+def _complete(resp: bytes) -> bool:
+    if b"\r\n\r\n" not in resp:
+        return False
+    head, body = resp.split(b"\r\n\r\n", 1)
+    m = re.search(rb"content-length: (\d+)", head.lower())
+    return m is not None and len(body) >= int(m.group(1))
+
+
+def _post_head(length: int | None = None, path: str = "/v1/completions") -> str:
+    how = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{how}\r\n\r\n"
+
+
+def _json(server: Server, body, path: str = "/v1/completions") -> tuple[int, dict | None, int]:
+    raw = body if isinstance(body, bytes) else json.dumps({"model": server.model, **body}).encode()
+    r = httpx.post(f"{server.url}{path}", content=raw, headers={"Content-Type": "application/json"}, timeout=60)
+    return r.status_code, r.json(), len(raw)
+
+
+def _chunked(total: int, size: int = 1 << 16):
+    piece = f"{size:x}\r\n".encode() + b"x" * size + b"\r\n"
+    return (piece for _ in range(total // size))
+
+
+# (case id in docs/ERRORS.md, the request against the `limited` server, status, what the message says)
+LIMITS = [
+    ("body_too_large", lambda s: _json(s, {"prompt": "x" * LIMIT_BODY}), 413,
+     "this server takes at most 65536 (--max-body-bytes)"),
+    ("chunked_body_too_large", lambda s: _raw(s, _post_head(), _chunked(32 << 20)), 413,
+     "the request body is larger than 65536 bytes, the most this server takes (--max-body-bytes)"),
+    ("body_too_slow", lambda s: _raw(s, _post_head(1000), [b'{"model": "p']), 408,
+     "the request body did not arrive within 1 seconds (--request-timeout)"),
+    ("content_length_short", lambda s: _raw(s, _post_head(5), [b'{"model": "p3", "prompt": "The"}']), 400,
+     "Invalid HTTP request received."),
+    ("prompt_too_many_characters", lambda s: _json(s, {"prompt": "ab " * 9000}), 400,
+     "tokens, which no prompt of more than"),
+    ("prompt_too_many_tokens_long", lambda s: _json(s, {"prompt": "the " * 2100, "max_tokens": 4}), 400,
+     "this model's context is 2048 tokens: the prompt has"),
+    ("max_tokens_huge", lambda s: _json(s, {"prompt": "The", "max_tokens": 10**30}), 400,
+     "max_tokens asks for 1000000000000000000000000000000"),
+    ("prompt_lone_surrogate", lambda s: _json(s, b'{"model": "p3long", "prompt": "The \\ud800 king"}'), 400,
+     "prompt is not valid text: a lone surrogate (U+D800) at character 4"),
+    ("chat_lone_surrogate", lambda s: _json(s, b'{"model": "p3long", "messages": [{"role": "user", "content": '
+                                               b'"ok"}, {"role": "user", "content": "\\udfff"}]}',
+                                            "/v1/chat/completions"), 400,
+     "messages.1.content is not valid text: a lone surrogate (U+DFFF) at character 0"),
+    ("stop_lone_surrogate", lambda s: _json(s, b'{"model": "p3long", "prompt": "The", "stop": ["\\ud83d"]}'), 400,
+     "stop is not valid text: a lone surrogate (U+D83D)"),
+    ("stop_too_long", lambda s: _json(s, {"prompt": "The", "stop": "y" * 257}), 400,
+     "a stop string may have at most 256 characters"),
+    ("too_many_stops", lambda s: _json(s, {"prompt": "The", "stop": ["a", "b", "c", "d", "e"]}), 400,
+     "stop takes at most 4 non-empty strings"),
+    ("json_too_deep", lambda s: _json(s, b"[" * 60000), 400, "There was an error parsing the body"),
+    ("headers_too_large", lambda s: _raw(s, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {'a' * 40000}\r\n\r\n"),
+     431, "the request's line and headers are larger than 32768 bytes"),
+    ("headers_too_slow", lambda s: _raw(s, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"), 408,
+     "the request's headers did not arrive within 1 seconds (--request-timeout)"),
+]  # fmt: skip
+# rows of the server table run by other tests of this module: (test, what its message says)
+SERVER_ELSEWHERE = {
+    "queue_full": ("test_full_queue_gets_429_and_the_others_finish", "rate_limit_error"),
+    "engine_down": ("test_a_dead_engine_gives_503_and_the_server_still_stops_cleanly", "engine_down"),
+    "wrong_api_key": ("test_api_key", "invalid_api_key"),
+    "internal_error": ("test_an_unexpected_exception_is_a_500_of_one_line", "the server failed on this request"),
+}
+
+
+def test_limits_refuse_in_openai_shape_and_disturb_nothing(limited, long_run):
+    """Every limit on what a client sends, against a real server, while a stream decodes: each
+    request gets its status in OpenAI's error shape; the stream still runs to its end; the
+    server is healthy after."""
+    from ponderlm.loading import load_model
+    from ponderlm.openai_api import longest_token
+
+    _, tok, _ = load_model(long_run)
+    got = []
+
+    def send() -> None:
+        for case_id, request, status, says in LIMITS:
+            got.append((case_id, *request(limited), status, says))
+
+    chunks = _stream_chunks(limited, {"prompt": "The", "max_tokens": 400, "ignore_eos": True}, on_first=send)
+    assert sum(len(c["choices"][0]["ponder_depths"]) for c in chunks) == 400
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert [g[0] for g in got] == [c[0] for c in LIMITS]
+    for case_id, code, body, sent, status, says in got:
+        if case_id == "content_length_short":  # uvicorn's own plain answer to the bytes after the body
+            assert code == status and (body == says or "the body is not valid JSON" in str(body)), body
+            continue
+        assert code == status and isinstance(body, dict) and set(body) == {"error"}, (case_id, code, body)
+        assert set(body["error"]) == {"message", "type", "param", "code"}, (case_id, body)
+        assert says in body["error"]["message"], (case_id, body)
+        if case_id == "chunked_body_too_large":  # reading stopped at the cap: most of the 32 MB was never sent
+            assert sent < 16 << 20, sent
+        if case_id == "prompt_too_many_characters":
+            assert f"no prompt of more than {2048 * longest_token(tok)} characters fits" in body["error"]["message"]
+    assert httpx.get(f"{limited.url}/health").json() == {"status": "ok"}
+
+
+def test_the_server_table_lists_every_case():
+    """docs/ERRORS.md's server table has one row per case tested here (BAD, LIMITS, the tests
+    named in SERVER_ELSEWHERE), with the message each test asserts."""
+    text = (Path(__file__).parents[1] / "docs" / "ERRORS.md").read_text()
+    section = text.split("## The server: requests it refuses", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\|\s*(\w+)\s*\|", line)
+        if m and m.group(1) != "Case":
+            assert m.group(1) not in rows, f"duplicate row {m.group(1)}"
+            rows[m.group(1)] = line
+    expected = {c[0]: c[-1] for c in BAD} | {c[0]: c[-1] for c in LIMITS}
+    expected |= {k: says for k, (_, says) in SERVER_ELSEWHERE.items()}
+    assert sorted(rows) == sorted(expected)
+    for case_id, says in expected.items():
+        assert says.replace("|", "\\|") in rows[case_id], (case_id, says)
+    module = Path(__file__).read_text()
+    for test, says in SERVER_ELSEWHERE.values():
+        assert f"def {test}(" in module and says in module, test
+
+
+FAULT = """
+import sys
+import ponderlm.openai_api as api
+template = api.chat_prompt
+def broken(messages):
+    if messages[-1].content == "boom":
+        raise RuntimeError("injected fault\\nwith a second line")
+    return template(messages)
+api.chat_prompt = broken
+from ponderlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_exception_is_a_500_of_one_line(run):
+    """A handler that raises (a fault injected into the server process) answers 500 in OpenAI's
+    shape and logs one line, no traceback; the server goes on serving and stops cleanly."""
+    s = Server(run, launch=FAULT)
+    try:
+        url = f"{s.url}/v1/chat/completions"
+        for _ in range(2):
+            r = httpx.post(url, json={"model": s.model, "messages": [{"role": "user", "content": "boom"}]})
+            assert r.status_code == 500, r.text
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["type"] == "server_error"
+            assert "the server failed on this request" in err["message"] and "injected" not in err["message"]
+        assert httpx.get(f"{s.url}/health").json() == {"status": "ok"}
+        ok = httpx.post(url, json={"model": s.model, "messages": [{"role": "user", "content": "fine"}],
+                                   "max_tokens": 3})  # fmt: skip
+        assert ok.status_code == 200 and ok.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert s.metrics()['ponderlm_http_requests_total{path="/v1/chat/completions",status="500"}'] == 2
+    finally:
+        assert s.stop() == 0
+    err = s.proc.stderr.read()
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "injected fault" in line]
+    assert len(lines) == 2
+    assert all(line.startswith("error: POST /v1/chat/completions failed: RuntimeError") for line in lines)
+    assert "with a second line" in lines[0]  # the exception's message, on the same line
+
+
+def test_a_disconnected_whole_request_is_cancelled(limited):
+    """A non-streamed request of 2000 tokens whose client gives up after 0.3 s: the row is dropped
+    at once (counted as cancelled, far fewer tokens generated than asked), not run to max_tokens."""
+    m0 = limited.wait_metric("ponderlm_batch_rows", 0)
+    body = {"model": limited.model, "prompt": "The", "max_tokens": 2000, "ignore_eos": True}
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{limited.url}/v1/completions", json=body, timeout=0.3)
+    gave_up = time.monotonic() - t0
+    m = limited.wait_metric("ponderlm_batch_rows", 0, timeout=60)
+    freed = time.monotonic() - t0
+
+    def delta(key: str) -> float:
+        return m.get(key, 0) - m0.get(key, 0)
+
+    assert delta('ponderlm_requests_finished_total{reason="cancelled"}') == 1, m
+    assert delta('ponderlm_requests_finished_total{reason="length"}') == 0, m
+    generated = delta("ponderlm_generated_tokens_total")
+    assert generated < 1000, (generated, gave_up, freed)
+    assert m["ponderlm_cache_entries"] == 0
+
+
+def test_a_stop_string_is_counted_as_stop(server, reference):
+    """A request ended by a stop string is told finish_reason "stop" and counted as reason="stop"
+    (it was counted as cancelled), streamed or not."""
+    text, _ = reference(PROMPTS[0], 60)
+    stop = text[len(text) // 3 : len(text) // 3 + 3]
+    assert len(text) > 20 and stop.strip()
+    m0 = server.wait_metric("ponderlm_batch_rows", 0)
+    body = {"prompt": PROMPTS[0], "max_tokens": 60, "temperature": 0, "stop": [stop]}
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": server.model, **body}, timeout=60).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["choices"][0]["text"] == text[: text.index(stop)]
+    chunks = _stream_chunks(server, body)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    m = server.wait_metric("ponderlm_batch_rows", 0)
+    for reason, n in (("stop", 2), ("cancelled", 0), ("length", 0)):
+        key = f'ponderlm_requests_finished_total{{reason="{reason}"}}'
+        assert m.get(key, 0) - m0.get(key, 0) == n, (reason, m)
