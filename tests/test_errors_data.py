@@ -10,6 +10,7 @@ saying so, where mounting is not permitted, and every mount is undone in a ``fin
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -326,6 +327,21 @@ CASES = [
          "an interrupted build with other settings is in ", setup=interrupted_other_settings),
     Case("prepare_workers_zero", lambda w, s: tiny_args(w, "d", "--workers", "0"),
          "argument --workers: must be >= 1, got 0"),
+    # bounded by the input: a document tokenized in pieces where it can be, refused where it cannot
+    Case("prepare_document_without_a_cut", lambda w, s: _prep("--input", "x.jsonl", "--tokenizer",
+                                                              str(w.ds / "tokenizer.json"), "--out", "d"),
+         "x.jsonl: document x.jsonl:1#0 (1,100,000 characters) has over 1,048,576 characters with no place where the "
+         "tokenizer's pre-tokenization splits (a space or line break between two characters): tokenized whole it "
+         "would need ~200 bytes of memory per character; cut it into shorter documents, or pass --skip-bad-documents",
+         setup=write("x.jsonl", '{"text": "fine words"}\n{"text": "' + "x" * 1_100_000 + '"}\n')),
+    Case("prepare_file_name_not_utf8", lambda w, s: _prep("--input", os.fsdecode(b"caf\xe9.jsonl"), "--vocab-size",
+                                                          "300", "--out", "d"),
+         "caf\\xe9.jsonl:2: not valid JSON; fix the input, or pass --skip-bad-documents",
+         setup=write(os.fsdecode(b"caf\xe9.jsonl"), b'{"text": "fine words"}\n{"text": \n')),
+    Case("prepare_jsonl_lone_surrogate", lambda w, s: _prep("--input", "x.jsonl", "--vocab-size", "300", "--out", "d"),
+         "x.jsonl:2: the text holds a lone surrogate escape (\\ud800-\\udfff); fix the input, or pass "
+         "--skip-bad-documents to skip and count such documents",
+         setup=write("x.jsonl", '{"text": "fine words"}\n{"text": "half \\ud83d of an emoji"}\n')),
 ]  # fmt: skip
 
 # refusals of a directory that is not ours: the message must not suggest --overwrite (following it

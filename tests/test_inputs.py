@@ -175,3 +175,26 @@ def test_convert_max_seq_len_checked_first(tmp_path, bad):
     with pytest.raises(ConfigError, match="--max-seq-len must be an integer >= 1"):
         convert_from_hf(tmp_path / "missing", tmp_path / "out", max_seq_len=bad)
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_a_file_given_twice_is_read_once_and_said(tmp_path):
+    """The same file as two arguments, through a glob and a directory, or a symbolic or hard link:
+    read once (by device and inode), and the log names it (it used to be dropped without a word)."""
+    from ponderlm.data.inputs import find_inputs
+
+    (tmp_path / "c").mkdir()
+    f = tmp_path / "c" / "a.jsonl"
+    f.write_text('{"text": "x"}\n')
+    (tmp_path / "link.jsonl").symlink_to(f)
+    (tmp_path / "hard.jsonl").hardlink_to(f)
+    cases = [([f, f], "is given more than once"), ([tmp_path / "c", tmp_path / "c" / "*.jsonl"], "more than once"),
+             ([f, tmp_path / "link.jsonl"], "the same file as"),
+             ([f, tmp_path / "hard.jsonl"], "the same file as")]  # fmt: skip
+    for given, said in cases:
+        logs: list[str] = []
+        texts, _ = find_inputs(given, logs.append)
+        assert [t.path.resolve() for t in texts] == [f.resolve()]
+        assert len(logs) == 1 and said in logs[0] and "each file is read once" in logs[0], logs
+    logs = []
+    find_inputs([f], logs.append)
+    assert logs == []

@@ -307,6 +307,127 @@ def test_bad_documents_are_refused_with_their_place_or_skipped_and_counted(tmp_p
     assert 0.3 * len(docs) < meta["sources"]["user"]["counts"]["train"]["documents"] < 0.5 * len(docs)
 
 
+def test_long_lines_read_from_their_bytes_build_the_same_dataset(tmp_path, tok_file, monkeypatch):
+    """Every line through jsonline.field_bytes (LONG_LINE 0) against json.loads: the same shards,
+    the same refusals with the same places, the same counts of skipped documents."""
+    docs = documents(40, seed=6)
+    lines = jsonl(docs).splitlines(keepends=True)
+    lines[0] = b"\xef\xbb\xbf" + lines[0]  # a byte order mark
+    other_fields = {"a": [1, {"text": "x"}], "text": docs[2] + " \u00e9\U0001f600\\", "z": None}
+    lines[2] = json.dumps(other_fields).encode() + b"\n"
+    lines[4] = json.dumps({"text": "caf\u00e9 \ud800 lone"}).encode() + b"\n"  # valid JSON, not Unicode text
+    lines[5] = b'{"text": "caf\xe9"}\n'
+    lines[7] = b'{"body": "no text field"}\n'
+    lines[9] = b'{"text": "not json",}\n'
+    lines[11] = b'{"text": "bad \\q escape"}\n'
+    (tmp_path / "bad.jsonl").write_bytes(b"".join(lines))
+    results = []
+    for long_line in (1 << 20, 0):
+        monkeypatch.setattr(inputs_mod, "LONG_LINE", long_line)
+        refusals = []
+        for bad in (4, 5, 7, 9, 11):  # each bad line alone among good ones: its own refusal
+            (tmp_path / "one.jsonl").write_bytes(b"".join([*lines[:4], lines[bad], *lines[12:]]))
+            with pytest.raises(DataError) as e:
+                build(tmp_path / f"a{long_line}", [tmp_path / "one.jsonl"], tok_file)
+            refusals.append(str(e.value).split("; ")[0].replace(str(tmp_path), ""))
+        meta = build(tmp_path / f"a{long_line}", [tmp_path / "bad.jsonl"], tok_file, skip_bad_documents=True)
+        results.append((refusals, meta["skipped"], digest(tmp_path / f"a{long_line}")))
+    assert results[0][0] == [
+        "/one.jsonl:5: the text holds a lone surrogate escape (\\ud800-\\udfff)",
+        f"/one.jsonl:5 is not UTF-8 text (byte {len(b''.join(lines[:4])) + 13:,} of the file)",
+        '/one.jsonl:5: each line needs a JSON object with a string "text" field',
+        "/one.jsonl:5: not valid JSON",
+        "/one.jsonl:5: not valid JSON",
+    ]
+    assert results[0][1] == {"non_utf8": 2, "missing_field": 1, "invalid_json": 2}
+    assert results[1] == results[0]
+
+
+def test_a_line_over_the_limit_is_refused_or_skipped_unread(tmp_path, tok_file, monkeypatch):
+    """A .jsonl line longer than MAX_LINE (here 300 bytes) is a bad document (too_long): read past
+    in small reads, never held; the lines after it are read as usual, plain or compressed."""
+    monkeypatch.setattr(inputs_mod, "MAX_LINE", 300)
+    monkeypatch.setattr(inputs_mod, "READ_CHUNK", 7)
+    docs = [d[:200] for d in documents(12, seed=9)]
+    lines = jsonl(docs).splitlines(keepends=True)
+    long = json.dumps({"text": "word " * 400}).encode() + b"\n"
+    (tmp_path / "x.jsonl").write_bytes(b"".join([*lines[:5], long, *lines[5:]]))
+    (tmp_path / "x.jsonl.gz").write_bytes(gzip.compress(b"".join([*lines[:5], long, *lines[5:]])))
+    (tmp_path / "ok.jsonl").write_bytes(b"".join(lines))
+    with pytest.raises(DataError, match=rf"x.jsonl:6 is longer than 300 bytes \({len(long):,} bytes\); cut it into "
+                                        "shorter documents, or pass --skip-bad-documents"):  # fmt: skip
+        build(tmp_path / "a", [tmp_path / "x.jsonl"], tok_file)
+    build(tmp_path / "ok", [tmp_path / "ok.jsonl"], tok_file, val_fraction=0.0)
+    for name in ("x.jsonl", "x.jsonl.gz"):
+        meta = build(tmp_path / f"d-{name}", [tmp_path / name], tok_file, skip_bad_documents=True, val_fraction=0.0)
+        assert meta["skipped"] == {"too_long": 1}
+        assert digest(tmp_path / f"d-{name}")["shards"] == digest(tmp_path / "ok")["shards"]
+
+
+def test_parquet_row_groups_are_read_a_few_rows_at_a_time(tmp_path, tok_file, monkeypatch):
+    """Row groups of 7 rows read 3 rows at a time give the same dataset; a cell over MAX_LINE bytes is
+    a bad document (too_long), refused with its row or skipped, in Parquet and saved datasets."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    docs = [d[:250] for d in documents(30, seed=10)]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "ok.parquet", row_group_size=7)
+    build(tmp_path / "a", [tmp_path / "ok.parquet"], tok_file, val_fraction=0.0)
+    monkeypatch.setattr(inputs_mod, "PARQUET_BATCH_ROWS", 3)
+    build(tmp_path / "b", [tmp_path / "ok.parquet"], tok_file, val_fraction=0.0)
+    assert digest(tmp_path / "b") == digest(tmp_path / "a")
+    monkeypatch.setattr(inputs_mod, "MAX_LINE", 300)
+    long = [*docs[:9], "word " * 100, *docs[9:]]
+    pq.write_table(pa.table({"text": long}), tmp_path / "long.parquet", row_group_size=7)
+    datasets.Dataset.from_dict({"text": long}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"long.parquet: row 9 is longer than 300 bytes \(500 bytes\); cut it into "
+                                        "shorter documents, or pass --skip-bad-documents"):  # fmt: skip
+        build(tmp_path / "c", [tmp_path / "long.parquet"], tok_file)
+    for name in ("long.parquet", "saved"):
+        meta = build(tmp_path / f"d-{name}", [tmp_path / name], tok_file, skip_bad_documents=True, val_fraction=0.0)
+        assert meta["skipped"] == {"too_long": 1}
+        assert digest(tmp_path / f"d-{name}")["shards"] == digest(tmp_path / "a")["shards"]
+
+
+def test_a_saved_dataset_with_bytes_that_are_not_utf8_names_the_rows(tmp_path, tok_file, monkeypatch):
+    """Arrow batches are converted 3 rows at a time here: the slice with the bad bytes is named and
+    skipped; the rows around it are read."""
+    pa, datasets = pytest.importorskip("pyarrow"), pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["x"]}).save_to_disk(str(tmp_path / "saved"))
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")
+    raw = pa.array([f"row {i} words".encode() for i in range(7)], pa.binary()).to_pylist()
+    raw[4] = b"caf\xe9"
+    binary = pa.array(raw, pa.binary())
+    column = pa.Array.from_buffers(pa.string(), len(binary), binary.buffers())
+    batch = pa.record_batch([column], names=["text"])
+    with pa.OSFile(str(arrow), "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    monkeypatch.setattr(inputs_mod, "PARQUET_BATCH_ROWS", 3)
+    with pytest.raises(DataError, match=r"rows 3-5 hold text that is not UTF-8 \(unexpected end of data\); fix the "
+                                        "input, or pass --skip-bad-documents"):  # fmt: skip
+        build(tmp_path / "a", [tmp_path / "saved"], tok_file)
+    meta = build(tmp_path / "a", [tmp_path / "saved"], tok_file, skip_bad_documents=True, val_fraction=0.0)
+    assert meta["skipped"] == {"non_utf8": 1}
+    assert meta["sources"]["user"]["counts"]["train"]["documents"] == 4
+
+
+def test_a_tokenizer_file_that_truncates_or_pads_does_neither(tmp_path, tok_file):
+    """A tokenizer.json with truncation (5 tokens) and padding (to 64) switched on: without the
+    switch-off every document became 5 tokens, or 64 with padding."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    docs = documents(20, seed=8)
+    (tmp_path / "c.jsonl").write_bytes(jsonl(docs))
+    hf = HFTokenizer.from_file(str(tok_file))
+    hf.enable_truncation(5)
+    hf.enable_padding(length=64, pad_id=0, pad_token="<|endoftext|>")
+    (tmp_path / "tok.json").write_text(hf.to_str())
+    build(tmp_path / "a", [tmp_path / "c.jsonl"], tmp_path / "tok.json", val_fraction=0.0)
+    build(tmp_path / "b", [tmp_path / "c.jsonl"], tok_file, val_fraction=0.0)
+    assert digest(tmp_path / "a")["shards"] == digest(tmp_path / "b")["shards"]
+    ids = TokenShards(tmp_path / "a", "train").arrays[0]
+    assert Tokenizer.load(tok_file).decode(ids).split("<|endoftext|>")[:-1] == docs
+
+
 def test_a_corrupt_parquet_row_group_is_named(tmp_path, tok_file):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     docs = documents(100, seed=5)

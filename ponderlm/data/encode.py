@@ -49,22 +49,28 @@ def _init_worker(parent: int, tokenizer_json: str, eot_id: int, dtype: str) -> N
     _WORKER.update(tk=HFTokenizer.from_str(tokenizer_json), eot=eot_id, dtype=np.dtype(dtype))
 
 
-def encode_texts(tk, texts: list[str], eot_id: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts``, each closed by end-of-text, concatenated; and the length of each."""
-    seqs = [e.ids for e in tk.encode_batch(texts, add_special_tokens=False)]  # one list per document
-    for seq in seqs:
-        seq.append(eot_id)
+def encode_texts(
+    tk, texts: list[str], eot_id: int, dtype, closes: list[bool] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``texts``, each closed by end-of-text (only those whose ``closes`` is true: the
+    others are pieces of a long document that the next text continues), concatenated; and the
+    length of each."""
+    seqs = [e.ids for e in tk.encode_batch(texts, add_special_tokens=False)]  # one list per text
+    for i, seq in enumerate(seqs):
+        if closes is None or closes[i]:
+            seq.append(eot_id)
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=int(lengths.sum()))
     return flat, lengths
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    return encode_texts(_WORKER["tk"], texts, _WORKER["eot"], _WORKER["dtype"])
+def _encode_in_worker(texts: list[str], closes: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_texts(_WORKER["tk"], texts, _WORKER["eot"], _WORKER["dtype"], closes)
 
 
 class Encoder:
-    """``map(batches)``: for each ``(texts, payload)`` in order, ``(flat ids, lengths, payload)``."""
+    """``map(batches)``: for each ``(texts, closes, payload)`` in order, ``(flat ids, lengths, payload)``
+    (``closes[i]``: text i ends its document, and gets the end-of-text token)."""
 
     def __init__(self, tok: Tokenizer, dtype, workers: int) -> None:
         self.tok, self.dtype, self.workers = tok, np.dtype(dtype), workers
@@ -90,16 +96,18 @@ class Encoder:
             self._pool = None
             os.environ.pop(WORKER_ENV, None)
 
-    def map(self, batches: Iterable[tuple[list[str], _B]]) -> Iterator[tuple[np.ndarray, np.ndarray, _B]]:
+    def map(self, batches: Iterable[tuple[list[str], list[bool], _B]]) -> Iterator[tuple[np.ndarray, np.ndarray, _B]]:
         if self._pool is None:
-            for texts, payload in batches:
-                flat, lengths = interruptible(lambda t=texts: encode_texts(self.tok.tk, t, self.tok.eot_id, self.dtype))
+            for texts, closes, payload in batches:
+                flat, lengths = interruptible(
+                    lambda t=texts, c=closes: encode_texts(self.tok.tk, t, self.tok.eot_id, self.dtype, c)
+                )
                 yield flat, lengths, payload
             return
         window: deque[tuple[Future, _B]] = deque()
         limit = 2 * self.workers + 1
-        for texts, payload in batches:
-            window.append((self._pool.submit(_encode_in_worker, texts), payload))
+        for texts, closes, payload in batches:
+            window.append((self._pool.submit(_encode_in_worker, texts, closes), payload))
             if len(window) >= limit:
                 yield self._result(window.popleft())
         while window:

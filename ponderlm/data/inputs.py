@@ -15,7 +15,9 @@ Directories are searched recursively for the text formats; a path with ``*``, ``
 does not exist as written is a glob (``**`` recursive). A document's id is its file's name with the
 line or row number (``notes.jsonl:41``), never its path: the hash split then does not move documents
 when a corpus is moved. Memory per reader is bounded by one read buffer and the largest single
-document (for Parquet, the text of the largest row group).
+document: a ``.jsonl`` line or Arrow/Parquet cell over ``MAX_LINE`` bytes is a bad document (``too_long``),
+Parquet is read ``PARQUET_BATCH_ROWS`` rows at a time, and a line over ``LONG_LINE`` bytes has its text field
+read from its bytes (:mod:`.jsonline`), not decoded and parsed whole.
 
 A document that cannot be read (bytes that are not UTF-8, a line that is not JSON, a missing or
 null text field, a corrupt stretch of a compressed file or Parquet row group) ends the build with
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import describe_os_error
+from .jsonline import field_bytes, utf8_error
 from .sources import MAX_DOC_CHARS, DataError, Document, split_long
 
 TEXT_KINDS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt",
@@ -50,6 +53,9 @@ READ_CHUNK = 1 << 20  # bytes read at a time from a .txt file
 STREAM_CHUNK = 1 << 16  # decompressed bytes read at a time from a .gz/.zst file
 WHOLE_TXT = 64 << 20  # .txt files up to this size are read whole (exactly as before streaming)
 MAX_PARAGRAPH = 64 << 20  # characters: a longer paragraph (no blank line) is cut there
+LONG_LINE = 1 << 20  # bytes: a longer .jsonl line has its text field read from the bytes (jsonline.py)
+MAX_LINE = 1 << 29  # bytes: a longer .jsonl line is a bad document (too_long), skipped unread
+PARQUET_BATCH_ROWS = 256  # rows of a Parquet row group read (of an Arrow batch converted) at a time
 
 
 @dataclass(frozen=True)
@@ -138,11 +144,17 @@ def _text_input(p: Path) -> InputFile:
     return InputFile(p, text_kind(p), size, p.name)
 
 
-def find_inputs(paths: list[Path]) -> tuple[list[InputFile], list[Path]]:
+def shown(path: Path | str) -> str:
+    """A path for a message: a name that is not UTF-8 (``caf\\xe9.jsonl``) with its bytes escaped."""
+    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def find_inputs(paths: list[Path], log=None) -> tuple[list[InputFile], list[Path]]:
     """The user's inputs, checked before anything is read or written: (text inputs, .bin files).
 
-    A path given twice (or a file inside a directory also given) is read once: a duplicate would
-    silently weigh its text twice."""
+    A file given twice (the same path, two globs or a directory that match it, a symbolic or hard
+    link to it: the same device and inode) is read once, and ``log`` says so: a duplicate would
+    weigh its text twice."""
     texts: list[InputFile] = []
     bins: list[Path] = []
     for given in map(Path, paths):
@@ -160,9 +172,25 @@ def find_inputs(paths: list[Path]) -> tuple[list[InputFile], list[Path]]:
                 )
             else:
                 texts.append(_text_input(p))
-    seen: set[Path] = set()
-    texts = [f for f in texts if not (f.path.resolve() in seen or seen.add(f.path.resolve()))]
-    bins = [b for b in bins if not (b.resolve() in seen or seen.add(b.resolve()))]
+    seen: dict[tuple[int, int], Path] = {}
+    twice: list[tuple[Path, Path]] = []
+
+    def first_time(p: Path) -> bool:
+        st = p.stat()  # the file itself (device, inode): ten times faster than resolve() on many files
+        r = (st.st_dev, st.st_ino)
+        if r in seen:
+            twice.append((p, seen[r]))
+            return False
+        seen[r] = p
+        return True
+
+    texts = [f for f in texts if first_time(f.path)]
+    bins = [b for b in bins if first_time(b)]
+    if twice and log is not None:
+        more = f" (and {len(twice) - 1} more)" if len(twice) > 1 else ""
+        p, kept = twice[0]
+        same = "given more than once" if p == kept else f"the same file as {shown(kept)}"
+        log(f"input {shown(p)} is {same}: each file is read once{more}")
     return texts, bins
 
 
@@ -255,6 +283,7 @@ def _decoded_chunks(f: InputFile, raw, reading: Reading) -> Iterator[str]:
 
 
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def paragraphs(chunks: Iterator[str]) -> Iterator[str]:
@@ -315,33 +344,68 @@ def _binary_lines(f: InputFile, raw):
 def _read_jsonl(f: InputFile, reading: Reading) -> Iterator[Document]:
     with _open_raw(f) as raw:
         stream, corrupt = _binary_lines(f, raw)
-        lines = iter(stream)
         offset, n = 0, -1  # decompressed bytes before the line; its index
         while True:
             try:
-                line = next(lines, None)
+                line, size = _next_line(stream)
             except corrupt as e:
                 where = (
                     f"near byte {raw.tell():,} of the compressed file" if f.kind != "jsonl" else f"at byte {offset:,}"
                 )
                 reading.bad("corrupt_stream", f"{f.path}: corrupt {f.kind} data {where} ({type(e).__name__}: {e})")
                 return
-            if line is None:
+            if size == 0:
                 return
             n += 1
             reading.position = raw.tell()
-            start, offset = offset, offset + len(line)
-            doc = _jsonl_document(f, line, n, start, reading)
+            start, offset = offset, offset + size
+            if line is None:
+                reading.bad("too_long", f"{f.path}:{n + 1} is longer than {MAX_LINE:,} bytes ({size:,} bytes)",
+                            "cut it into shorter documents")  # fmt: skip
+                continue
+            held = [line]  # handed over: the raw line is freed once decoded (a long line is not held thrice)
+            del line
+            doc = _jsonl_document(f, held, n, start, reading)
             if doc is not None:
                 yield from split_long("user", f"{f.name}:{n}", doc)
 
 
-def _jsonl_document(f: InputFile, line: bytes, n: int, start: int, reading: Reading) -> str | None:
-    """The text of one line (None: blank, or bad and skipped)."""
-    if not line.strip():
+def _next_line(stream) -> tuple[bytes | None, int]:
+    """The next line of ``stream`` and its length in bytes (0: the end). A line longer than
+    ``MAX_LINE`` is None: read past a megabyte at a time, never held (it could exhaust the memory)."""
+    line = stream.readline(MAX_LINE + 1)
+    if len(line) <= MAX_LINE or line.endswith(b"\n"):
+        return line, len(line)
+    size = len(line)
+    del line
+    while (more := stream.readline(READ_CHUNK)) and not more.endswith(b"\n"):
+        size += len(more)
+    return None, size + len(more)
+
+
+def _jsonl_document(f: InputFile, held: list[bytes], n: int, start: int, reading: Reading) -> str | None:
+    """The text of the one line in ``held`` (None: blank, or bad and skipped)."""
+    line = held.pop()
+    if line.isspace():
         return None
+    if len(line) > LONG_LINE:  # read from the bytes: json.loads would hold the text twice more
+        bad = utf8_error(line)
+        if bad is not None:
+            reading.bad(
+                "non_utf8", f"{f.path}:{n + 1} is not UTF-8 text (byte {start + bad:,} of the file)", "convert it first"
+            )
+            return None
+        try:
+            value = field_bytes(line, reading.text_field, 3 if n == 0 and line.startswith(codecs.BOM_UTF8) else 0)
+        except (ValueError, RecursionError):
+            reading.bad("invalid_json", f"{f.path}:{n + 1}: not valid JSON")
+            return None
+        if value is not None:
+            del line
+            return value.decode("utf-8")
     try:
         text = line.decode("utf-8")
+        del line
     except UnicodeDecodeError as e:
         reading.bad(
             "non_utf8", f"{f.path}:{n + 1} is not UTF-8 text (byte {start + e.start:,} of the file)", "convert it first"
@@ -360,16 +424,26 @@ def _jsonl_document(f: InputFile, line: bytes, n: int, start: int, reading: Read
             f'{f.path}:{n + 1}: each line needs a JSON object with a string "{reading.text_field}" field',
         )
         return None
-    return rec[reading.text_field]
+    text = rec[reading.text_field]
+    if _LONE_SURROGATE.search(text):  # "\ud800": valid JSON, but not Unicode text (a tokenizer refuses it)
+        reading.bad("non_utf8", f"{f.path}:{n + 1}: the text holds a lone surrogate escape (\\ud800-\\udfff)")
+        return None
+    return text
 
 
 def _column_texts(f: InputFile, column, first_row: int, reading: Reading) -> Iterator[tuple[int, str]]:
-    """(row, text) of an Arrow string column; nulls and undecodable values are bad documents."""
-    for i, value in enumerate(column.to_pylist()):
-        if value is None:
+    """(row, text) of an Arrow string column; nulls, undecodable values and values over ``MAX_LINE``
+    bytes (never converted) are bad documents."""
+    sizes = need("pyarrow.compute").binary_length(column).to_pylist()
+    values = column.to_pylist() if max(filter(None, sizes), default=0) <= MAX_LINE else None
+    for i, size in enumerate(sizes):
+        if size is None:
             reading.bad("missing_field", f"{f.path}: row {first_row + i} has no {reading.text_field!r} (null)")
-            continue
-        yield first_row + i, value
+        elif size > MAX_LINE:
+            reading.bad("too_long", f"{f.path}: row {first_row + i} is longer than {MAX_LINE:,} bytes ({size:,} "
+                                    "bytes)", "cut it into shorter documents")  # fmt: skip
+        else:
+            yield first_row + i, values[i] if values is not None else column[i].as_py()
 
 
 def _check_column(f: InputFile, schema, reading: Reading) -> None:
@@ -395,18 +469,25 @@ def _read_parquet(f: InputFile, reading: Reading) -> Iterator[Document]:
     row = 0
     for rg in range(pf.num_row_groups):
         rows = pf.metadata.row_group(rg).num_rows
-        try:
-            col = pf.read_row_group(rg, columns=[reading.text_field]).column(0)
-            texts = list(_column_texts(f, col, row, reading))
-        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
-            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            reading.bad("corrupt_row_group", f"{f.path}: row group {rg} (rows {row:,}-{row + rows - 1:,}) cannot be "
-                                             f"read ({msg})")  # fmt: skip
-            texts = []
-        reading.position = f.size * (rg + 1) // pf.num_row_groups
-        for r, text in texts:
-            yield from split_long("user", f"{f.name}:{r}", text)
+        done = row  # read a batch of rows at a time: one row group may hold gigabytes of text
+        batches = pf.iter_batches(PARQUET_BATCH_ROWS, [rg], [reading.text_field])
+        while True:
+            try:
+                batch = next(batches, None)
+                texts = [] if batch is None else list(_column_texts(f, batch.column(0), done, reading))
+            except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+                msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                reading.bad("corrupt_row_group", f"{f.path}: row group {rg} (rows {row:,}-{row + rows - 1:,}) cannot "
+                                                 f"be read ({msg})")  # fmt: skip
+                break  # the rest of the row group is skipped
+            if batch is None:
+                break
+            done += batch.num_rows
+            reading.position = int(f.size * (rg + (done - row) / rows) / pf.num_row_groups)
+            for r, text in texts:
+                yield from split_long("user", f"{f.name}:{r}", text)
         row += rows
+        reading.position = f.size * (rg + 1) // pf.num_row_groups
 
 
 def _read_arrow(f: InputFile, reading: Reading) -> Iterator[Document]:
@@ -428,12 +509,14 @@ def _read_arrow(f: InputFile, reading: Reading) -> Iterator[Document]:
                 reading.bad("corrupt_stream", f"{f.path}: corrupt Arrow data after row {row:,} ({e})")
                 return
             reading.position = source.tell()
-            try:
-                texts = list(_column_texts(f, batch.column(reading.text_field), row, reading))
-            except UnicodeDecodeError as e:
-                reading.bad("non_utf8", f"{f.path}: rows {row:,}-{row + batch.num_rows - 1:,} hold text that is not "
-                                        f"UTF-8 ({e.reason})")  # fmt: skip
-                texts = []
-            for r, text in texts:
-                yield from split_long("user", f"{f.name}:{r}", text)
+            for lo in range(0, batch.num_rows, PARQUET_BATCH_ROWS):  # a few rows at a time into Python strings
+                part, first = batch.slice(lo, PARQUET_BATCH_ROWS), row + lo
+                try:
+                    texts = list(_column_texts(f, part.column(reading.text_field), first, reading))
+                except UnicodeDecodeError as e:
+                    reading.bad("non_utf8", f"{f.path}: rows {first:,}-{first + part.num_rows - 1:,} hold text that "
+                                            f"is not UTF-8 ({e.reason})")  # fmt: skip
+                    texts = []
+                for r, text in texts:
+                    yield from split_long("user", f"{f.name}:{r}", text)
             row += batch.num_rows

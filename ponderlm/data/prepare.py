@@ -60,6 +60,7 @@ from ..owned import (
     write_marker,
 )
 from ..progress import Progress, human_bytes
+from .cut import MAX_UNCUT_CHARS, Cutter
 from .encode import Encoder
 from .inputs import InputFile, Reading, find_inputs, read_input
 from .shards import (
@@ -178,7 +179,8 @@ class PrepareConfig:
 
 
 def _digest(doc: Document) -> bytes:
-    return hashlib.sha1(f"{doc.source}\0{doc.doc_id}".encode()).digest()
+    # a file name that is not UTF-8 hashes as its bytes (surrogateescape); UTF-8 names as before
+    return hashlib.sha1(f"{doc.source}\0{doc.doc_id}".encode("utf-8", "surrogateescape")).digest()
 
 
 def assign_split(doc: Document, val_fraction: float) -> str:
@@ -238,16 +240,26 @@ class Batch:
     skip: int  # ...after this many of its documents
     done_bytes: int
     skipped: dict[str, int]
+    closes: list[bool] = field(default_factory=list)  # per text: it ends its document
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the batch ends between documents (a checkpoint may be taken after it)."""
+        return not self.closes or self.closes[-1]
 
 
 def _batches(units: list[Unit], reading: Reading, val_fraction: float, start: tuple[int, int],
-             skipped_at_start: dict[str, int]) -> Iterator[tuple[list[str], Batch]]:  # fmt: skip
-    """The documents from ``start`` = (unit, documents of it already written) on, in batches."""
+             skipped_at_start: dict[str, int], cutter: Cutter
+             ) -> Iterator[tuple[list[str], list[bool], Batch]]:  # fmt: skip
+    """The documents from ``start`` = (unit, documents of it already written) on, in batches. A
+    document longer than ``SEGMENT_CHARS`` goes as the pieces ``cutter`` cuts it into (only the last
+    one closes it); a batch that ends inside a document is not a place to resume from."""
     done_before = np.cumsum([0] + [u.size for u in units]).tolist()
     first, skip = start
     reading.skipped = dict(skipped_at_start)
     for ui in range(first, len(units)):
         texts: list[str] = []
+        closes: list[bool] = []
         docs: list[tuple[str, str]] = []
         chars, n = 0, 0
         for d in units[ui].documents(reading):
@@ -256,13 +268,32 @@ def _batches(units: list[Unit], reading: Reading, val_fraction: float, start: tu
                 if n == skip:  # re-read up to the checkpoint: count what was skipped from there on only
                     reading.skipped = dict(skipped_at_start)
                 continue
-            texts.append(d.text)
-            docs.append((assign_split(d, val_fraction), d.source))
-            chars += len(d.text)
-            if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
-                yield texts, Batch(docs, ui, n, done_before[ui] + reading.position, dict(reading.skipped))
-                texts, docs, chars = [], [], 0
-        yield texts, Batch(docs, ui + 1, 0, done_before[ui + 1], dict(reading.skipped))
+            spans = cutter.spans(d.text)
+            if spans is None:
+                reading.bad("too_long", f"{units[ui].label}: document {d.doc_id} ({len(d.text):,} characters) "
+                            f"{_uncut_reason(cutter)}", "cut it into shorter documents")  # fmt: skip
+                continue
+            split = assign_split(d, val_fraction)
+            for i, (a, b) in enumerate(spans):
+                piece = d.text if len(spans) == 1 else d.text[a:b]
+                texts.append(piece)
+                closes.append(i == len(spans) - 1)
+                docs.append((split, d.source))
+                chars += len(piece)
+                if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+                    batch = Batch(docs, ui, n, done_before[ui] + reading.position, dict(reading.skipped), closes)
+                    yield texts, closes, batch
+                    texts, closes, docs, chars = [], [], [], 0
+        yield texts, closes, Batch(docs, ui + 1, 0, done_before[ui + 1], dict(reading.skipped), closes)
+
+
+def _uncut_reason(cutter: Cutter) -> str:
+    if cutter.rule is None:
+        return (f"is longer than {MAX_UNCUT_CHARS:,} characters, and the tokenizer cannot be cut safely "
+                f"({cutter.reason}): tokenized whole it would need ~200 bytes of memory per character")  # fmt: skip
+    return (f"has over {MAX_UNCUT_CHARS:,} characters with no place where the tokenizer's pre-tokenization "
+            "splits (a space or line break between two characters): tokenized whole it would need ~200 bytes of "
+            "memory per character")  # fmt: skip
 
 
 # ------------------------------------------------------------------ the build
@@ -294,8 +325,9 @@ class CorpusBuild:
     def _finished(self) -> int:
         return sum(w.finished for w in self.writers.values())
 
-    def write(self, flat: np.ndarray, lengths: np.ndarray, docs: list[tuple[str, str]]) -> int:
-        """One batch's tokens into the writers of their splits (runs of one split in one write)."""
+    def write(self, flat: np.ndarray, lengths: np.ndarray, docs: list[tuple[str, str]], closes: list[bool]) -> int:
+        """One batch's tokens into the writers of their splits (runs of one split in one write); a
+        text that does not close its document (a piece of a long one) counts its tokens only."""
         ends = np.cumsum(lengths)
         i = 0
         while i < len(docs):
@@ -305,9 +337,9 @@ class CorpusBuild:
             lo = int(ends[i] - lengths[i])
             self.writer(docs[i][0]).write(flat[lo : int(ends[j])])
             i = j + 1
-        for (split, source), n in zip(docs, lengths.tolist(), strict=True):
+        for (split, source), n, closing in zip(docs, lengths.tolist(), closes, strict=True):
             c = _count(self.per_source, source, split)
-            c["documents"] += 1
+            c["documents"] += closing
             c["tokens"] += n
         return len(flat)
 
@@ -353,12 +385,15 @@ def _tokenize(b: CorpusBuild, units: list[Unit], bins: list[Path], log) -> None:
         b.writer(TRAIN), b.writer(VAL)  # pre-tokenised input always has both splits (possibly empty)
     unit, skip = b.position
     if unit < len(units):
+        cutter = Cutter(b.tok.tk)
         with Encoder(b.tok, b.dtype, 1 if not parallel else cfg.workers) as enc:
-            for flat, lengths, batch in enc.map(_batches(units, reading, cfg.val_fraction, (unit, skip), b.skipped)):
-                tokens += b.write(flat, lengths, batch.docs)
-                docs += len(batch.docs)
+            batches = _batches(units, reading, cfg.val_fraction, (unit, skip), b.skipped, cutter)
+            for flat, lengths, batch in enc.map(batches):
+                tokens += b.write(flat, lengths, batch.docs, batch.closes)
+                docs += sum(batch.closes)
                 progress.update(batch.done_bytes, documents=docs, tokens=tokens)
-                b.maybe_checkpoint(batch.unit, batch.skip, batch.skipped)
+                if batch.resumable:
+                    b.maybe_checkpoint(batch.unit, batch.skip, batch.skipped)
     done = sum(u.size for u in units)
     for bi, path in enumerate(bins):
         ui = len(units) + bi
@@ -529,7 +564,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     cfg.check()
     out = Path(cfg.out_dir)
     inputs = [Path(p) for p in cfg.inputs]
-    texts, bins = find_inputs(inputs)
+    texts, bins = find_inputs(inputs, log)
     if bins and cfg.tokenizer == "bpe":
         raise DataError(
             f"{bins[0]} holds token ids: pass the tokenizer they were made with (--tokenizer FILE.json); a BPE "

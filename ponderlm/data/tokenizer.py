@@ -15,6 +15,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from ..errors import describe_os_error
+from ..limits import MAX_TOKENIZER_BYTES, InputTooLarge, read_limited
+from .cut import Cutter
 from .sources import Archive, DataError, fetch
 
 EOT = "<|endoftext|>"
@@ -31,6 +33,10 @@ class Tokenizer:
     """A thin wrapper: encode/decode, the end-of-text id, save/load as one JSON file."""
 
     def __init__(self, tk: HFTokenizer, kind: str) -> None:
+        # a tokenizer.json made for a model's inputs may truncate or pad: every document would be
+        # cut or padded silently
+        tk.no_truncation()
+        tk.no_padding()
         self.tk, self.kind = tk, kind
         ids = [tk.token_to_id(t) for t in EOT_CANDIDATES]
         found = [i for i in ids if i is not None]
@@ -102,7 +108,8 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        interruptible(lambda: tk.train_from_iterator(trainer_pieces(texts), trainer=trainer))
+        cutter = Cutter(tk)  # long texts reach the trainer in pieces, cut between its pre-tokens
+        interruptible(lambda: tk.train_from_iterator(bounded_pieces(trainer_pieces(texts), cutter), trainer=trainer))
         return cls(tk, "bpe")
 
 
@@ -115,8 +122,10 @@ def read_tokenizer_file(path: str | Path, hint: str | None = None) -> HFTokenize
         raise DataError(f"tokenizer file not found: {path}{end}")
     if not path.is_file():
         raise DataError(f"{path} is not a tokenizer file (it is a directory){end}")
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # bounded: a file larger than any tokenizer is refused unread (parsing costs ~10x its size)
+        text = read_limited(path, MAX_TOKENIZER_BYTES, "tokenizer file").decode("utf-8")
+    except InputTooLarge as e:
+        raise DataError(f"{e}{end}") from None
     except UnicodeDecodeError:
         raise DataError(f"{path} is not a tokenizer file (not UTF-8 text){end}") from None
     except OSError as e:
@@ -157,6 +166,21 @@ def trainer_pieces(texts: Iterable[str], max_run: int = MAX_TRAIN_RUN) -> Iterat
                 yield text[start:cut]
                 start = cut
         yield text[start:]
+
+
+def bounded_pieces(texts: Iterable[str], cutter: Cutter) -> Iterator[str]:
+    """Each text, a long one in the pieces ``cutter`` cuts it into: where the pre-tokenizer splits,
+    so the trainer counts the same words in a fraction of the memory (a text it cannot cut is cut
+    every ``SEGMENT_CHARS``: only the words across those cuts change, as in :func:`trainer_pieces`)."""
+    for text in texts:
+        if len(text) <= cutter.segment:
+            yield text
+            continue
+        spans = cutter.spans(text)
+        if spans is None:
+            spans = [(i, i + cutter.segment) for i in range(0, len(text), cutter.segment)]
+        for a, b in spans:
+            yield text[a:b]
 
 
 def interruptible(fn: Callable[[], _T]) -> _T:
