@@ -30,8 +30,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def _int_at_least(lo: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= lo."""
+def _int_at_least(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= lo (and <= hi, when given)."""
 
     def parse(text: str) -> int:
         try:
@@ -40,6 +40,8 @@ def _int_at_least(lo: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text[:40]!r}") from None
         if v < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text[:40]}")
         return v
 
     return parse
@@ -89,7 +91,9 @@ def _utf8(text: str) -> str:
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
     """``--threads N`` on a command that computes (see :mod:`ponderlm.threads` for who decides)."""
-    p.add_argument("--threads", type=_int_at_least(1), default=None, metavar="N",
+    from .config import MAX_THREADS
+
+    p.add_argument("--threads", type=_int_at_least(1, MAX_THREADS), default=None, metavar="N",
                    help="torch CPU threads (default: the cores free now, from the cores this process may "
                    "use less the CPU other processes use; OMP_NUM_THREADS if set; for train, train.threads "
                    "if set)")  # fmt: skip
@@ -686,6 +690,11 @@ def _add_serve(sub) -> None:
                         "(docs/SERVING.md)")  # fmt: skip
     p.add_argument("--walk-max", type=_int_at_least(0), default=64,
                    help="with --prefill auto: the longest prompt that walks (default 64 tokens)")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=_int_at_least(1), default=4 << 20,
+                   help="larger request bodies are refused with 413, unread (default 4 MiB)")  # fmt: skip
+    p.add_argument("--request-timeout", type=_number(above=0), default=30.0,
+                   help="seconds a client has to send a request's headers, and again its body; then 408 "
+                        "(default 30)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(handler=cmd_serve)
 
@@ -737,7 +746,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .batching import BatchSettings
     from .engine import Engine
     from .loading import load_model
-    from .openai_api import ServerSettings, api_key_from_env, run
+    from .openai_api import ServerSettings, api_key_from_env, longest_token, run
 
     if args.tau is not None:
         check_tau(args.tau)
@@ -748,7 +757,9 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if cfg.n_rounds > 1:
         raise ConfigError(f"serve decodes slot methods; {cfg.method!r} decodes by rounds (use `generate`)")
     name = args.model_name or Path(args.checkpoint).resolve().name
-    settings = ServerSettings(model_id=name, context=cfg.max_seq_len, api_key=api_key_from_env(args.api_key))
+    settings = ServerSettings(model_id=name, context=cfg.max_seq_len, api_key=api_key_from_env(args.api_key),
+                              max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
+                              token_chars=longest_token(tok))  # fmt: skip
     sock = _listen(args.host, args.port)
     batch = BatchSettings(max_batch=args.max_batch, max_queue=args.max_queue, tau=args.tau, prefill=args.prefill,
                           walk_max=args.walk_max)  # fmt: skip
@@ -816,8 +827,14 @@ def _read_text_file(path: Path, option: str) -> str:
         raise DataError(f"{option} {path} is a directory, not a text file")
     if not path.exists():
         raise DataError(f"{option} {path} not found")
-    try:
-        return path.read_text(encoding="utf-8")
+    from .limits import MAX_TEXT_BYTES, InputTooLarge, read_limited
+
+    try:  # bounded: only the beginning of a text is used (a context's worth of tokens)
+        text = read_limited(path, MAX_TEXT_BYTES, "text ponderlm shows").decode("utf-8")
+        return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as read_text
+    except InputTooLarge as e:
+        raise DataError(f"{option} {e}; only the first max_seq_len tokens are used: pass the file's beginning "
+                        "(e.g. head -c 1000000 FILE)") from None  # fmt: skip
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
@@ -860,7 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, parser)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # a path that is not UTF-8 (caf\xe9.jsonl) holds surrogates: shown as its bytes' escapes
+        shown = str(e).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        print(f"error: {shown}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return _closed_pipe()

@@ -37,7 +37,8 @@ TINY = [
     "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.max_ponder_steps=2",
     "train.seq_len=32", "train.batch_size=4", "train.max_steps=2", "train.eval_windows=4", "train.progress=false",
 ]  # fmt: skip
-CASE_MODULES = ("test_errors", "test_errors_owned", "test_errors_data", "test_errors_cli", "test_synthetic")
+CASE_MODULES = ("test_errors", "test_errors_owned", "test_errors_data", "test_errors_cli", "test_synthetic",
+                "test_errors_limits")  # fmt: skip
 
 
 @dataclass
