@@ -1,7 +1,8 @@
 """Peak memory of ``ponderlm eval``: the zero-shot scorer's footprint on a real checkpoint.
 
 Runs ``python -m ponderlm eval`` in a child process and reports its peak resident set size (the
-kernel's high-water mark, ``getrusage(RUSAGE_CHILDREN).ru_maxrss``) next to the scores it wrote,
+kernel's high-water mark of the child's own memory map, ``VmHWM``, which the child writes when it
+ends; ``ru_maxrss`` would also count the RSS of this process at the fork) next to the scores it wrote,
 so that a change to the scorer can be checked for both memory and results. ``--code DIR`` runs the
 ``ponderlm`` package found in DIR instead of the installed one (e.g. an earlier version extracted
 with ``git archive REV ponderlm | tar -x -C DIR``), for a before/after pair on the same machine.
@@ -17,9 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,12 +46,17 @@ def main() -> None:
     # not `python -m ponderlm`: that puts the working directory, and its ponderlm, ahead of --code
     code = str(args.code.resolve()) if args.code is not None else None
     launch = (
-        "import sys; code = sys.argv.pop(1); sys.path.insert(0, code or '');"
+        "import sys; hwm_file = sys.argv.pop(1); code = sys.argv.pop(1); sys.path.insert(0, code or '');"
         "import ponderlm; print('ponderlm from', ponderlm.__file__, file=sys.stderr);"
-        "from ponderlm.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from ponderlm.cli import main; rc = main(sys.argv[1:]);"
+        "status = open('/proc/self/status').read();"
+        "open(hwm_file, 'w').write(status.split('VmHWM:')[1].split()[0]); sys.exit(rc)"
     )
-    cmd = [sys.executable, "-c", launch, code or "", "eval", "--checkpoint", args.checkpoint, "--tasks", args.tasks,
-           "--limit", str(args.limit), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+    fd, hwm_file = tempfile.mkstemp(suffix=".hwm")
+    os.close(fd)
+    cmd = [sys.executable, "-c", launch, hwm_file, code or "", "eval", "--checkpoint", args.checkpoint,
+           "--tasks", args.tasks, "--limit", str(args.limit), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads),
            "--out", str(args.eval_out), "--overwrite"]  # fmt: skip
     if args.tau is not None:
         cmd += ["--tau", args.tau]
@@ -58,9 +64,10 @@ def main() -> None:
     t0 = time.perf_counter()
     rc = subprocess.run(cmd, env=env).returncode
     seconds = time.perf_counter() - t0
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB, the largest child
     if rc != 0:
         sys.exit(f"ponderlm eval exited with {rc}")
+    peak_kb = int(Path(hwm_file).read_text())  # KiB
+    os.unlink(hwm_file)
     rows = json.loads((args.eval_out / "eval.json").read_text())["rows"]
     print(table(rows, [("task", "task", "s"), ("n", "docs", ".0f"), ("acc", "acc", ".4f"),
                        ("acc_norm", "acc_norm", ".4f"), ("ppl", "ppl", ".3f"), ("seconds", "s", ".0f")]))  # fmt: skip
