@@ -4,13 +4,14 @@ to the ordinary path (None), never read as something else."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ponderlm.data.jsonline import field_bytes, utf8_error
+from ponderlm.data.jsonline import field_bytes, stream_field, utf8_error
 
 INVALID, NO_FIELD = object(), object()
 
@@ -31,6 +32,32 @@ def got(line: bytes, field: str):
     except (ValueError, RecursionError):
         return INVALID
     return None if value is None else value.decode()
+
+
+BLOCKS = (1, 2, 3, 5, 7, 64)
+
+
+def streamed(line: bytes, field: str, block: int, head: int = 4, **limits):
+    """stream_field on ``line`` read from a file ``block`` bytes at a time after ``head`` bytes."""
+    f = io.BytesIO(line)
+    return stream_field(f.readline(head), f.readline, field, block=block, **limits)
+
+
+def check_streamed(line: bytes, field: str = "text") -> None:
+    """Read a block at a time, for every block size: json.loads's value and the line's length, or
+    None (the ordinary path then reads it) only where it has no plain string value."""
+    want = expected(line, field)
+    for block in BLOCKS:
+        have = streamed(line, field, block)
+        if have is None:
+            assert (
+                want is NO_FIELD
+                or want is INVALID
+                or any(0xD800 <= ord(c) <= 0xDFFF for c in want)
+                or (line.count(json.dumps(field).encode()) > 1)
+            )
+        else:
+            assert isinstance(want, str) and have == (want, len(line)), block
 
 
 def check(line: bytes, field: str = "text") -> None:
@@ -68,6 +95,8 @@ def test_same_value_as_json_loads(before, after, value, ascii_only, indent):
     line = json.dumps(rec, ensure_ascii=ascii_only, indent=indent).replace("\n", " ").encode() + b"\n"
     assert got(line, "text") == value
     check(line)
+    for block in BLOCKS:
+        assert streamed(line, "text", block) == (value, len(line))
 
 
 @settings(max_examples=300, deadline=None)
@@ -85,6 +114,8 @@ def test_escapes_written_by_hand(value, data):
             parts.append(c)
     line = ('{"a": [1, {"text": "no"}], "text": "' + "".join(parts) + '\\/", "z": {"text": 2}}').encode()
     assert got(line, "text") == value + "/"
+    for block in BLOCKS:  # surrogate pairs and escapes cut by every block boundary
+        assert streamed(line, "text", block) == (value + "/", len(line))
 
 
 @pytest.mark.parametrize(
@@ -121,6 +152,28 @@ def test_escapes_written_by_hand(value, data):
 )
 def test_edge_cases_and_invalid_lines(line):
     check(line)
+    check_streamed(line)
+
+
+def test_streamed_hands_back_what_it_does_not_read():
+    """None (read again the ordinary way): invalid lines, lone surrogates, duplicate fields, lines
+    over max_line, other fields over rest_limit, a line that ends inside the value."""
+    assert streamed(rb'{"text": "a\qb"}', "text", 3) is None
+    assert streamed(b'{"text": "\\ud800"}', "text", 3) is None
+    assert streamed(rb'{"text": "\\ud800"}', "text", 3) == ("\\ud800", 19)  # an escaped backslash
+    assert streamed(b'{"text": "x", "text": "y"}', "text", 3) is None
+    assert streamed(b'{"text": "abc"} x', "text", 3) is None
+    assert streamed(b'{"text": "abc\n', "text", 3) is None
+    assert streamed(b'{"text": "abc"}\n', "text", 3, max_line=100) == ("abc", 16)
+    assert streamed(b'{"text": "abc"}\n', "text", 3, max_line=15) == ("abc", 16)  # the newline not counted
+    assert streamed(b'{"text": "abc"}\n', "text", 3, max_line=14) is None
+    assert streamed(b'{"text": "abc"}', "text", 3, max_line=14) is None
+    assert streamed(b'{"a": "0123456789", "text": "abc"}\n', "text", 3, rest_limit=64)[0] == "abc"
+    assert streamed(b'{"a": "0123456789", "text": "abc"}\n', "text", 3, rest_limit=16) is None
+    assert streamed('{"text": "caf\u00e9"}'.encode(), "text", 3) == ("caf\u00e9", 17)
+    assert streamed(b'{"text": "caf\xe9"}', "text", 3) is None  # not UTF-8
+    line = b'{"text": "' + "\u00e9\u6570\U0001f600 ab".encode() * 100 + b'"}\n'
+    assert streamed(line, "text", 7, head=11) == ("\u00e9\u6570\U0001f600 ab" * 100, len(line))
 
 
 def test_a_bad_line_is_refused_or_handed_back():

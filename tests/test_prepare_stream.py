@@ -322,7 +322,7 @@ def test_long_lines_read_from_their_bytes_build_the_same_dataset(tmp_path, tok_f
     lines[11] = b'{"text": "bad \\q escape"}\n'
     (tmp_path / "bad.jsonl").write_bytes(b"".join(lines))
     results = []
-    for long_line in (1 << 20, 0):
+    for long_line in (1 << 20, 0, 16):  # 16: the streamed path with a head holding the BOM
         monkeypatch.setattr(inputs_mod, "LONG_LINE", long_line)
         refusals = []
         for bad in (4, 5, 7, 9, 11):  # each bad line alone among good ones: its own refusal
@@ -340,7 +340,7 @@ def test_long_lines_read_from_their_bytes_build_the_same_dataset(tmp_path, tok_f
         "/one.jsonl:5: not valid JSON",
     ]
     assert results[0][1] == {"non_utf8": 2, "missing_field": 1, "invalid_json": 2}
-    assert results[1] == results[0]
+    assert results[1] == results[0] == results[2]
 
 
 def test_a_line_over_the_limit_is_refused_or_skipped_unread(tmp_path, tok_file, monkeypatch):

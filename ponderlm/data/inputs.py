@@ -17,7 +17,8 @@ line or row number (``notes.jsonl:41``), never its path: the hash split then doe
 when a corpus is moved. Memory per reader is bounded by one read buffer and the largest single
 document: a ``.jsonl`` line or Arrow/Parquet cell over ``MAX_LINE`` bytes is a bad document (``too_long``),
 Parquet is read ``PARQUET_BATCH_ROWS`` rows at a time, and a line over ``LONG_LINE`` bytes has its text field
-read from its bytes (:mod:`.jsonline`), not decoded and parsed whole.
+read from its bytes (:mod:`.jsonline`), not decoded and parsed whole; in an uncompressed ``.jsonl`` it is read
+a block at a time, so only the text itself is held.
 
 A document that cannot be read (bytes that are not UTF-8, a line that is not JSON, a missing or
 null text field, a corrupt stretch of a compressed file or Parquet row group) ends the build with
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import describe_os_error
-from .jsonline import field_bytes, utf8_error
+from .jsonline import field_bytes, stream_field, utf8_error
 from .sources import MAX_DOC_CHARS, DataError, Document, split_long
 
 TEXT_KINDS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt",
@@ -347,7 +348,10 @@ def _read_jsonl(f: InputFile, reading: Reading) -> Iterator[Document]:
         offset, n = 0, -1  # decompressed bytes before the line; its index
         while True:
             try:
-                line, size = _next_line(stream)
+                if f.kind == "jsonl":
+                    line, size, text = _next_plain_line(stream, reading.text_field, n < 0)
+                else:
+                    (line, size), text = _next_line(stream), None
             except corrupt as e:
                 where = (
                     f"near byte {raw.tell():,} of the compressed file" if f.kind != "jsonl" else f"at byte {offset:,}"
@@ -359,6 +363,10 @@ def _read_jsonl(f: InputFile, reading: Reading) -> Iterator[Document]:
             n += 1
             reading.position = raw.tell()
             start, offset = offset, offset + size
+            if text is not None:  # a long line, streamed
+                yield from split_long("user", f"{f.name}:{n}", text)
+                text = None
+                continue
             if line is None:
                 reading.bad("too_long", f"{f.path}:{n + 1} is longer than {MAX_LINE:,} bytes ({size:,} bytes)",
                             "cut it into shorter documents")  # fmt: skip
@@ -381,6 +389,25 @@ def _next_line(stream) -> tuple[bytes | None, int]:
     while (more := stream.readline(READ_CHUNK)) and not more.endswith(b"\n"):
         size += len(more)
     return None, size + len(more)
+
+
+def _next_plain_line(stream, field: str, first: bool) -> tuple[bytes | None, int, str | None]:
+    """:func:`_next_line` for an uncompressed ``.jsonl`` (a file that can seek), and the text field
+    of a line over ``LONG_LINE`` bytes read from it a block at a time (:func:`stream_field`: the
+    line is never held). Where that does not apply, the line is read again the ordinary way."""
+    limit = min(LONG_LINE, MAX_LINE)
+    head = stream.readline(limit + 1)
+    if len(head) <= limit or head.endswith(b"\n"):
+        return head, len(head), None
+    at = stream.tell() - len(head)
+    if LONG_LINE < MAX_LINE:  # (else it is too long: read past the ordinary way)
+        bom = first and head.startswith(codecs.BOM_UTF8)
+        got = stream_field(head, stream.readline, field, 3 if bom else 0, max_line=MAX_LINE)
+        if got is not None:
+            return None, got[1], got[0]
+    del head
+    stream.seek(at)
+    return (*_next_line(stream), None)
 
 
 def _jsonl_document(f: InputFile, held: list[bytes], n: int, start: int, reading: Reading) -> str | None:
