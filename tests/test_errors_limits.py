@@ -185,7 +185,8 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_limit_error(case, w, tmp_path):
-    check_case(case, w, tmp_path)
+    r = check_case(case, w, tmp_path)
+    assert r.returncode == case.exit and case.message in r.stderr
 
 
 # ------------------------------------------------------------------ handled, not refused
