@@ -867,7 +867,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UserError
+    from .errors import UserError, shown
     from .train import TrainingStopped
 
     parser = build_parser()
@@ -878,8 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, parser)
     except UserError as e:
         # a path that is not UTF-8 (caf\xe9.jsonl) holds surrogates: shown as its bytes' escapes
-        shown = str(e).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        print(f"error: {shown}", file=sys.stderr)
+        print(f"error: {shown(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return _closed_pipe()

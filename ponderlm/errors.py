@@ -30,6 +30,12 @@ def describe_os_error(e: OSError, doing: str) -> str:
     return f"{e.strerror or e} while {doing}"
 
 
+def shown(text: object) -> str:
+    """Text for a message: a path or value that is not UTF-8 (``caf\\xe9.jsonl``, which reaches Python
+    with surrogates) with its bytes escaped, so printing it cannot fail."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def utf8_problem(text: str) -> str | None:
     """Why ``text`` is not valid UTF-8, or None. Bytes that do not decode reach Python from argv
     (and from stdin in the interactive loop) as lone surrogates, which no tokenizer can take."""

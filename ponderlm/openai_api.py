@@ -49,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import batching
 from .batching import Finished, QueueFull, Token
 from .engine import Engine, EngineError
+from .errors import utf8_problem
 
 API_KEY_ENV = "PONDERLM_API_KEY"
 CHAT_ROLES = ("system", "user", "assistant")
@@ -149,11 +150,9 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 def check_text(text: str, param: str) -> None:
     """A 400 naming ``param`` unless ``text`` is text the tokenizer can take: JSON's ``\\ud800``
     escapes give strings with lone surrogates, which are not Unicode characters."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ApiError(400, f"{param} is not valid text: a lone surrogate (U+{ord(text[e.start]):04X}) at "
-                            f"character {e.start}", param=param) from None  # fmt: skip
+    why = utf8_problem(text)
+    if why:
+        raise ApiError(400, f"{param} is {why}", param=param)
 
 
 def split_at_stop(text: str, stops: list[str]) -> tuple[str, bool, int]:

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import describe_os_error
+from ..errors import describe_os_error, shown
 from .jsonline import field_bytes, stream_field, utf8_error
 from .sources import MAX_DOC_CHARS, DataError, Document, split_long
 
@@ -143,11 +143,6 @@ def _text_input(p: Path) -> InputFile:
     if size == 0:
         raise DataError(f"{p} is empty")
     return InputFile(p, text_kind(p), size, p.name)
-
-
-def shown(path: Path | str) -> str:
-    """A path for a message: a name that is not UTF-8 (``caf\\xe9.jsonl``) with its bytes escaped."""
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def find_inputs(paths: list[Path], log=None) -> tuple[list[InputFile], list[Path]]:
