@@ -3,7 +3,7 @@ against plain causal attention of the same length, and a dense (L, L) additive m
 
 Two forms, both forward + backward with a fixed random upstream gradient:
   op     the attention call alone on given q, k, v (B, H, L, hd) tensors that stay alive;
-  layer  the model's attention layer (``ponderlm.layers.Attention``: q/k/v projections, RoPE,
+  layer  the model's attention layer (``ponderlm.model.layers.Attention``: q/k/v projections, RoPE,
          attention, output projection) on a hidden state x (B, L, H * hd), with and without the
          key bias. Here q, k, v live only as long as the layer keeps them, as in training, so
          what the biased path keeps (its augmented copies) replaces what the plain path keeps.
@@ -32,9 +32,9 @@ from common import (
     timeit_interleaved,
 )
 
-from ponderlm import layers
-from ponderlm.config import ModelConfig
-from ponderlm.layers import Attention, RotaryEmbedding, biased_causal_attention
+from ponderlm.model import layers
+from ponderlm.model.config import ModelConfig
+from ponderlm.model.layers import Attention, RotaryEmbedding, biased_causal_attention
 
 VARIANTS = ("plain", "biased", "dense")
 FORMS = ("op", "layer")

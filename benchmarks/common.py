@@ -186,7 +186,7 @@ def train_step_fn(args, device: torch.device, amp_dtype: torch.dtype | None, com
     torch.manual_seed(0)
     model = PonderLM(cfg).to(device)
     if compile_blocks:  # as train.compile does
-        from ponderlm.train import compile_blocks as compile_
+        from ponderlm.training.trainer import compile_blocks as compile_
 
         compile_(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

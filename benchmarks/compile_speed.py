@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_args, base_parser, finish, machine, setup, table, timeit_interleaved
 
 from ponderlm import ModelConfig, PonderLM, ponder_loss
-from ponderlm.config import METHODS
-from ponderlm.train import compile_blocks
+from ponderlm.model.config import METHODS
+from ponderlm.training.trainer import compile_blocks
 
 
 def step_fn(args, device: torch.device, method: str, compiled: bool):

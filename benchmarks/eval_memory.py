@@ -48,7 +48,7 @@ def main() -> None:
     launch = (
         "import sys; hwm_file = sys.argv.pop(1); code = sys.argv.pop(1); sys.path.insert(0, code or '');"
         "import ponderlm; print('ponderlm from', ponderlm.__file__, file=sys.stderr);"
-        "from ponderlm.cli import main; rc = main(sys.argv[1:]);"
+        "from ponderlm.cli.main import main; rc = main(sys.argv[1:]);"
         "status = open('/proc/self/status').read();"
         "open(hwm_file, 'w').write(status.split('VmHWM:')[1].split()[0]); sys.exit(rc)"
     )

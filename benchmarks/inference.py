@@ -2,7 +2,7 @@
 depth against the same weights forced to full depth K (PonderLM-2's cost) and against vanilla
 (the same backbone, no pondering): decode tokens/s at batch 1 and 16, and scoring (the hard-pruned
 parallel forward used for log-likelihoods). Decoding at batch 16 is timed with both schedules of
-ponderlm.generate, in turns with the same baselines: "token" (all rows advance a token per step,
+ponderlm.model.generate, in turns with the same baselines: "token" (all rows advance a token per step,
 so a step costs its deepest row) and "slot" (each row advances one slot per call); full depth
 runs with the token schedule, the best one when every row has depth K. A decode case is the
 exact prefill of --prompt-len tokens plus --new-tokens generated tokens.
@@ -11,7 +11,7 @@ exact prefill of --prompt-len tokens plus --new-tokens generated tokens.
     python benchmarks/inference.py --checkpoint runs/pareto_cpu/p3-k3-l0.05 --tau 0.05
 
 Reported per case: realised speedup over full depth, the ideal speedup from the FLOPs at the
-realised depths (ponderlm.flops), and their ratio: the fraction of the saved FLOPs that became
+realised depths (ponderlm.model.flops), and their ratio: the fraction of the saved FLOPs that became
 saved time. Target (issue 7): >= 0.9 for decode at batch 1 and for scoring.
 """
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_args, base_parser, finish, machine, setup, table, timeit_interleaved
 
 from ponderlm import ModelConfig, PonderLM
-from ponderlm.flops import inference_flops
+from ponderlm.model.flops import inference_flops
 
 FULL_TAU = 1e-30  # every reach probability passes: the PonderLM-2 computation with the same weights
 

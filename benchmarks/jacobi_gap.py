@@ -23,7 +23,7 @@ from common import base_parser, finish, machine, setup, table
 
 from ponderlm.data import TokenShards, eval_windows
 from ponderlm.loading import checkpoint_dataset, load_model
-from ponderlm.model import PREFILL_TOL
+from ponderlm.model.recurrence import PREFILL_TOL
 
 
 def score(model, windows: torch.Tensor, batch: int, **kw) -> tuple[float, torch.Tensor, float]:

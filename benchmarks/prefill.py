@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import add_model_args, base_parser, finish, machine, setup, table, timeit_interleaved
 
 from ponderlm import ModelConfig, PonderLM
+from ponderlm.model.recurrence import prefill
 
 
 def build(args) -> PonderLM:
@@ -53,11 +54,11 @@ def main() -> None:
     for T in args.lengths:
         ids = torch.randint(0, model.cfg.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)).to(device)
         with torch.no_grad():
-            ref, _ = model.prefill(ids, tau=args.tau, how="exact")
-            conv, _ = model.prefill(ids, tau=args.tau, how="converged")
-            fns = {how: (lambda how=how, ids=ids: model.prefill(ids, tau=args.tau, how=how))
+            ref, _ = prefill(model, ids, tau=args.tau, how="exact")
+            conv, _ = prefill(model, ids, tau=args.tau, how="converged")
+            fns = {how: (lambda how=how, ids=ids: prefill(model, ids, tau=args.tau, how=how))
                    for how in ("exact", "converged", "parallel")}  # fmt: skip
-            fns["vanilla"] = lambda ids=ids: vanilla.prefill(ids, how="parallel")
+            fns["vanilla"] = lambda ids=ids: prefill(vanilla, ids, how="parallel")
             t = timeit_interleaved(fns, device, args.repeats, warmup=1)
         rows.append({"T": T, **{f"{k}_s": v for k, v in t.items()}, "speedup": t["exact"] / t["converged"],
                      "passes": conv.jacobi_passes, "converged": bool(conv.converged),

@@ -29,7 +29,7 @@ import torch
 from common import finish, machine
 
 from ponderlm.experiments import ExperimentConfig
-from ponderlm.train import train
+from ponderlm.training.trainer import train
 
 STEP_LINE = re.compile(r"^step (\d+)/\d+\s+loss (\S+)")
 

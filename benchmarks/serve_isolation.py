@@ -165,8 +165,8 @@ def make_model(root: Path) -> Path:
     if (run / "checkpoints").is_dir():
         return run
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from ponderlm.config import load_run_config
-    from ponderlm.train import train
+    from ponderlm.runs.config import load_run_config
+    from ponderlm.training.trainer import train
 
     from fakepkgs import build_fake_dataset
 
@@ -207,7 +207,7 @@ def main() -> None:
     from ponderlm.loading import load_model
 
     model, tok, _ = load_model(args.checkpoint)
-    # the server's limit (ponderlm.openai_api.longest_token; spelled out so that --label old runs on older code)
+    # the server's limit (ponderlm.serving.api.longest_token; spelled out so that --label old runs on older code)
     prompt_chars = model.cfg.max_seq_len * max(len(t) for t in tok.tk.get_vocab(with_added_tokens=True))
     del model
     prompts = fixed_prompts(tok, 16, args.prompt_len)

@@ -1,6 +1,6 @@
 """How ``ponderlm serve`` should compute prompts: walk them through the batch, or prefill each alone?
 
-In-process (no HTTP), the continuous-batching scheduler (:mod:`ponderlm.batching`) runs a closed
+In-process (no HTTP), the continuous-batching scheduler (:mod:`ponderlm.serving.scheduler`) runs a closed
 loop: C rows kept busy, each request a fixed prompt of T tokens and ``--max-tokens`` generated
 tokens (EOS ignored), for ``--requests`` requests. For each prompt length and each way of
 computing prompts it reports generated tokens/s and the time to the first token (from submission),
@@ -30,7 +30,7 @@ from serve_load import PASSAGE, pct
 
 def closed_loop(model, eos, prompts: list[list[int]], how: str, rows: int, requests: int, max_tokens: int,
                 tau: float | None) -> dict:  # fmt: skip
-    from ponderlm.batching import BatchSettings, Request, Scheduler, Token
+    from ponderlm.serving.scheduler import BatchSettings, Request, Scheduler, Token
 
     sched = Scheduler(model, eos, BatchSettings(max_batch=rows, max_queue=rows, tau=tau, prefill=how))
     sent: dict[int, float] = {}

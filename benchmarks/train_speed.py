@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ponderlm.flops import training_flops_per_token
+from ponderlm.model.flops import training_flops_per_token
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (

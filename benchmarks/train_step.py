@@ -4,7 +4,7 @@ K, and the PonderLM-3 / PonderLM-2 step-time ratio (router + mask overhead).
     python benchmarks/train_step.py                    # CPU, fp32
     python benchmarks/train_step.py --device cuda      # bf16 autocast
 
-MFU = model FLOPs/s (ponderlm.flops.training_flops_per_token at the step's Jacobi count) over the
+MFU = model FLOPs/s (ponderlm.model.flops.training_flops_per_token at the step's Jacobi count) over the
 matmul peak of the same machine, measured in the same run (a large torch.mm in the training dtype).
 Target (issue 7): PonderLM-3 step time <= 1.05x PonderLM-2's.
 """
@@ -32,7 +32,7 @@ from common import (
     train_step_fn,
 )
 
-from ponderlm.flops import training_flops_per_token
+from ponderlm.model.flops import training_flops_per_token
 
 METHODS = ("vanilla", "ponderlm2", "ponderlm3")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ConfigError
+from ponderlm.errors import ConfigError
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -14,6 +14,42 @@ class UserError(Exception):
     """A problem the user can fix (bad input, a path in the way, a full disk): one clear line."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+class DataError(UserError, RuntimeError):
+    """A user-facing data problem (missing package, bad input file...): one clear line."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not match the request."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, read-only file system); nothing of it was left behind."""
+
+
+class InputTooLarge(UserError, ValueError):
+    """An input is larger than ponderlm reads, or needs more memory than there is."""
+
+
+class OwnershipError(UserError):
+    """A directory is in the way: not ours to replace, locked by another process, or unwritable."""
+
+
+class DirectoryLocked(OwnershipError):
+    """Another ponderlm process holds the directory's lock."""
+
+
+class EngineError(UserError):
+    """The engine process could not start (its message is the reason) or died."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps in a row); checkpoints are intact."""
+
+
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import CheckpointError, load_checkpoint, load_model_weights, resolve_checkpoint
-from .data import DataError, load_meta
-from .data.tokenizer import Tokenizer
-from .device import resolve_device
-from .limits import MAX_METADATA_BYTES, check_model_fits, read_json_limited, read_limited
-from .model import PonderLM
+from ponderlm.data import load_meta
+from ponderlm.data.tokenizer import Tokenizer
+from ponderlm.device import resolve_device
+from ponderlm.errors import CheckpointError, DataError
+from ponderlm.limits import MAX_METADATA_BYTES, read_json_limited, read_limited
+from ponderlm.model.model import PonderLM
+from ponderlm.runs.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 
 
 def is_hf_export(path: str | Path) -> bool:
@@ -45,20 +46,9 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tu
 
 def _load_export(path: Path) -> tuple[PonderLM, Tokenizer, Path]:
     """The ponderlm model inside a transformers export, and the export's tokenizer."""
-    from .config import ConfigError, ModelConfig
-    from .convert import first_line, quiet_transformers
-    from .hf import PonderLMForCausalLM
+    from ponderlm.hf.load import load_export  # transformers: imported only for an export
 
-    try:  # the sizes config.json declares, refused before transformers allocates them
-        cfg = ModelConfig.from_dict(read_json_limited(path / "config.json", "config.json")["ponder"])
-    except (ConfigError, ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable ponderlm export (config.json: {str(e)[:300]})") from None
-    check_model_fits(cfg, f"{path}: the model of config.json", prefix="ponder.")
-    try:
-        with quiet_transformers():  # no progress bar or load report around a one-line error
-            model = PonderLMForCausalLM.from_pretrained(path).model
-    except Exception as e:  # transformers and safetensors raise their own types for damaged files
-        raise CheckpointError(f"{path}: not a readable ponderlm export ({first_line(e)})") from None
+    model = load_export(path)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json in this export")
     return model, _model_tokenizer(path, model), path

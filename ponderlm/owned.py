@@ -22,64 +22,77 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from .errors import UserError, describe_os_error
+from ponderlm.errors import DirectoryLocked, OwnershipError, describe_os_error
 
 MARKER = ".ponderlm"
 MARKER_VERSION = 1
-
-# what each kind of directory may hold (besides the marker and hidden temporaries of these names)
-# fmt: off
-KNOWN = {
-    "dataset": {"meta.json", "tokenizer.json", ".verified.json"},  # + the shards meta.json lists
-    "run": {"config.yaml", "metrics.jsonl", "checkpoints", "eval", "analysis", "tensorboard", "wandb",
-            "experiment_eval.json"},
-    "export": {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-               "eval", "analysis"},  # `ponderlm eval/analyze EXPORT` write their default outputs inside it
-    "eval": {"eval.json", "eval.md"},
-    "analysis": {"analysis.json", "depth.html", "depth.png"},
-    "experiment": set(),  # runs and reports; never replaced as a whole
-    "lm_eval_tasks": {"data"},  # + ponderlm_*.yaml
-}
-# fmt: on
 TEMP_SUFFIXES = (".tmp", ".lock", ".old", ".del")
-# how messages name each kind, with its article
-NAMES = {
-    "dataset": "a dataset",
-    "run": "a run",
-    "export": "a transformers export",
-    "eval": "an evaluation output",
-    "analysis": "an analysis output",
-    "experiment": "an experiment",
-    "lm_eval_tasks": "an lm-eval task directory",
-}
 
 
-class OwnershipError(UserError):
-    """A directory is in the way: not ours to replace, locked by another process, or unwritable."""
+@dataclass(frozen=True)
+class DirKind:
+    """A kind of directory ponderlm writes, declared by the module that writes it (a dataset by
+    :mod:`ponderlm.data.dataset`, a run by :mod:`ponderlm.training.rundir`, ...): its name in the
+    marker, how messages name it, and the entries it may hold besides the marker and the hidden
+    temporaries of those entries."""
+
+    name: str  # written into the marker: "dataset", "run", ...
+    noun: str  # in messages, with its article: "a dataset"
+    files: frozenset[str] = frozenset()  # entries it may hold
+    pattern: str | None = None  # more entries, by glob (an lm-eval task directory's ponderlm_*.yaml)
+    listed: Callable[[Path], set[str]] | None = None  # more entries its own metadata lists (shards)
+    legacy: Callable[[Path], bool] | None = None  # verifies an unmarked one, made before markers
+
+    def __post_init__(self) -> None:
+        _KINDS[self.name] = self
+
+    def owns(self, directory: Path) -> Callable[[str], bool]:
+        """Whether an entry name of ``directory`` is one ponderlm writes in a directory of this kind."""
+        known = set(self.files) | (self.listed(directory) if self.listed else set())
+
+        def ours(name: str) -> bool:
+            if name in known or name in (MARKER, f"{MARKER}.tmp"):
+                return True
+            if self.pattern and fnmatch.fnmatchcase(name, self.pattern):
+                return True
+            # a hidden temporary of one of our own entries: .NAME.tmp / .lock / .old / .del
+            return name.startswith(".") and any(name.endswith(s) and name[1 : -len(s)] in known for s in TEMP_SUFFIXES)
+
+        return ours
 
 
-class DirectoryLocked(OwnershipError):
-    """Another ponderlm process holds the directory's lock."""
+_KINDS: dict[str, DirKind] = {}  # every kind declared in this process, by name (for messages)
+
+
+def read_small_json(path: Path) -> Any:
+    """A metadata file's JSON, read bounded, or None when it is missing, too large or not JSON
+    (such a file is not one of ours either way)."""
+    from ponderlm.limits import read_json_limited
+
+    try:
+        return read_json_limited(path, path.name)
+    except (OSError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------ markers
-def write_marker(directory: Path, kind: str) -> None:
+def write_marker(directory: Path, kind: DirKind) -> None:
     """Mark ``directory`` as made by ponderlm for ``kind`` (atomic: temp file, then rename)."""
-    from ._version import __version__
+    from ponderlm._version import __version__
 
-    info = {"kind": kind, "version": MARKER_VERSION, "ponderlm": __version__,
+    info = {"kind": kind.name, "noun": kind.noun, "version": MARKER_VERSION, "ponderlm": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     tmp = Path(directory) / f"{MARKER}.tmp"
     tmp.write_text(json.dumps(info) + "\n")
@@ -95,7 +108,7 @@ def read_marker(directory: Path) -> dict | None:
     return info if isinstance(info, dict) and isinstance(info.get("kind"), str) else None
 
 
-def make_owned_dir(directory: Path, kind: str) -> None:
+def make_owned_dir(directory: Path, kind: DirKind) -> None:
     """Create ``directory`` (and its parents) and mark it; an existing one is only marked."""
     directory.mkdir(parents=True, exist_ok=True)
     if read_marker(directory) is None:
@@ -103,98 +116,39 @@ def make_owned_dir(directory: Path, kind: str) -> None:
 
 
 # ------------------------------------------------------------- recognition
-def _read_json(path: Path):
-    from .limits import read_json_limited
-
-    try:  # bounded, and JSON nested too deeply is a ValueError there: not ours either way
-        return read_json_limited(path, path.name)
-    except (OSError, ValueError):
-        return None
-
-
-def _legacy_ours(directory: Path, kind: str) -> bool:
-    """Whether an unmarked directory (made before markers existed) verifies as ours by its metadata."""
-    if kind == "dataset":
-        meta = _read_json(directory / "meta.json")
-        return isinstance(meta, dict) and {"format_version", "fingerprint", "splits"} <= set(meta)
-    if kind == "run":
-        if (directory / "config.yaml").is_file():
-            from .limits import MAX_METADATA_BYTES, read_limited
-
-            try:  # bounded; a huge or deeply nested config.yaml is not one of ours
-                cfg = yaml.safe_load(read_limited(directory / "config.yaml", MAX_METADATA_BYTES, "config.yaml"))
-            except (OSError, ValueError, yaml.YAMLError, RecursionError):
-                return False
-            return isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) and isinstance(cfg.get("train"), dict)
-        cks = directory / "checkpoints"  # a run written by `ponderlm convert`: checkpoints only
-        steps = [p for p in cks.iterdir() if not p.name.startswith(".")] if cks.is_dir() else []
-        return bool(steps) and all(p.name.startswith("step_") and (p / "manifest.json").is_file() for p in steps)
-    if kind == "export":
-        cfg = _read_json(directory / "config.json")
-        return isinstance(cfg, dict) and cfg.get("model_type") == "ponderlm"
-    if kind == "eval":
-        res = _read_json(directory / "eval.json")
-        return isinstance(res, dict) and {"checkpoint", "rows"} <= set(res)
-    if kind == "analysis":
-        return isinstance(_read_json(directory / "analysis.json"), dict)
-    return False
-
-
-def _known_names(directory: Path, kind: str) -> set[str]:
-    names = set(KNOWN[kind])
-    if kind == "dataset":
-        meta = _read_json(directory / "meta.json")
-        if isinstance(meta, dict):  # token shards, and the per-token label shards of a synthetic dataset
-            labels = meta.get("labels")
-            for splits in (meta.get("splits"), labels.get("splits") if isinstance(labels, dict) else None):
-                names |= _shard_files(splits)
-    return names
-
-
-def _shard_files(splits) -> set[str]:
-    """The shard file names a meta.json ``splits`` mapping lists (nothing if it is malformed)."""
-    names: set[str] = set()
-    for split in splits.values() if isinstance(splits, dict) else []:
-        for sh in split.get("shards", []) if isinstance(split, dict) else []:
-            if isinstance(sh, dict) and isinstance(sh.get("file"), str):
-                names.add(sh["file"])
-    return names
-
-
-def _is_ours_name(name: str, known: set[str], kind: str) -> bool:
-    if name in known or name in (MARKER, f"{MARKER}.tmp"):
-        return True
-    if kind == "lm_eval_tasks" and name.startswith("ponderlm_") and name.endswith(".yaml"):
-        return True
-    if name.startswith("."):  # a hidden temporary of one of our own entries: .NAME.tmp / .lock / .old / .del
-        for suffix in TEMP_SUFFIXES:
-            if name.endswith(suffix) and name[1 : -len(suffix)] in known:
-                return True
-    return False
-
-
-def foreign_entries(directory: Path, kind: str) -> list[str]:
+def foreign_entries(directory: Path, kind: DirKind) -> list[str]:
     """Entries of ``directory`` that ponderlm does not write in a directory of this kind."""
-    known = _known_names(directory, kind)
-    return sorted(p.name for p in directory.iterdir() if not _is_ours_name(p.name, known, kind))
+    ours = kind.owns(directory)
+    return sorted(p.name for p in directory.iterdir() if not ours(p.name))
 
 
-def is_kind(directory: Path, kind: str) -> bool:
+def is_kind(directory: Path, kind: DirKind) -> bool:
     """Whether ``directory`` is a ponderlm ``kind`` (by its marker, or by its own metadata when it
     predates markers), whatever else the user has put in it."""
     marker = read_marker(directory)
-    return marker["kind"] == kind if marker is not None else _legacy_ours(directory, kind)
+    if marker is not None:
+        return marker["kind"] == kind.name
+    return kind.legacy is not None and kind.legacy(directory)
 
 
-def why_not_ours(directory: Path, kind: str) -> str | None:
+def _noun(marker: dict) -> str:
+    """How a marked directory's kind is named: as its marker says (markers since the kinds were
+    declared by their writers), as this process declares it, or by the kind's bare name."""
+    noun = marker.get("noun")
+    if isinstance(noun, str) and " " in noun:
+        return noun
+    known = _KINDS.get(marker["kind"])
+    return known.noun if known else f"a {marker['kind']}"
+
+
+def why_not_ours(directory: Path, kind: DirKind) -> str | None:
     """None when ``directory`` is a ponderlm ``kind`` directory holding only what ponderlm put
     there; otherwise the reason, as a phrase ("holds notes.txt", ...)."""
     marker = read_marker(directory)
-    if marker is not None and marker["kind"] != kind:
-        theirs = NAMES.get(marker["kind"], f"a {marker['kind']}").split(" ", 1)[1]
-        return f"is a ponderlm {theirs}, not {NAMES[kind]}"
-    if marker is None and not _legacy_ours(directory, kind):
-        return f"is not {NAMES[kind]} made by ponderlm"
+    if marker is not None and marker["kind"] != kind.name:
+        return f"is a ponderlm {_noun(marker).split(' ', 1)[1]}, not {kind.noun}"
+    if marker is None and not (kind.legacy is not None and kind.legacy(directory)):
+        return f"is not {kind.noun} made by ponderlm"
     foreign = foreign_entries(directory, kind)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -206,7 +160,7 @@ def is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_replaceable(path: Path, kind: str, *, overwrite: bool, exists_hint: str, choose: str) -> bool:
+def check_replaceable(path: Path, kind: DirKind, *, overwrite: bool, exists_hint: str, choose: str) -> bool:
     """Decide what may happen to an output ``path`` of a command that writes a ``kind``.
 
     Returns True when ``path`` holds something that will be replaced (an existing ponderlm
@@ -248,7 +202,7 @@ def _hide_and_remove(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def remove_owned(path: Path, kind: str) -> None:
+def remove_owned(path: Path, kind: DirKind) -> None:
     """Delete a directory that is verifiably ours (OwnershipError otherwise)."""
     why = why_not_ours(path, kind)
     if why is not None:
@@ -271,7 +225,7 @@ def replace_dir(built: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def building(dest: Path, kind: str) -> Iterator[Path]:
+def building(dest: Path, kind: DirKind) -> Iterator[Path]:
     """Yield a hidden, marked sibling of ``dest`` to build into; on success it replaces ``dest``
     (check replaceability first), on any failure it is removed and ``dest`` is untouched. An
     OSError (disk full, read-only file system) becomes a one-line OwnershipError."""
@@ -332,7 +286,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 # ------------------------------------------------------------------ locks
 def _holder(lock_file: Path) -> str:
-    info = _read_json(lock_file)
+    info = read_small_json(lock_file)
     if not isinstance(info, dict):
         return "another ponderlm process"
     parts = [f"pid {info.get('pid')}"]

@@ -4,17 +4,43 @@
 it follows the machine as it gets busier or quieter), and the ETA is the work left divided by it:
 the two numbers on a line can never disagree. :func:`heartbeat` prints a line every ``every``
 seconds while a step that shows no progress of its own is running. :class:`Progress` is the line
-of a data build, in bytes of input read.
+of a data build, in bytes of input read. :func:`redraws` says whether a progress line may be redrawn
+in place (a terminal of known, usable width) or must be logged as plain lines.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import TextIO
+
+# a terminal narrower than this (0: some pseudo-terminals and CI logs say so) cannot show a redrawn
+# progress line: tqdm draws nothing there, and a wrapped line cannot be redrawn in place
+MIN_COLUMNS = 20
+
+
+def line_width(stream: TextIO | None = None) -> int:
+    """The columns of the terminal ``stream`` (default: stderr) writes to; 0 when it is not a
+    terminal or its width is unknown."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        if stream is None or not stream.isatty():
+            return 0
+        return max(os.get_terminal_size(stream.fileno()).columns, 0)
+    except (AttributeError, OSError, ValueError):  # no fileno (captured), closed, or no size to ask
+        return 0
+
+
+def redraws(stream: TextIO | None = None) -> bool:
+    """Whether progress on ``stream`` (default: stderr) may be one line redrawn in place (a tqdm bar,
+    a ``\\r`` line): only on a terminal at least :data:`MIN_COLUMNS` wide. Elsewhere (a file, a pipe,
+    a terminal of 0 or unknown columns) progress is plain lines, logged one after the other."""
+    return line_width(stream) >= MIN_COLUMNS
 
 
 class Rate:
@@ -90,8 +116,13 @@ def human_bytes(n: float) -> str:
 class Progress:
     """Progress of a long data build in bytes: ``update(done, **counters)`` with ``done`` out of
     ``total``; ``close()`` at the end. Lines read ``{what} 1.20 GB of 20.00 GB (6%), 5.10 MB/s,
-    ..., ETA 1:02:03``, the ETA the bytes left at the :class:`Rate` shown. On a terminal the line is
-    redrawn in place on stderr; otherwise one line is logged every ``every`` seconds."""
+    ..., ETA 1:02:03``, the ETA the bytes left at the :class:`Rate` shown. Where stderr
+    :func:`redraws`, the line is redrawn in place there; otherwise one line is logged every
+    ``every`` seconds.
+
+    A line drawn in place is ended (erased) before anything else is printed: by ``close()``, by
+    the end of a ``with`` block, and at the latest when the Progress is dropped without either (a
+    generator that returns early or is abandoned), so that the next message never continues it."""
 
     def __init__(
         self,
@@ -105,7 +136,9 @@ class Progress:
         tty: bool | None = None,
     ) -> None:
         self.what, self.total, self.log, self.every, self.clock = what, total, log, every, clock
-        self.tty = sys.stderr.isatty() if tty is None else tty
+        self.tty = redraws(sys.stderr) if tty is None else tty
+        self.drawn = False  # a line is on the terminal, not ended yet
+        self.closed = False
         self.t0 = self.last_shown = clock()
         self.rate = Rate(window)
         self.rate.add(self.t0, 0)
@@ -132,14 +165,37 @@ class Progress:
         if self.tty:
             sys.stderr.write(f"\r\x1b[2K{text}")
             sys.stderr.flush()
+            self.drawn = True
         else:
             self.log(text)
 
-    def close(self) -> None:
-        if self.tty and self.last_shown > self.t0:
+    def end_line(self) -> None:
+        """Erase the line drawn in place, if any: what is printed next starts a line of its own."""
+        if self.drawn:
+            self.drawn = False
             sys.stderr.write("\r\x1b[2K")
             sys.stderr.flush()
+
+    def close(self) -> None:
+        """End the line and log the summary: what was read, in how long, at what mean rate (once)."""
+        self.end_line()
+        if self.closed:
+            return
+        self.closed = True
         elapsed = self.clock() - self.t0
         mean = human_bytes(self.done / elapsed if elapsed > 0 else 0.0)
         counts = "".join(f", {v:,} {k}" for k, v in self.counters.items())
         self.log(f"{self.what} {human_bytes(self.done)} in {clock(elapsed)} ({mean}/s){counts}")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:  # interrupted or failed: no summary, but the next message starts on a line of its own
+            self.end_line()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # at interpreter exit stderr may be gone: nothing to end then
+            self.end_line()

@@ -3,7 +3,7 @@
 A :class:`Case` is one user mistake or fault: a command line (after ``ponderlm``), the stable part
 of the one-line message it must print, and optionally a ``setup`` that builds the broken input in
 the case's scratch directory first. :func:`check_case` runs it through the real command line -
-in this process through ``ponderlm.cli.main`` (the function ``python -m ponderlm`` calls), or in
+in this process through ``ponderlm.cli.main.main`` (the function ``python -m ponderlm`` calls), or in
 a subprocess where the case needs a real process (stdin bytes, a closed pipe, signals, a second
 process) - and asserts:
 
@@ -59,9 +59,9 @@ def train_args(*extra: str) -> list[str]:
 
 def build_world(root: Path) -> SimpleNamespace:
     """One dataset, one tiny trained run (context 32 tokens) and the broken inputs built from them."""
-    from ponderlm.config import load_run_config
     from ponderlm.data import PrepareConfig, prepare
-    from ponderlm.train import train
+    from ponderlm.runs.config import load_run_config
+    from ponderlm.training.trainer import train
 
     from fakepkgs import build_fake_dataset
 
@@ -175,7 +175,7 @@ def run_cli(argv: list[str], cwd: Path, *, proc: bool = False, stdin: bytes | No
                            input=stdin if stdin is not None else b"", env={**os.environ, **(env or {})})  # fmt: skip
         return SimpleNamespace(returncode=r.returncode, stdout=r.stdout.decode(errors="replace"),
                                stderr=r.stderr.decode(errors="replace"))  # fmt: skip
-    from ponderlm.cli import main
+    from ponderlm.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     old = Path.cwd()

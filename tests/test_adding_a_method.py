@@ -1,4 +1,4 @@
-"""docs/ADDING_A_METHOD.md, proved: a method the code has never heard of is one row of
+"""docs/DESIGN.md, "Adding a method", proved: a method the code has never heard of is one row of
 ``METHOD_SPECS`` and nothing else. The row here - a looped transformer whose every round ends in
 the final norm, "loop_normed" - exists only inside this test (we do not ship methods to prove a
 point); with it registered, the model-wide invariant tests pass unchanged, and the model computes
@@ -7,8 +7,8 @@ the method's definition, written out by hand."""
 import pytest
 import torch
 
-from ponderlm import config
-from ponderlm.config import MethodSpec
+from ponderlm.model import config
+from ponderlm.model.config import MethodSpec
 
 import test_flops
 import test_generate

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from ponderlm.data import DataError
+from ponderlm.errors import DataError, OwnershipError
 from ponderlm.eval import analyze as analyze_mod
-from ponderlm.eval.analyze import _layout, analyze, collect, render_png
+from ponderlm.eval import depth_render
+from ponderlm.eval.analyze import analyze, collect
+from ponderlm.eval.depth_render import _layout, render_png
 from ponderlm.eval.perplexity import perplexity
 from ponderlm.eval.stats import pearson, ranks, spearman
-from ponderlm.model import CONVERGED
-from ponderlm.owned import OwnershipError
+from ponderlm.model.model import CONVERGED
 
 from conftest import tiny_model
 from fakepkgs import build_fake_dataset
@@ -145,6 +146,61 @@ def test_png_layout_wraps_lines(monkeypatch):
     text = {"source": "given text", "per_token": per_token, "truncated": False}
     stats = {"depth_hist": [0.2, 0.0, 0.8], "depth_counts": [2, 0, 8], "tokens": 10, "mean_depth": 1.6,
              "mean_loss_per_depth": [1.0, None, 3.0], "mean_entropy_per_depth": [2.0, None, 1.0]}  # fmt: skip
-    monkeypatch.setattr(analyze_mod, "PNG_TOKENS", 30)
+    monkeypatch.setattr(depth_render, "PNG_TOKENS", 30)
     png = render_png(text, stats, {"K": 2, "tau": 0.3})
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_a_text_alone_scores_no_dataset(runs, tmp_path, monkeypatch):
+    """A text without `windows`: the statistics are the text's own (the loss where a next token
+    follows), and no dataset is read or scored; with `windows`, the validation windows as before."""
+    text = "the people of the world said the state of the people"
+    with_windows = analyze(runs["ponderlm3"], text=text, tau=0.3, out=tmp_path / "w", windows=2, **QUIET)
+    assert with_windows["statistics"] == "validation" and with_windows["windows"] == 2
+
+    def boom(*a, **k):
+        raise AssertionError("read or scored the dataset for a text alone")
+
+    monkeypatch.setattr(analyze_mod, "checkpoint_dataset", boom)
+    monkeypatch.setattr(analyze_mod, "collect", boom)
+    said: list[str] = []
+    res = analyze(runs["ponderlm3"], text=text, tau=0.3, out=tmp_path / "t", log=said.append)
+    per = res["text"]["per_token"]
+    assert res["statistics"] == "text" and res["windows"] == 0 and res["data_dir"] is None
+    assert res["tokens"] == len(per) == res["text"]["tokens"] == with_windows["text"]["tokens"]
+    assert [t["depth"] for t in per] == [t["depth"] for t in with_windows["text"]["per_token"]]
+    assert res["depth_counts"] == [sum(t["depth"] == d for t in per) for d in range(3)]
+    losses = [t["loss"] for t in per if t["loss"] is not None]
+    assert len(losses) == len(per) - 1 and res["mean_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert res["mean_entropy"] == pytest.approx(sum(t["entropy"] for t in per) / len(per))
+    page = (tmp_path / "t" / "depth.html").read_text()
+    assert "Statistics of the text" in page and "Validation statistics" not in page
+    assert any("the dataset is not scored" in line for line in said)
+    one = analyze(runs["vanilla"], text="a", out=tmp_path / "one", **QUIET)  # nothing predicted: no loss
+    assert one["tokens"] == 1 and one["mean_loss"] is None and one["mean_loss_per_depth"] == [None]
+    assert (tmp_path / "one" / "depth.png").is_file()
+
+
+def test_the_command_analyzes_a_text_without_the_dataset(runs, tmp_path):
+    """`ponderlm analyze --text` as a user runs it: the run's dataset is moved away, and the command
+    still succeeds, with the text's own statistics (it would fail reading the dataset otherwise)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["ponderlm3"], run)
+    data = runs["ponderlm3"].parent / "d"
+    hidden = data.with_name("d_away")
+    data.rename(hidden)
+    try:
+        r = subprocess.run([sys.executable, "-m", "ponderlm", "analyze", "--checkpoint", str(run), "--text",
+                            "the people of the world", "--out", str(tmp_path / "a")],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        with_windows = subprocess.run([sys.executable, "-m", "ponderlm", "analyze", "--checkpoint", str(run),
+                                       "--text", "the people", "--windows", "2", "--out", str(tmp_path / "b")],
+                                      capture_output=True, text=True, timeout=300)  # fmt: skip
+    finally:
+        hidden.rename(data)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert res["statistics"] == "text" and res["windows"] == 0 and res["data_dir"] is None
+    assert with_windows.returncode == 2 and "error:" in with_windows.stderr  # asked for the dataset: it is gone

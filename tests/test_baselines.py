@@ -4,8 +4,8 @@ of their definitions from the model's primitives, plus what sets them apart from
 import pytest
 import torch
 
-from ponderlm import flops
-from ponderlm.losses import ponder_loss
+from ponderlm.model import flops
+from ponderlm.model.losses import ponder_loss
 
 from conftest import tiny_model
 

@@ -1,4 +1,4 @@
-"""Continuous batching (ponderlm.batching) driven step by step, and the cache rows it adds and
+"""Continuous batching (ponderlm.serving.scheduler) driven step by step, and the cache rows it adds and
 frees: a request's greedy tokens equal ``generate`` on its prompt alone, whatever joins or leaves
 the batch around it, and a batch that empties holds no cache."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ponderlm.batching import BatchSettings, Finished, QueueFull, Request, Scheduler, Token
-from ponderlm.cache import KVCache
+from ponderlm.model.cache import KVCache
+from ponderlm.serving.scheduler import BatchSettings, Finished, QueueFull, Request, Scheduler, Token
 
 from conftest import tiny_model
 
@@ -105,7 +105,7 @@ def test_queue_is_bounded():
 
 
 def test_finished_reports_flops_of_the_realised_depths():
-    from ponderlm.flops import inference_flops
+    from ponderlm.model.flops import inference_flops
 
     model = tiny_model("ponderlm3", dtype=torch.float64)
     sched = Scheduler(model, None, BatchSettings(tau=0.4))
@@ -185,7 +185,7 @@ def test_walked_prompts_equal_exact_prefill_and_long_ones_generate_default(metho
     """In float32, where the two prefills differ in the last bits: prompts up to walk_max tokens
     walk through the batch and give exactly generate(prefill="exact")'s tokens and depths (prompt
     depths too, through the FLOPs); longer ones are prefilled alone and give generate's default."""
-    from ponderlm.flops import inference_flops
+    from ponderlm.model.flops import inference_flops
 
     model = tiny_model(method, dtype=torch.float32)
     tau, walk_max = 0.4, 4
@@ -237,7 +237,7 @@ def test_batch_settings_are_checked():
 def test_the_engine_queue_takes_a_burst_of_everything_the_server_lets_in():
     """Between two engine steps the server may send max_batch + max_queue requests, none of them
     in a row yet: the engine's queue must take them all (it once held max_queue and crashed)."""
-    from ponderlm.engine import _EngineLoop, engine_scheduler
+    from ponderlm.serving.engine import _EngineLoop, engine_scheduler
 
     model = tiny_model("ponderlm3", dtype=torch.float64)
     settings = BatchSettings(max_batch=2, max_queue=3, tau=0.4)

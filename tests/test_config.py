@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ponderlm import ConfigError, ModelConfig
-from ponderlm.config import check_tau
+from ponderlm.model.config import check_tau
 
 
 def test_json_round_trip(tmp_path):

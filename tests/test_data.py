@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from ponderlm.data import (
-    DataError,
     PrepareConfig,
     TokenShards,
     TrainBatches,
@@ -28,13 +27,14 @@ from ponderlm.data import (
 from ponderlm.data.prepare import assign_split
 from ponderlm.data.sources import Document, fetch, strip_gutenberg
 from ponderlm.data.tokenizer import Tokenizer, trainer_pieces
-from ponderlm.errors import UserError
-from ponderlm.owned import DirectoryLocked, DirLock, OwnershipError
+from ponderlm.errors import DataError, DirectoryLocked, OwnershipError, UserError
+from ponderlm.owned import DirLock
 
 from errorcases import answer_ctrl_c
 from fakepkgs import WORDS, make_fake_packages
 
 prepare_mod = importlib.import_module("ponderlm.data.prepare")  # the module (ponderlm.data.prepare is the function)
+dataset_mod = importlib.import_module("ponderlm.data.dataset")
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +213,13 @@ def words_text(n_chars: int, seed: int = 0) -> str:
 def hashed(monkeypatch):
     """The files check_dataset reads in full (checksums), in order."""
     calls = []
-    real = prepare_mod._file_sha256
+    real = dataset_mod._file_sha256
 
     def counting(path):
         calls.append(path.name)
         return real(path)
 
-    monkeypatch.setattr(prepare_mod, "_file_sha256", counting)
+    monkeypatch.setattr(dataset_mod, "_file_sha256", counting)
     return calls
 
 
@@ -265,7 +265,7 @@ def test_check_dataset_without_a_writable_directory_skips_the_cache(small_ds, ha
     def refuse(path, data):
         raise OwnershipError(f"read-only file system while writing {path}")
 
-    monkeypatch.setattr(prepare_mod, "atomic_write", refuse)
+    monkeypatch.setattr(dataset_mod, "atomic_write", refuse)
     check_dataset(copy)
     check_dataset(copy)
     assert len(hashed) == 2 * sum(len(sp["shards"]) for sp in load_meta(copy)["splits"].values())

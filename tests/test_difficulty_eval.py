@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from ponderlm.data import LabelShards, SyntheticConfig, TokenShards, eval_windows, synthesize
 from ponderlm.eval.ablations import Ablation
 from ponderlm.eval.analyze import analyze
+from ponderlm.eval.evaluate import evaluate_checkpoint, markdown
 from ponderlm.eval.perplexity import class_sums, difficulty
-from ponderlm.eval.run import evaluate_checkpoint, markdown
 from ponderlm.eval.stats import spearman
 from ponderlm.loading import load_model
-from ponderlm.model import CONVERGED
+from ponderlm.model.model import CONVERGED
 
 from errorcases import TINY, run_cli
 
@@ -39,8 +39,8 @@ def quiet(*_) -> None:
 def world(tmp_path_factory):
     """A labelled chains dataset, the same dataset without its labels, and a tiny PonderLM-3 trained
     on it for 2 steps (router bias 0: at tau=0.3 depths vary from token to token)."""
-    from ponderlm.config import load_run_config
-    from ponderlm.train import train
+    from ponderlm.runs.config import load_run_config
+    from ponderlm.training.trainer import train
 
     root = tmp_path_factory.mktemp("difficulty")
     ds = root / "chains"

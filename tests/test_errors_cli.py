@@ -48,11 +48,13 @@ def unmount_ro(w, s) -> None:
 
 
 def fake_owned(path: Path, kind: str, files: dict[str, str]) -> None:
-    """A directory as ponderlm leaves it (marker of ``kind``) holding ``files``."""
+    """A directory as ponderlm leaves it (marker of ``kind``, "export" or "eval") holding ``files``."""
+    from ponderlm.eval.evaluate import EVAL
+    from ponderlm.hf.export import EXPORT
     from ponderlm.owned import write_marker
 
     path.mkdir()
-    write_marker(path, kind)
+    write_marker(path, {"export": EXPORT, "eval": EVAL}[kind])
     for name, text in files.items():
         (path / name).write_text(text)
 
@@ -148,7 +150,7 @@ def wrong_shape_checkpoint(w, s) -> None:
 
 def damaged_export(w, s) -> None:
     """A real export of the run whose weights are then cut in half."""
-    from ponderlm.export import export
+    from ponderlm.hf.export import export
 
     export(w.run, s / "hf", log=lambda *_: None)
     f = s / "hf" / "model.safetensors"
@@ -395,7 +397,7 @@ def test_interactive_non_utf8_line_is_one_error(w, tmp_path):
 
 
 def test_eval_checks_a_read_only_out_before_scoring(w, tmp_path, monkeypatch):
-    import ponderlm.eval.run as run_mod
+    import ponderlm.eval.evaluate as run_mod
 
     def boom(*a, **k):
         raise AssertionError("evaluated before refusing the output directory")
@@ -436,11 +438,12 @@ def test_eval_and_analyze_outputs_are_marked_and_replaced_only_with_overwrite(w,
 
 def test_export_replaces_only_its_own_export(w, tmp_path):
     pytest.importorskip("transformers")
+    from ponderlm.hf.export import EXPORT
     from ponderlm.owned import read_marker, why_not_ours
 
     out = tmp_path / "hf"
     assert run_cli(["export", str(w.run), str(out)], tmp_path).returncode == 0
-    assert read_marker(out)["kind"] == "export" and why_not_ours(out, "export") is None
+    assert read_marker(out)["kind"] == "export" and why_not_ours(out, EXPORT) is None
     r = run_cli(["export", str(w.run), str(out), "--tau", "0.3", "--overwrite"], tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "config.json").read_text())["tau"] == 0.3
@@ -475,13 +478,14 @@ def test_exported_and_checkpointed_weights_follow_the_umask(w, tmp_path, umask):
 def test_convert_replaces_only_its_own_run(w, tmp_path):
     pytest.importorskip("transformers")
     from ponderlm.owned import read_marker, why_not_ours
+    from ponderlm.runs.directory import RUN
 
     tiny_llama(tmp_path / "llama", w.ds / "tokenizer.json")
     out = tmp_path / "conv"
     cmd = ["convert", "--from-hf", str(tmp_path / "llama"), "--out", str(out), "--max-seq-len", "16"]
     r = run_cli(cmd, tmp_path)
     assert r.returncode == 0, r.stderr
-    assert read_marker(out)["kind"] == "run" and why_not_ours(out, "run") is None  # nothing beside checkpoints/
+    assert read_marker(out)["kind"] == "run" and why_not_ours(out, RUN) is None  # nothing beside checkpoints/
     (ck,) = (out / "checkpoints").iterdir()
     assert (ck / "tokenizer.json").is_file()
     assert json.loads((ck / "model_config.json").read_text())["max_seq_len"] == 16

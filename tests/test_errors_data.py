@@ -178,10 +178,11 @@ def dataset_dict(w, s: Path) -> None:
 
 def interrupted_other_settings(w, s: Path) -> None:
     """What a killed build with other settings leaves: its hidden, marked directory and journal."""
+    from ponderlm.data.dataset import DATASET
     from ponderlm.owned import write_marker
 
     (s / ".d.tmp").mkdir()
-    write_marker(s / ".d.tmp", "dataset")
+    write_marker(s / ".d.tmp", DATASET)
     journal = {"version": 1, "fingerprint": "0" * 16, "dtype": "uint16", "unit": 0, "skip": 3, "per_source": {},
                "skipped": {}, "writers": {"train": {"shards": [{"file": "train_000.bin", "tokens": 1024,
                                                                  "sha256": "0" * 64}], "open": None}}}  # fmt: skip

@@ -213,7 +213,7 @@ def test_analyze_of_a_50mb_file_stays_small(w, tmp_path):
     big.write_text(line * (50_000_000 // len(line)))
     # VmHWM, the peak of this process's own memory map: ru_maxrss would keep the forking pytest's RSS
     # across exec (Linux folds the old map's peak into it), which after a long suite is over 1 GB
-    code = ("import re, sys; from ponderlm.cli import main; rc = main(sys.argv[1:]); "
+    code = ("import re, sys; from ponderlm.cli.main import main; rc = main(sys.argv[1:]); "
             "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
             "print('maxrss_kb', hwm, file=sys.stderr); sys.exit(rc)")  # fmt: skip
     argv = ["analyze", "--checkpoint", str(w.run), "--file", str(big), "--windows", "2", "--out", str(tmp_path / "a")]

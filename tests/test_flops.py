@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ponderlm import flops
+from ponderlm.model import flops
 
 from conftest import METHODS, tiny_config, tiny_model
 
@@ -32,7 +32,7 @@ class AttentionCounter:
                 self.pairs_x_heads += B * H * Lq * Lk
             return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
 
-        monkeypatch.setattr("ponderlm.layers.F.scaled_dot_product_attention", counting)
+        monkeypatch.setattr("ponderlm.model.layers.F.scaled_dot_product_attention", counting)
 
         # The biased path feeds the output projection its padded heads (zero columns times zero
         # weights, see layers.Attention): executed work beyond the model's FLOPs, counted apart.
@@ -45,7 +45,7 @@ class AttentionCounter:
                 self.padding_flops += 2 * x[..., 0].numel() * w.shape[0] * (w.shape[1] - self.n_heads * head_dim)
             return linear(x, w, b)
 
-        monkeypatch.setattr("ponderlm.layers.F.linear", counting_linear)
+        monkeypatch.setattr("ponderlm.model.layers.F.linear", counting_linear)
 
     @property
     def flops(self):

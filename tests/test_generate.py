@@ -4,7 +4,8 @@ different per-row depths changes nothing; sampling is seeded."""
 import pytest
 import torch
 
-from ponderlm.generate import sample_next
+from ponderlm.model.generate import sample_next
+from ponderlm.model.recurrence import prefill
 
 from conftest import METHODS, converged_iters, tiny_model
 
@@ -170,7 +171,7 @@ def test_generate_checks_sampling_values_at_its_boundary(kw, message, monkeypatc
     def no_forward(*a, **k):
         raise AssertionError("the model ran before the arguments were checked")
 
-    monkeypatch.setattr(model, "prefill", no_forward)
+    monkeypatch.setattr(model, "stack", no_forward)  # every slot, parallel or exact, is computed there
     with pytest.raises(ValueError) as e:
         model.generate(ids, 2, seed=0, **kw)
     assert str(e.value) == message
@@ -189,8 +190,8 @@ def test_converged_prefill_equals_exact_within_tolerance(method, schedule):
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     mask[2, :6] = 0
-    out, _ = model.prefill(ids, attention_mask=mask, how="converged", tau=0.35)
-    ref, _ = model.prefill(ids, attention_mask=mask, how="exact", tau=0.35)
+    out, _ = prefill(model, ids, attention_mask=mask, how="converged", tau=0.35)
+    ref, _ = prefill(model, ids, attention_mask=mask, how="exact", tau=0.35)
     assert (out.logits - ref.logits).abs().max() < 1e-3
     assert torch.equal(out.depth, ref.depth)
     if model.cfg.uses_jacobi:
@@ -204,7 +205,7 @@ def test_converged_prefill_equals_exact_within_tolerance(method, schedule):
 def test_converged_prefill_falls_back_to_exact_when_it_cannot_converge():
     model = tiny_model("ponderlm2", max_ponder_steps=2)
     ids = torch.randint(0, 61, (2, 20))
-    out, cache = model.prefill(ids, how="converged", jacobi_iters=1)  # a cap of one refinement
-    ref, _ = model.prefill(ids, how="exact")
+    out, cache = prefill(model, ids, how="converged", jacobi_iters=1)  # a cap of one refinement
+    ref, _ = prefill(model, ids, how="exact")
     assert torch.equal(out.logits, ref.logits)  # it ran the exact recurrence
     assert out.converged is None and torch.equal(cache.lengths, torch.full((2,), 20 * 3))

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ponderlm.flops import inference_flops, training_flops_per_token
+from ponderlm.model.flops import inference_flops, training_flops_per_token
 
 from conftest import METHODS, tiny_model
 

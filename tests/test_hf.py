@@ -13,12 +13,12 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import ponderlm  # registers the Auto* classes
-from ponderlm.config import load_run_config
-from ponderlm.convert import convert_from_hf
 from ponderlm.data.tokenizer import Tokenizer
-from ponderlm.hf import CACHE, PonderLMForCausalLM
+from ponderlm.hf.convert import convert_from_hf
+from ponderlm.hf.modeling import CACHE, PonderLMForCausalLM
 from ponderlm.loading import load_model
-from ponderlm.train import train
+from ponderlm.runs.config import load_run_config
+from ponderlm.training.trainer import train
 
 from conftest import tiny_model
 from fakepkgs import build_fake_dataset

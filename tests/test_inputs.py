@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ponderlm.config import ConfigError
 from ponderlm.device import resolve_device
+from ponderlm.errors import ConfigError
 
 from conftest import METHODS, tiny_model
 
@@ -97,8 +97,8 @@ def test_utf8_problem_names_the_byte():
 def test_generate_text_refuses_undecodable_prompt():
     import io
 
-    from ponderlm.data import DataError
-    from ponderlm.serve import Settings, generate_text
+    from ponderlm.cli.generate import Settings, generate_text
+    from ponderlm.errors import DataError
 
     with pytest.raises(DataError, match=r"the prompt is not valid UTF-8 text \(byte 0xff at character 0\)"):
         generate_text(None, None, "\udcff", Settings(), io.StringIO())
@@ -108,7 +108,7 @@ def test_generate_text_refuses_undecodable_prompt():
 @pytest.fixture
 def no_loading(monkeypatch):
     import ponderlm.eval.analyze as analyze_mod
-    import ponderlm.eval.run as run_mod
+    import ponderlm.eval.evaluate as run_mod
 
     def boom(*a, **k):
         raise AssertionError("loaded a model before refusing the arguments")
@@ -131,7 +131,7 @@ def no_loading(monkeypatch):
 )
 def test_evaluate_checkpoint_checks_arguments_first(no_loading, tmp_path, kwargs, message):
     from ponderlm.errors import UserError
-    from ponderlm.eval.run import evaluate_checkpoint
+    from ponderlm.eval.evaluate import evaluate_checkpoint
 
     args = {"tasks": ["val"], "taus": [0.1], "cache_dir": tmp_path} | kwargs
     with pytest.raises(UserError, match=message):
@@ -139,8 +139,8 @@ def test_evaluate_checkpoint_checks_arguments_first(no_loading, tmp_path, kwargs
 
 
 def test_parse_tasks():
-    from ponderlm.data import DataError
-    from ponderlm.eval.run import parse_tasks
+    from ponderlm.errors import DataError
+    from ponderlm.eval.evaluate import parse_tasks
 
     assert parse_tasks(" val, piqa ,val,") == ["val", "piqa"]
     for text in ("", " ", ",", " , ,"):
@@ -170,7 +170,7 @@ def test_analyze_checks_arguments_first(no_loading, tmp_path, kwargs, message):
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_convert_max_seq_len_checked_first(tmp_path, bad):
-    from ponderlm.convert import convert_from_hf
+    from ponderlm.hf.convert import convert_from_hf
 
     with pytest.raises(ConfigError, match="--max-seq-len must be an integer >= 1"):
         convert_from_hf(tmp_path / "missing", tmp_path / "out", max_seq_len=bad)

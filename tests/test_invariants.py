@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ponderlm import slots
+from ponderlm.model import slots
 
 from conftest import METHODS, converged_iters, tiny_model
 

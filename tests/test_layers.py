@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ponderlm.layers import biased_causal_attention
+from ponderlm.model.layers import biased_causal_attention
 
 from conftest import dense_slot_bias
 

@@ -9,17 +9,11 @@ import random
 import pytest
 import torch
 
-from ponderlm.config import ConfigError, ModelConfig
-from ponderlm.limits import (
-    InputTooLarge,
-    available_memory,
-    check_model_fits,
-    encode_prefix,
-    parameter_count,
-    parse_json,
-    read_limited,
-)
-from ponderlm.model import PonderLM
+from ponderlm.errors import ConfigError, InputTooLarge
+from ponderlm.limits import available_memory, encode_prefix, parse_json, read_limited
+from ponderlm.model.config import ModelConfig
+from ponderlm.model.model import PonderLM
+from ponderlm.model.size import check_model_fits, parameter_count
 
 SMALL = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=16, max_ponder_steps=3)
 

@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-from ponderlm.checkpoint import save_checkpoint
-from ponderlm.config import RunConfig
 from ponderlm.data.tokenizer import Tokenizer
 from ponderlm.eval.tasks import TASKS, load_tasks
 from ponderlm.eval.zeroshot import score_task
-from ponderlm.model import CONVERGED
+from ponderlm.model.model import CONVERGED
+from ponderlm.runs.checkpoint import save_checkpoint
+from ponderlm.runs.config import RunConfig
 
 from conftest import tiny_model
 from fakepkgs import WORDS, make_fake_olmo_eval, paragraph

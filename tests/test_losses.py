@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ponderlm import ponder_loss
-from ponderlm.losses import depth_histogram
+from ponderlm.model.losses import depth_histogram
 
 from conftest import tiny_model
 

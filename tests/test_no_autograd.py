@@ -15,15 +15,15 @@ import random
 import pytest
 import torch
 
-from ponderlm.batching import BatchSettings, Request
 from ponderlm.data.tokenizer import Tokenizer
-from ponderlm.engine import engine_scheduler
 from ponderlm.eval import head
 from ponderlm.eval.analyze import _text_tokens, collect
 from ponderlm.eval.perplexity import perplexity
 from ponderlm.eval.tasks import Doc
 from ponderlm.eval.zeroshot import encode_pair, loglikelihoods, score_task
-from ponderlm.generate import generate
+from ponderlm.model.generate import generate
+from ponderlm.serving.engine import engine_scheduler
+from ponderlm.serving.scheduler import BatchSettings, Request
 
 from conftest import tiny_model
 from fakepkgs import WORDS, paragraph
@@ -228,9 +228,9 @@ def test_the_engine_scheduler_builds_no_graph(prefill):
 
 def test_lm_eval_adapter_builds_no_graph(tmp_path, tok):
     pytest.importorskip("lm_eval")
-    from ponderlm.checkpoint import save_checkpoint
-    from ponderlm.config import RunConfig
     from ponderlm.eval.lm_eval_adapter import PonderLMEval
+    from ponderlm.runs.checkpoint import save_checkpoint
+    from ponderlm.runs.config import RunConfig
 
     tok.save(tmp_path / "tokenizer.json")
     model = tiny_model("ponderlm3", vocab_size=320, max_seq_len=64, dtype=torch.float32)

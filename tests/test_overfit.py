@@ -3,7 +3,7 @@
 import torch
 
 from ponderlm import PonderLM, ponder_loss
-from ponderlm.train import jacobi_iters_at
+from ponderlm.training.schedule import jacobi_iters_at
 
 from conftest import tiny_config
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 import yaml
 
-from ponderlm.config import ConfigError
-from ponderlm.experiments import ExperimentConfig, pareto, run_experiment
+from ponderlm.errors import ConfigError
+from ponderlm.experiments import ExperimentConfig, evaluation, run_experiment
+from ponderlm.experiments import runner as pareto
 from ponderlm.experiments.report import collect_points, markdown, pareto_front
 
 from errorcases import answer_ctrl_c
@@ -150,7 +151,7 @@ def test_tiny_experiment_end_to_end_and_reuse(tmp_path, monkeypatch):
     def no_eval(*a, **k):
         raise AssertionError("evaluation should come from experiment_eval.json")
 
-    monkeypatch.setattr(pareto, "evaluate_run", no_eval)
+    monkeypatch.setattr(evaluation, "evaluate_run", no_eval)
     again = run_experiment(ExperimentConfig.load(p), tmp_path / "cache", log=logs.append)
     assert sum("reusing it" in line for line in logs) == 3
     assert again["points"] == out["points"]
@@ -464,7 +465,7 @@ def test_the_paired_difference_uses_the_shared_seeds_and_can_resolve_what_the_in
 
 
 def test_tau_labels_cover_neither_each_other_nor_a_marker_and_stay_inside_the_axes():
-    from ponderlm.experiments.report import label_offsets
+    from ponderlm.experiments.figures import label_offsets
 
     def box(anchor, size, off):
         return (anchor[0] + off[0], anchor[1] + off[1], anchor[0] + off[0] + size[0], anchor[1] + off[1] + size[1])
@@ -489,7 +490,7 @@ def test_tau_labels_cover_neither_each_other_nor_a_marker_and_stay_inside_the_ax
 
 
 def test_experiment_train_trains_one_run_in_its_place_for_pareto_to_reuse(tmp_path, capsys):
-    from ponderlm.cli import main
+    from ponderlm.cli.main import main
 
     runs = [
         {"name": "v", "set": ["model.method=vanilla"], "seeds": [0, 1]},
@@ -520,3 +521,74 @@ def test_each_test_split_gets_its_own_frontier():
     assert pts["a"]["pareto"] and pts["b"]["pareto"]
     assert pts["a"]["pareto_ptb_test"] and not pts["b"]["pareto_ptb_test"]
     assert pts["b"]["ptb_test_loss"] == 6.5 and pts["b"]["splits"]["ptb_test"]["ppl"] == pytest.approx(math.exp(6.5))
+
+
+# the quickstart of 2026-11-28 (docs/LOG.md): one seed each; PonderLM-3's tau=0.2 point lies far above the rest
+QUICKSTART = [("vanilla", "vanilla", [(1e-4, 5.2908, 0.0, 1.279)]),
+              ("ponderlm2", "ponderlm2", [(1e-4, 5.3039, 2.0, 1.937)]),
+              ("ponderlm3", "ponderlm3", [(1e-4, 5.2897, 1.99, 1.934), (0.05, 5.2952, 0.97, 1.567),
+                                          (0.2, 5.3374, 0.34, 1.373)])]  # fmt: skip
+
+
+def _quickstart_points() -> list[dict]:
+    return collect_points([
+        {"run": run, "seed": 0, "method": method, "K": 0 if method == "vanilla" else 2, "router": method == "ponderlm3",
+         "penalty_weight": 0.05 if method == "ponderlm3" else None,
+         "evals": [{"tau": t, "loss": loss, "mean_depth": d, "flops_per_token": mf * 1e6} for t, loss, d, mf in evals]}
+        for run, method, evals in QUICKSTART
+    ])  # fmt: skip
+
+
+def test_a_single_seed_has_no_std_in_the_tables():
+    md = markdown("quickstart", _quickstart_points())
+    assert "| vanilla | vanilla | 0 |  |  | 1 | 5.2908 |  |  | 198.50 | 0.00 | 1.279 | * |" in md
+    assert "0.0000" not in md  # no "± std 0.0000" for one seed
+    two = collect_points([{"run": "v", "seed": s, "method": "vanilla", "K": 0, "penalty_weight": None,
+                           "evals": [{"tau": 1e-4, "loss": loss, "mean_depth": 0.0, "flops_per_token": 1.0}]}
+                          for s, loss in ((0, 2.0), (1, 2.0))])  # fmt: skip
+    assert "| v | vanilla | 0 |  |  | 2 | 2.0000 | 0.0000 | 0.0000 |" in markdown("t", two)  # two seeds: a std
+
+
+def test_the_quickstart_picture_shows_every_point_with_its_tau_and_readable_ticks():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import rgb_to_hsv, to_rgb
+
+    from ponderlm.experiments.figures import figure
+
+    points = _quickstart_points()
+    fig = figure(points, "quickstart")
+    try:
+        ax = fig.axes[0]
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        for p in points:  # every point on the chart, none replaced by an arrow at the edge
+            assert x0 < p["flops_per_token"] / 1e6 < x1 and y0 < p["loss"] < y1, p["run"]
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticklabels() if t.get_text() and x0 <= t.get_position()[0] <= x1]
+        assert len(ticks) >= 3, [t.get_text() for t in ticks]
+        renderer = fig.canvas.get_renderer()
+        frame = ax.get_window_extent(renderer)
+        taus = {a.get_text(): a.get_window_extent(renderer) for a in ax.texts}
+        assert sorted(taus) == ["τ=0.0001", "τ=0.05", "τ=0.2"]  # every PonderLM-3 point with its tau
+        for box in taus.values():
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        # the frontier's dashed line (vanilla across to PonderLM-3 at 1e-4) runs under no label
+        (fx0, fy), (fx1, _) = ax.transData.transform([(1.279, 5.2908), (1.934, 5.2908)])
+        for text, box in taus.items():
+            assert not (box.y0 < fy < box.y1 and box.x0 < fx1 and fx0 < box.x1), text
+        # every run's marker in a saturated colour (no pale tint)
+        for line in ax.get_lines():
+            if line.get_label() in ("vanilla", "ponderlm2", "ponderlm3"):
+                assert rgb_to_hsv(to_rgb(line.get_color()))[1] > 0.5, line.get_label()
+    finally:
+        plt.close(fig)
+
+
+def test_log_ticks_give_three_round_values_inside_the_axis():
+    from ponderlm.experiments.figures import log_ticks, x_limits
+
+    for xs in ([1.279, 1.937], [2.1, 7.4], [0.2, 1.2], [1.0, 1.0], [0.5, 900.0], [3.3, 3.4]):
+        lo, hi = x_limits(xs)
+        ticks = log_ticks(lo, hi)
+        assert lo < min(xs) and max(xs) < hi
+        assert len(ticks) >= 3 and all(lo <= t <= hi for t in ticks), (xs, ticks)
+        assert all(len(f"{t:g}") <= 5 for t in ticks), ticks  # round numbers, short labels

@@ -20,10 +20,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ponderlm.data import DataError, PrepareConfig, TokenShards, check_dataset, prepare
+from ponderlm.data import PrepareConfig, TokenShards, check_dataset, prepare
 from ponderlm.data.inputs import paragraph_pieces
 from ponderlm.data.sources import split_long
 from ponderlm.data.tokenizer import Tokenizer
+from ponderlm.errors import DataError
 from ponderlm.progress import Progress
 
 from errorcases import answer_ctrl_c

@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ponderlm import slots
-from ponderlm.cache import KVCache
+from ponderlm.model import slots
+from ponderlm.model.cache import KVCache
 
 from conftest import METHODS, converged_iters, tiny_model
 

@@ -9,8 +9,8 @@ import json
 import math
 import re
 
-from ponderlm.cli import main
-from ponderlm.quickstart import SMOKE_TIME, TAUS
+from ponderlm.cli.main import main
+from ponderlm.experiments.quickstart import SMOKE_TIME, TAUS
 
 from fakepkgs import make_fake_packages
 

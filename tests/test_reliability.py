@@ -15,16 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ponderlm import train as train_mod
-from ponderlm.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    verify_checkpoint,
-)
-from ponderlm.config import load_run_config
-from ponderlm.train import Trainer, TrainingStopped, train
+from ponderlm.errors import CheckpointError, TrainingStopped
+from ponderlm.runs.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+from ponderlm.runs.config import load_run_config
+from ponderlm.training import trainer as train_mod
+from ponderlm.training.trainer import Trainer, train
 
 from fakepkgs import build_fake_dataset
 
@@ -221,7 +216,7 @@ def test_pruning_old_checkpoints_never_exposes_a_half_deleted_one(tmp_path, data
     """keep_last deletes old checkpoints; a kill half-way through that deletion (simulated by a
     failing rmtree) leaves only a hidden .del directory, which resume removes."""
     cfg, explicit = config(data, tmp_path / "run", "train.max_steps=3", "train.ckpt_interval=1", "train.keep_last=1")
-    import ponderlm.checkpoint as ck_mod
+    import ponderlm.runs.checkpoint as ck_mod
 
     real = ck_mod.shutil.rmtree
 
@@ -357,9 +352,9 @@ def test_resume_at_max_steps_changes_nothing(tmp_path, data):
 def test_cuda_device_names_resolve_to_this_process_gpu(monkeypatch):
     """`train.device=cuda` (the documented value) becomes cuda:LOCAL_RANK and is passed to
     set_device with its index, on a mocked 2-GPU machine; a missing index or GPU is an error."""
-    from ponderlm.config import ConfigError
     from ponderlm.device import resolve_device
-    from ponderlm.train import DistEnv
+    from ponderlm.errors import ConfigError
+    from ponderlm.training.distributed import DistEnv
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

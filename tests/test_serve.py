@@ -41,8 +41,8 @@ PROMPTS = ["The king", "Of the people and", "It was a", "What is the", "There we
 
 def tiny_p3(root: Path, context: int) -> Path:
     """A tiny PonderLM-3 trained two steps in ``root/p3`` (a router that varies depths)."""
-    from ponderlm.config import load_run_config
-    from ponderlm.train import train
+    from ponderlm.runs.config import load_run_config
+    from ponderlm.training.trainer import train
 
     ds = build_fake_dataset(root)
     cfg, explicit = load_run_config(None, [*TINY, f"model.max_seq_len={context}", "model.method=ponderlm3",
@@ -344,8 +344,8 @@ def test_a_killed_server_leaves_no_engine_behind(run):
 
 
 def test_stop_strings_are_cut_and_their_starts_held_back():
-    from ponderlm.batching import Token
-    from ponderlm.openai_api import CHAT_STOP, Stream, split_at_stop
+    from ponderlm.serving.protocol import CHAT_STOP, Stream, split_at_stop
+    from ponderlm.serving.scheduler import Token
 
     assert split_at_stop("Hello wor", ["world"]) == ("Hello wor", False, 3)
     assert split_at_stop("Hello world!", ["world", "lo"]) == ("Hel", True, 0)
@@ -509,7 +509,7 @@ def test_limits_refuse_in_openai_shape_and_disturb_nothing(limited, long_run):
     request gets its status in OpenAI's error shape; the stream still runs to its end; the
     server is healthy after."""
     from ponderlm.loading import load_model
-    from ponderlm.openai_api import longest_token
+    from ponderlm.serving.api import longest_token
 
     _, tok, _ = load_model(long_run)
     got = []
@@ -559,14 +559,14 @@ def test_the_server_table_lists_every_case():
 
 FAULT = """
 import sys
-import ponderlm.openai_api as api
+import ponderlm.serving.api as api
 template = api.chat_prompt
 def broken(messages):
     if messages[-1].content == "boom":
         raise RuntimeError("injected fault\\nwith a second line")
     return template(messages)
 api.chat_prompt = broken
-from ponderlm.cli import main
+from ponderlm.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ponderlm import slots
+from ponderlm.model import slots
 
 from conftest import dense_slot_bias
 

@@ -16,9 +16,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from ponderlm.cli import SYNTHETIC_OPTIONS
+from ponderlm.cli.data import SYNTHETIC_OPTIONS
 from ponderlm.data import (
-    DataError,
     LabelShards,
     SyntheticConfig,
     Tokenizer,
@@ -30,6 +29,8 @@ from ponderlm.data import (
     load_meta,
     synthesize,
 )
+from ponderlm.data.dataset import DATASET
+from ponderlm.errors import DataError
 from ponderlm.owned import why_not_ours
 
 from errorcases import TINY, Case, check_case, run_cli
@@ -238,14 +239,14 @@ def test_label_shards_count_as_files_ponderlm_wrote(datasets, tmp_path):
     """A synthetic dataset holds only what ponderlm wrote, so `--overwrite` (of either builder) may
     replace it; a stray file next to its label shards still makes it foreign."""
     ds = copy_of(datasets["modsum"], tmp_path / "d")
-    assert why_not_ours(ds, "dataset") is None
+    assert why_not_ours(ds, DATASET) is None
     (ds / "notes.txt").write_text("mine")
-    assert "notes.txt" in why_not_ours(ds, "dataset")
+    assert "notes.txt" in why_not_ours(ds, DATASET)
 
 
 def test_a_tiny_training_run_works_on_it(datasets, tmp_path):
-    from ponderlm.config import load_run_config
-    from ponderlm.train import train
+    from ponderlm.runs.config import load_run_config
+    from ponderlm.training.trainer import train
 
     for task, ds in datasets.items():
         overrides = [*TINY, "model.max_seq_len=32", f"train.data_dir={ds}", f"train.out_dir={tmp_path / task}"]

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from ponderlm import threads
-from ponderlm.cli import build_parser
+from ponderlm.cli.main import build_parser
 
 from errorcases import TINY, build_world, run_cli
 

@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ponderlm.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
-from ponderlm.config import ConfigError, TrainConfig, load_run_config
-from ponderlm.model import PonderLM
-from ponderlm.train import Trainer, lr_at, train
+from ponderlm.errors import ConfigError
+from ponderlm.model.model import PonderLM
+from ponderlm.runs.checkpoint import latest_checkpoint, load_checkpoint, verify_checkpoint
+from ponderlm.runs.config import TrainConfig, load_run_config
+from ponderlm.training.schedule import lr_at
+from ponderlm.training.trainer import Trainer, train
 
 from fakepkgs import build_fake_dataset
 

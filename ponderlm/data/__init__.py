@@ -3,10 +3,11 @@
 import os
 
 if not os.environ.get("PONDERLM_TOKENIZER_WORKER"):  # see ponderlm/__init__.py
-    from .loader import TokenShards, TrainBatches, eval_windows
-    from .prepare import PrepareConfig, check_dataset, load_meta, prepare, remember_verified, verify
-    from .sources import DEFAULT_SOURCES, DataError, Document
-    from .synthetic import (
+    from ponderlm.data.batches import TokenShards, TrainBatches, eval_windows
+    from ponderlm.data.dataset import check_dataset, load_meta, remember_verified, verify
+    from ponderlm.data.prepare import PrepareConfig, prepare
+    from ponderlm.data.sources import DEFAULT_SOURCES, Document
+    from ponderlm.data.synthetic import (
         LabelShards,
         SyntheticConfig,
         generate_documents,
@@ -14,7 +15,8 @@ if not os.environ.get("PONDERLM_TOKENIZER_WORKER"):  # see ponderlm/__init__.py
         synthesize,
         window_labels,
     )
-    from .tokenizer import Tokenizer
+    from ponderlm.data.tokenizer import Tokenizer
+    from ponderlm.errors import DataError
 
 __all__ = [
     "DEFAULT_SOURCES",

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .tokenizer import Tokenizer, interruptible
+from ponderlm.data.tokenizer import Tokenizer, interruptible
 
 _B = TypeVar("_B")
 _WORKER: dict = {}  # in a worker process: the tokenizer and the id dtype

@@ -17,8 +17,10 @@ line or row number (``notes.jsonl:41``), never its path: the hash split then doe
 when a corpus is moved. Memory per reader is bounded by one read buffer and the largest single
 document: a ``.jsonl`` line or Arrow/Parquet cell over ``MAX_LINE`` bytes is a bad document (``too_long``),
 Parquet is read ``PARQUET_BATCH_ROWS`` rows at a time, and a line over ``LONG_LINE`` bytes has its text field
-read from its bytes (:mod:`.jsonline`), not decoded and parsed whole; in an uncompressed ``.jsonl`` it is read
-a block at a time, so only the text itself is held.
+read from its bytes (:mod:`.jsonline`), not decoded and parsed whole. In an uncompressed ``.jsonl`` such a line
+is checked a block at a time and its text read again from the file when needed, never held whole
+(:mod:`.longtext`); a ``.jsonl.gz``/``.zst`` line over ``SPILL_LINE`` bytes is copied to a temporary file
+(``TMPDIR``) and read from there the same way.
 
 A document that cannot be read (bytes that are not UTF-8, a line that is not JSON, a missing or
 null text field, a corrupt stretch of a compressed file or Parquet row group) ends the build with
@@ -37,14 +39,16 @@ import importlib
 import io
 import json
 import re
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import describe_os_error, shown
-from .jsonline import field_bytes, stream_field, utf8_error
-from .sources import MAX_DOC_CHARS, DataError, Document, split_long
+from ponderlm.data.jsonline import field_bytes, scan_field, utf8_error
+from ponderlm.data.longtext import ValueText, long_documents
+from ponderlm.data.sources import MAX_DOC_CHARS, Document, split_long
+from ponderlm.errors import DataError, describe_os_error, shown
 
 TEXT_KINDS = {".jsonl.gz": "jsonl.gz", ".jsonl.zst": "jsonl.zst", ".jsonl": "jsonl", ".txt": "txt",
               ".parquet": "parquet"}  # fmt: skip
@@ -55,6 +59,7 @@ STREAM_CHUNK = 1 << 16  # decompressed bytes read at a time from a .gz/.zst file
 WHOLE_TXT = 64 << 20  # .txt files up to this size are read whole (exactly as before streaming)
 MAX_PARAGRAPH = 64 << 20  # characters: a longer paragraph (no blank line) is cut there
 LONG_LINE = 1 << 20  # bytes: a longer .jsonl line has its text field read from the bytes (jsonline.py)
+SPILL_LINE = 8 << 20  # bytes: a longer .jsonl.gz/.zst line is copied to a temporary file and read from there
 MAX_LINE = 1 << 29  # bytes: a longer .jsonl line is a bad document (too_long), skipped unread
 PARQUET_BATCH_ROWS = 256  # rows of a Parquet row group read (of an Arrow batch converted) at a time
 
@@ -344,9 +349,10 @@ def _read_jsonl(f: InputFile, reading: Reading) -> Iterator[Document]:
         while True:
             try:
                 if f.kind == "jsonl":
-                    line, size, text = _next_plain_line(stream, reading.text_field, n < 0)
+                    reopen = lambda: open(f.path, "rb")  # noqa: E731, SIM115 -- owned (closed) by the ValueText
+                    line, size, text = _next_plain_line(stream, reading.text_field, n < 0, reopen)
                 else:
-                    (line, size), text = _next_line(stream), None
+                    line, size, text = _next_packed_line(stream, reading.text_field, n < 0)
             except corrupt as e:
                 where = (
                     f"near byte {raw.tell():,} of the compressed file" if f.kind != "jsonl" else f"at byte {offset:,}"
@@ -358,8 +364,8 @@ def _read_jsonl(f: InputFile, reading: Reading) -> Iterator[Document]:
             n += 1
             reading.position = raw.tell()
             start, offset = offset, offset + size
-            if text is not None:  # a long line, streamed
-                yield from split_long("user", f"{f.name}:{n}", text)
+            if text is not None:  # a long line, checked in full: its text read again from the file
+                yield from long_documents("user", f"{f.name}:{n}", text, text.scan.stripped)
                 text = None
                 continue
             if line is None:
@@ -386,10 +392,11 @@ def _next_line(stream) -> tuple[bytes | None, int]:
     return None, size + len(more)
 
 
-def _next_plain_line(stream, field: str, first: bool) -> tuple[bytes | None, int, str | None]:
-    """:func:`_next_line` for an uncompressed ``.jsonl`` (a file that can seek), and the text field
-    of a line over ``LONG_LINE`` bytes read from it a block at a time (:func:`stream_field`: the
-    line is never held). Where that does not apply, the line is read again the ordinary way."""
+def _next_plain_line(stream, field: str, first: bool, reopen) -> tuple[bytes | None, int, ValueText | None]:
+    """:func:`_next_line` for an uncompressed ``.jsonl`` (a file that can seek); a line over
+    ``LONG_LINE`` bytes is checked a block at a time (:func:`scan_field`: never held) and its text
+    field is read again from ``reopen()`` (a file of its own) when needed. Where that does not apply,
+    the line is read again the ordinary way."""
     limit = min(LONG_LINE, MAX_LINE)
     head = stream.readline(limit + 1)
     if len(head) <= limit or head.endswith(b"\n"):
@@ -397,12 +404,43 @@ def _next_plain_line(stream, field: str, first: bool) -> tuple[bytes | None, int
     at = stream.tell() - len(head)
     if LONG_LINE < MAX_LINE:  # (else it is too long: read past the ordinary way)
         bom = first and head.startswith(codecs.BOM_UTF8)
-        got = stream_field(head, stream.readline, field, 3 if bom else 0, max_line=MAX_LINE)
-        if got is not None:
-            return None, got[1], got[0]
+        scan = scan_field(head, stream.readline, field, 3 if bom else 0, max_line=MAX_LINE)
+        if scan is not None:
+            return None, scan.size, ValueText(reopen(), at, scan)
     del head
     stream.seek(at)
     return (*_next_line(stream), None)
+
+
+def _next_packed_line(stream, field: str, first: bool) -> tuple[bytes | None, int, ValueText | None]:
+    """:func:`_next_line` for a ``.jsonl.gz``/``.zst``: a line over ``SPILL_LINE`` bytes is copied to a
+    temporary file (it cannot be read again from the stream) and read from there as from an
+    uncompressed ``.jsonl``; one over ``MAX_LINE`` is read past (None), as :func:`_next_line` does."""
+    head = stream.readline(SPILL_LINE + 1)
+    if len(head) <= SPILL_LINE or head.endswith(b"\n"):  # the whole line
+        return (head if len(head) - head.endswith(b"\n") <= MAX_LINE else None), len(head), None
+    spill = tempfile.TemporaryFile()  # noqa: SIM115 -- handed to the ValueText, closed with it
+    try:
+        size, chunk = 0, head
+        while chunk:
+            size += len(chunk)
+            if size - chunk.endswith(b"\n") > MAX_LINE:  # too long: read past, as _next_line does
+                while not chunk.endswith(b"\n") and (chunk := stream.readline(READ_CHUNK)):
+                    size += len(chunk)
+                spill.close()
+                return None, size, None
+            spill.write(chunk)
+            if chunk.endswith(b"\n"):
+                break
+            chunk = stream.readline(READ_CHUNK)
+        spill.seek(0)
+        line, size, text = _next_plain_line(spill, field, first, lambda: spill)
+    except BaseException:
+        spill.close()
+        raise
+    if text is None:
+        spill.close()
+    return line, size, text
 
 
 def _jsonl_document(f: InputFile, held: list[bytes], n: int, start: int, reading: Reading) -> str | None:

@@ -19,14 +19,23 @@ run of escapes unescaped in two parts that ``json.loads`` would read differently
 decoded in two parts) into the value's ``str``, the rest of the line kept (bounded) and checked with
 ``json.loads``. Alive at most: the value as ``str``, one block, the rest of the line. Anything it
 does not handle (the cases above, a duplicate of the field, other fields over its bound) returns
-None; the caller seeks back and reads the line the ordinary way.
+None; the caller seeks back and reads the line the ordinary way. The literal is decoded as strict UTF-8
+and unescaped by ``json.loads`` a block at a time (:class:`Literal`), never across a place where an
+escape or a surrogate pair would be read differently.
+
+:func:`scan_field` checks such a line in full keeping nothing of its value but its length, where it
+lies, and places to read it again from; :func:`read_value` then reads any stretch of it again from
+the file (:mod:`.longtext`): a line of any length costs one block of memory.
 """
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import json
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 # in a string literal: a run of plain bytes, or a run of escapes (JSON's own set; \uXXXX strictly hex)
 _PLAIN = re.compile(rb'[^"\\\x00-\x1f]+')
@@ -146,62 +155,101 @@ def field_bytes(line: bytes, field: str, start: int = 0) -> bytearray | None:
 
 
 # ------------------------------------------------------------------ the line read a block at a time
-_HIGH_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+_HIGH_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 
 class _Unhandled(Exception):
     """Not the plain case (or not valid): the caller reads the line again the ordinary way."""
 
 
-def _unescape_some(data: bytes) -> tuple[bytes, int, bool]:
-    """Unescape the start of a string literal's body (``data`` begins after the opening quote, more
-    may follow): (UTF-8 bytes, bytes of ``data`` used, whether the closing quote was reached; it is
-    counted as used). An escape cut by the end of ``data``, and a ``\\uD800``-``\\uDBFF`` that ends a
-    run there (its low half may follow), are left unused, so no run is unescaped in two parts that
-    ``json.loads`` would read differently from the whole run."""
-    out = bytearray()
-    pos, n = 0, len(data)
-    while pos < n:
-        if m := _PLAIN.match(data, pos):
-            out += data[pos : m.end()]
-            pos = m.end()
-        elif m := _ESCAPES.match(data, pos):
-            end = m.end()
-            at_end = end == n or (data[end] == 0x5C and n - end < 6)
-            if at_end and end - pos >= 6 and _HIGH_SURROGATE.fullmatch(data, end - 6, end):
-                end -= 6
-            if end > pos:
-                text = json.loads(b'"' + data[pos:end] + b'"')
-                if _LONE_SURROGATE.search(text):
-                    raise _Unhandled
-                out += text.encode()
-            pos = end
-            if end < m.end():
-                break
-        elif data[pos] == 0x22:
-            return bytes(out), pos + 1, True
-        elif data[pos] == 0x5C and n - pos < 6:
-            break  # an escape cut by the end of data
+def _closing_quote(s: str) -> int:
+    """The index of the first ``"`` of ``s`` not escaped (``s`` starts between two tokens of a
+    string literal's body), or -1."""
+    j = s.find('"')
+    while j >= 0:
+        k = j
+        while k > 0 and s[k - 1] == "\\":
+            k -= 1
+        if (j - k) % 2 == 0:
+            return j
+        j = s.find('"', j + 1)
+    return -1
+
+
+def _escape_starts(s: str, i: int) -> bool:
+    """Whether the backslash ``s[i]`` starts an escape (``s`` starts between two tokens)."""
+    k = i
+    while k > 0 and s[k - 1] == "\\":
+        k -= 1
+    return (i - k) % 2 == 0
+
+
+def _safe_cut(s: str) -> int:
+    """Where a literal's body read so far (``s``, no closing quote) may be unescaped up to: before
+    its last escape when that is within the last 12 characters (it may be cut, or be a high
+    surrogate whose low half follows), and before a high surrogate escape just before that. A run of
+    escapes unescaped in parts is then read exactly as ``json.loads`` reads the whole run."""
+    n = len(s)
+    j = s.rfind("\\", max(0, n - 12))
+    if j < 0 or not _escape_starts(s, j):
+        return n  # no escape near the end, or the last backslash closes a \\\\ pair
+    if j >= 6 and _HIGH_ESCAPE.fullmatch(s, j - 6, j) and _escape_starts(s, j - 6):
+        return j - 6
+    return j
+
+
+class Literal:
+    """The value of a JSON string literal, from the bytes of its body (after the opening quote) fed a
+    block at a time: each block decoded as strict UTF-8 (a character cut by the block's end waits
+    for the next), then unescaped with ``json.loads`` up to a place no escape or surrogate pair runs
+    across (:func:`_safe_cut`). Equal, piece by piece, to ``json.loads`` of the whole literal;
+    ``_Unhandled`` (or ValueError) where that refuses it or gives a lone surrogate.
+
+    ``at`` is the number of bytes fed before the first character not yet given out: a new
+    ``Literal`` fed the body from there gives the rest of the value (a place to read it again from)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._carry = ""
+        self.fed = 0
+        self.closed = False
+        self.after = b""  # once closed: the bytes fed after the closing quote
+
+    @property
+    def at(self) -> int:
+        return self.fed - len(self._decoder.getstate()[0]) - len(self._carry.encode())
+
+    def feed(self, raw: bytes) -> str:
+        """The value's characters in ``raw`` (b"": the body ended without a closing quote)."""
+        if self.closed:
+            raise _Unhandled
+        self.fed += len(raw)
+        s = self._carry + self._decoder.decode(raw, not raw)
+        q = _closing_quote(s)
+        if q >= 0:
+            body, self._carry, self.closed = s[:q], "", True
+            self.after = s[q + 1 :].encode() + self._decoder.getstate()[0]
+        elif not raw:
+            raise _Unhandled  # unterminated
         else:
-            raise _Unhandled  # a control character, a bad escape: the ordinary path refuses it
-    return bytes(out), pos, False
+            k = _safe_cut(s)
+            body, self._carry = (s, "") if k == len(s) else (s[:k], s[k:])
+        if not body:
+            return ""
+        value = json.loads(f'"{body}"')  # a control character, a bad escape: ValueError
+        if "\\u" in body and _LONE_SURROGATE.search(value):
+            raise _Unhandled
+        return value
 
 
-def _stream_literal(data: bytes, more) -> tuple[str, bytes]:
+def _stream_literal(data: bytes, more, body_at: int) -> tuple[str, bytes]:
     """The value of the string literal whose body starts ``data`` and goes on in ``more()``, and the
     bytes after its closing quote. Holds the value as ``str`` and one block of bytes at a time."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    text = ""
-    while True:
-        out, used, closed = _unescape_some(data)
-        text += decoder.decode(out)  # grows in place (the only reference)
-        if closed:
-            text += decoder.decode(b"", True)
-            return text, data[used:]
-        chunk = more()
-        if not chunk:
-            raise _Unhandled  # the line ended inside the value
-        data = data[used:] + chunk
+    lit = Literal()
+    text = lit.feed(data) if data else ""
+    while not lit.closed:
+        text += lit.feed(more())  # grows in place (the only reference)
+    return text, lit.after
 
 
 class _Line:
@@ -261,7 +309,8 @@ def _read_string_end(rest: bytearray, quote: int) -> int | None:
         return None  # not in the bytes read so far
 
 
-def _stream_field(head: bytes, readline, field: str, start: int, block: int, max_line: int, rest_limit: int):
+def _stream_field(head: bytes, readline, field: str, start: int, block: int, max_line: int, rest_limit: int,
+                  literal=_stream_literal):  # fmt: skip
     line, obj = _Line(head, readline, block, max_line), _Object()
     rest = bytearray(head[start:])  # the line without the value's literal ("" in its place)
     text, pos = None, 0
@@ -276,7 +325,7 @@ def _stream_field(head: bytes, readline, field: str, start: int, block: int, max
                 del rest[q:]
                 rest += b'""'
                 pos = len(rest)
-                text, after = _stream_literal(data, line.more)
+                text, after = literal(data, line.more, start + q + 1)
                 rest += after
                 continue
             end = _read_string_end(rest, q)
@@ -316,3 +365,70 @@ def stream_field(head: bytes, readline, field: str, start: int = 0, *, block: in
         return _stream_field(head, readline, field, start, block, max_line, rest_limit)
     except (_Unhandled, ValueError, RecursionError):
         return None
+
+
+@dataclass
+class Scan:
+    """Where a line's text field lies, found by :func:`scan_field` without holding it."""
+
+    size: int  # the line's length in bytes
+    body_at: int  # the offset in the line of the value's literal's body (after its opening quote)
+    length: int  # characters of the value
+    stripped: tuple[int, int]  # the value's characters without the whitespace at its ends (a, b)
+    index: list[tuple[int, int]]  # (characters before, offset in the body): where it may be read again from
+
+
+def _scan_literal(data: bytes, more, body_at: int) -> tuple[Scan, bytes]:
+    lit = Literal()
+    n, first, last = 0, None, 0
+    index = [(0, 0)]
+    while not lit.closed:
+        value = lit.feed(data if data else more())
+        data = b""
+        if value:
+            lead = len(value) - len(value.lstrip())
+            if lead < len(value):
+                first = n + lead if first is None else first
+                last = n + len(value.rstrip())
+            n += len(value)
+        if not lit.closed and index[-1][0] < n:
+            index.append((n, lit.at))
+    stripped = (first, last) if first is not None else (0, 0)
+    return Scan(0, body_at, n, stripped, index), lit.after
+
+
+def scan_field(head: bytes, readline, field: str, start: int = 0, *, block: int | None = None,
+               max_line: int = 1 << 29, rest_limit: int = _BLOCK) -> Scan | None:  # fmt: skip
+    """:func:`stream_field` that keeps nothing of the value: the line is checked in full (exactly
+    where ``stream_field`` gives a value) and the value's place in it recorded, to be read again
+    with :func:`read_value`. None where ``stream_field`` gives None."""
+    block = block or _BLOCK  # (read when called: tests make it small)
+    try:
+        scan, size = _stream_field(head, readline, field, start, block, max_line, rest_limit, _scan_literal)
+    except (_Unhandled, ValueError, RecursionError):
+        return None
+    scan.size = size
+    return scan
+
+
+def read_value(read_at, scan: Scan, a: int = 0, b: int | None = None, block: int | None = None) -> Iterator[str]:
+    """Characters ``a`` to ``b`` of the value :func:`scan_field` found, in pieces of about a block,
+    read again from the line with ``read_at(offset in the line, n)`` (bytes)."""
+    b = scan.length if b is None else b
+    block = block or _BLOCK
+    if a >= b:
+        return
+    n, at = scan.index[bisect.bisect_right(scan.index, (a, 1 << 62)) - 1]
+    lit = Literal()
+    at += scan.body_at
+    while n < b and not lit.closed:
+        raw = read_at(at, min(block, scan.size - at))  # never past the line's end
+        at += len(raw)
+        try:
+            value = lit.feed(raw)
+        except (_Unhandled, ValueError) as e:  # read before: the file changed since
+            raise ValueError("the input changed while it was read") from e
+        lo, hi = max(a - n, 0), min(b - n, len(value))
+        if hi > lo:
+            yield value if hi - lo == len(value) else value[lo:hi]
+        n += len(value)

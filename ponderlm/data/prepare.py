@@ -4,7 +4,8 @@ The corpus is streamed: documents flow from the inputs (:mod:`.sources` for the 
 :mod:`.inputs` for the user's files) through the stable hash split and tokenization (in worker
 processes, :mod:`.encode`) into the shards (:mod:`.shards`), and nothing ever holds the corpus.
 Peak memory is bounded by the batches in flight (``2 * workers + 1`` of about ``BATCH_CHARS``
-characters), one read buffer, the largest single document (or Parquet row group), and for a BPE
+characters), one read buffer, the largest single document (or Parquet row group; not a long ``.jsonl``
+line, whose text is read again from the file a window at a time: :mod:`.longtext`), and for a BPE
 trained here its word counts over a sample of at most ``--bpe-sample-mb`` of train-split text. The
 output is the same bytes for any number of workers.
 
@@ -24,19 +25,16 @@ A ``--tokenizer FILE`` may lie inside ``--out`` (rebuilding a dataset with its o
 ``tokenizer.json``): it is read in full before anything is replaced. Inputs and the package
 cache may not overlap ``--out``.
 
-:func:`check_dataset` is the check a dataset gets before training: metadata, shard sizes, shard
-checksums (cached by file identity in ``.verified.json``) and its tokenizer.
+The directory's life while it is built (lock, temporary, rename, checkpoints kept) is :mod:`.build`;
+reading and checking a built dataset is :mod:`.dataset`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
-import re
-import shutil
 import tarfile
 import time
 import zipfile
@@ -47,40 +45,19 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import describe_os_error
-from ..owned import (
-    DirectoryLocked,
-    DirLock,
-    OwnershipError,
-    atomic_write,
-    check_disjoint,
-    check_replaceable,
-    read_marker,
-    replace_dir,
-    write_marker,
-)
-from ..progress import Progress, human_bytes
-from .cut import MAX_UNCUT_CHARS, Cutter
-from .encode import Encoder
-from .inputs import InputFile, Reading, find_inputs, read_input
-from .shards import (
-    CHECKPOINT_SECONDS,
-    JOURNAL,
-    ShardWriter,
-    finished_shards,
-    read_journal,
-    roll_back,
-    write_journal,
-)
-from .sources import DEFAULT_SOURCES, SOURCES_BY_NAME, DataError, Document, fetch
-from .tokenizer import MAX_BPE_VOCAB, Tokenizer, read_tokenizer_file
+from ponderlm.data.build import build_dataset, write_meta
+from ponderlm.data.cut import MAX_UNCUT_CHARS, Cutter
+from ponderlm.data.dataset import FORMAT_VERSION, TRAIN, VAL, summary_table
+from ponderlm.data.encode import Encoder
+from ponderlm.data.inputs import InputFile, Reading, find_inputs, read_input
+from ponderlm.data.longtext import LongDocument, Text, cut_places, length, split_at
+from ponderlm.data.shards import CHECKPOINT_SECONDS, JOURNAL, ShardWriter, write_journal
+from ponderlm.data.sources import DEFAULT_SOURCES, SOURCES_BY_NAME, Document, fetch
+from ponderlm.data.tokenizer import MAX_BPE_VOCAB, Tokenizer
+from ponderlm.errors import DataError
+from ponderlm.owned import check_disjoint
+from ponderlm.progress import Progress, human_bytes
 
-FORMAT_VERSION = 1
-TRAIN, VAL = "train", "val"
-DTYPES = ("uint16", "uint32")
-VERIFIED = ".verified.json"  # (file, size, mtime_ns, inode, sha256) of shards whose checksum was verified
-_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a plain file name inside the dataset
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 BPE_SAMPLE_MB = 512  # a BPE trained by prepare sees at most this much train-split text
 BATCH_CHARS = 1 << 20  # characters of text per batch sent to a worker
 BATCH_DOCS = 4096
@@ -204,7 +181,7 @@ class Unit:
     label: str
     size: int  # bytes on disk, for progress
     compressed: bool
-    documents: Callable[[Reading], Iterator[Document]]
+    documents: Callable[[Reading], Iterator[Document | LongDocument]]
 
 
 def _source_unit(name: str, cfg: PrepareConfig, log, fetched: dict) -> Unit:
@@ -268,16 +245,15 @@ def _batches(units: list[Unit], reading: Reading, val_fraction: float, start: tu
                 if n == skip:  # re-read up to the checkpoint: count what was skipped from there on only
                     reading.skipped = dict(skipped_at_start)
                 continue
-            spans = cutter.spans(d.text)
-            if spans is None:
-                reading.bad("too_long", f"{units[ui].label}: document {d.doc_id} ({len(d.text):,} characters) "
+            count, pieces = _pieces(d, cutter)
+            if pieces is None:
+                reading.bad("too_long", f"{units[ui].label}: document {d.doc_id} ({length(d.text):,} characters) "
                             f"{_uncut_reason(cutter)}", "cut it into shorter documents")  # fmt: skip
                 continue
             split = assign_split(d, val_fraction)
-            for i, (a, b) in enumerate(spans):
-                piece = d.text if len(spans) == 1 else d.text[a:b]
+            for i, piece in enumerate(pieces):
                 texts.append(piece)
-                closes.append(i == len(spans) - 1)
+                closes.append(i == count - 1)
                 docs.append((split, d.source))
                 chars += len(piece)
                 if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
@@ -285,6 +261,18 @@ def _batches(units: list[Unit], reading: Reading, val_fraction: float, start: tu
                     yield texts, closes, batch
                     texts, closes, docs, chars = [], [], [], 0
         yield texts, closes, Batch(docs, ui + 1, 0, done_before[ui + 1], dict(reading.skipped), closes)
+
+
+def _pieces(d: Document | LongDocument, cutter: Cutter) -> tuple[int, Iterator[str] | None]:
+    """How many pieces ``cutter`` cuts a document into, and the pieces (None: it cannot be cut); a
+    long document's places are all found (or refused) before its first piece is read."""
+    if isinstance(d, LongDocument):
+        cuts = cut_places(cutter, d.text)
+        return (0, None) if cuts is None else (len(cuts) + 1, split_at(d.text, cuts))
+    spans = cutter.spans(d.text)
+    if spans is None:
+        return 0, None
+    return len(spans), (d.text if len(spans) == 1 else d.text[a:b] for a, b in spans)
 
 
 def _uncut_reason(cutter: Cutter) -> str:
@@ -429,7 +417,7 @@ def _bin_chunks(path: Path, eot: int, val_fraction: float) -> Iterator[tuple[np.
         carry = None if chunk[-1] == eot else bool(draws[-1])
 
 
-def _bpe_sample(units: list[Unit], cfg: PrepareConfig, log, taken: list[int]) -> Iterator[str]:
+def _bpe_sample(units: list[Unit], cfg: PrepareConfig, log, taken: list[int]) -> Iterator[str | Text]:
     """Train-split texts for the BPE: every document while the corpus is smaller than the sample,
     else documents drawn by a hash at the rate that should fill it (``COMPRESSION_GUESS`` for
     compressed inputs), in input order, up to ``bpe_sample_mb`` of text. ``taken`` gets the
@@ -443,7 +431,7 @@ def _bpe_sample(units: list[Unit], cfg: PrepareConfig, log, taken: list[int]) ->
     for u in units:
         for d in u.documents(reading):
             if assign_split(d, cfg.val_fraction) == TRAIN and in_bpe_sample(d, rate):
-                taken[0] += len(d.text)
+                taken[0] += length(d.text)  # a LongDocument's text goes as a Text, read again by the trainer
                 yield d.text
                 if taken[0] >= budget:
                     return
@@ -524,41 +512,6 @@ def _check_bins(bins: list[Path], tok: Tokenizer) -> None:
             )
 
 
-def _target(out: Path) -> Path:
-    """The real directory ``--out`` names (".", "..", a symlink): the lock, the hidden temporary
-    and the rename are beside it, whichever way it is spelled."""
-    target = out.resolve()
-    if target.parent == target:
-        raise DataError(f"--out {out} is the root directory; choose a directory for the dataset")
-    return target
-
-
-def _looks_like_dataset(out: Path) -> bool:
-    """A marked dataset, or an unmarked directory whose meta.json has a dataset's keys (made
-    before markers existed): its metadata is then checked strictly."""
-    marker = read_marker(out)
-    if marker is not None:
-        return marker["kind"] == "dataset"
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and {"format_version", "fingerprint", "splits"} <= set(meta)
-
-
-def _same_settings(out: Path, fp: str) -> dict | None:
-    """The (validated) meta of the dataset in ``out`` when it was built with these settings."""
-    if not (out / "meta.json").is_file() or not _looks_like_dataset(out):
-        return None
-    meta = load_meta(out)
-    return meta if meta["fingerprint"] == fp else None
-
-
-def _log_up_to_date(out: Path, meta: dict, log) -> dict:
-    log(f"{out}: up to date ({meta['splits'].get(TRAIN, {}).get('tokens', 0):,} train tokens); nothing to do")
-    return meta
-
-
 def prepare(cfg: PrepareConfig, log=print) -> dict:
     """Build (or find up to date) the dataset in cfg.out_dir; returns its meta dict."""
     cfg.check()
@@ -592,457 +545,3 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         log(summary_table(meta))
         log(f"wrote {out} in {time.time() - t0:.0f}s")
     return meta
-
-
-EXISTS_HINT = "it holds a dataset built with other settings; pass --overwrite to rebuild it or choose another --out"
-
-
-def build_dataset(out: Path, fp: str, overwrite: bool, build: Callable[..., dict], log,
-                  before: Callable[[], Any] = lambda: None, *, resume: bool = False,
-                  resumable: bool = False) -> tuple[dict, bool]:  # fmt: skip
-    """The protocol every dataset builder follows: under a lock on ``out``, find the dataset with
-    fingerprint ``fp`` up to date (and intact) and do nothing, or check that ``out`` may be
-    replaced, run ``before()`` (e.g. a download) and then ``build(tmp, what before returned)`` in a
-    hidden marked sibling renamed into place. Returns (meta, whether it was built).
-
-    A ``resumable`` build is called ``build(tmp, ready, journal)`` and checkpoints into ``tmp``
-    itself: interrupted, it keeps ``tmp`` at its last checkpoint for a later ``resume``."""
-    target = _target(out)
-    lock = DirLock(target, "--out")
-    try:
-        lock.acquire()
-    except DirectoryLocked:
-        raise
-    except OwnershipError:  # a read-only location: an intact up-to-date dataset there is still fine
-        meta = _same_settings(out, fp)
-        if meta is not None and _dataset_problem(out, meta) is None:
-            return _log_up_to_date(out, meta, log), False
-        raise
-    try:
-        meta = _same_settings(out, fp)
-        if meta is not None:
-            problem = _dataset_problem(out, meta)
-            if problem is None:
-                return _log_up_to_date(out, meta, log), False
-            if not overwrite:
-                raise DataError(f"{out} holds this dataset, damaged: {problem}; pass --overwrite to rebuild it")
-            log(f"{out} is damaged ({problem}); rebuilding it")
-        check_replaceable(out, "dataset", overwrite=overwrite, choose="--out", exists_hint=EXISTS_HINT)
-        if os.path.ismount(target):
-            raise DataError(
-                f"--out {out} is a mount point, which cannot be replaced by a rename; choose a directory in it"
-            )
-        tmp = target.with_name(f".{target.name}.tmp")
-        journal = _previous_build(tmp, fp, resume if resumable else False, overwrite, log)
-        ready = before()
-        return _run_build(tmp, target, journal, resumable, lambda: build(tmp, ready, journal) if resumable
-                          else build(tmp, ready), log), True  # fmt: skip
-    finally:
-        lock.release()
-
-
-def _previous_build(tmp: Path, fp: str, resume: bool, overwrite: bool, log) -> dict | None:
-    """What to do with the build directory a killed or interrupted build left: its journal when
-    resuming it; refused when it holds checkpointed work and neither --resume nor --overwrite says
-    what to do with it; otherwise (nothing checkpointed, or --overwrite) removed."""
-    if not tmp.exists():
-        if resume:
-            log("nothing to resume: building from the start")
-        return None
-    if read_marker(tmp) is None:
-        raise OwnershipError(f"{tmp} exists and was not made by ponderlm; move it away")
-    journal = read_journal(tmp)
-    if journal is not None:
-        same = journal["fingerprint"] == fp
-        if same and resume:
-            log(f"resuming the interrupted build in {tmp} ({finished_shards(journal)} shards finished)")
-            roll_back(tmp, journal)  # a killed build may have written past its checkpoint
-            return journal
-        if not overwrite:
-            hint = "pass --resume to continue it, or --overwrite to start over" if same else (
-                "pass --overwrite to discard it and start over")  # fmt: skip
-            what = "of this dataset" if same else "with other settings"
-            raise DataError(f"an interrupted build {what} is in {tmp} ({finished_shards(journal)} shards finished); "
-                            f"{hint}")  # fmt: skip
-        log(f"discarding the interrupted build in {tmp} (--overwrite)")
-    elif resume:
-        log("nothing to resume (the interrupted build had not checkpointed): building from the start")
-    shutil.rmtree(tmp)
-    return None
-
-
-def _run_build(tmp: Path, target: Path, journal: dict | None, resumable: bool, build: Callable[[], dict], log) -> dict:
-    """Run ``build`` in ``tmp`` and rename it into place. A bad input or any other error removes
-    ``tmp``; an interruption or an OSError (a full disk) keeps a resumable build's checkpointed
-    shards, cut back to the checkpoint, and says how to continue."""
-    try:
-        if journal is None:
-            tmp.mkdir(parents=True)
-            write_marker(tmp, "dataset")
-        meta = build()
-        replace_dir(tmp, target)
-        return meta
-    except (KeyboardInterrupt, OSError) as e:
-        kept = _keep_checkpoint(tmp) if resumable else 0
-        if not kept:
-            shutil.rmtree(tmp, ignore_errors=True)
-        where = (f"; the {kept} shards finished so far are kept in {tmp}: run the same command with --resume to "
-                 "continue") if kept else ""  # fmt: skip
-        if isinstance(e, KeyboardInterrupt):
-            if kept:
-                log(f"interrupted{where}")
-            raise
-        raise DataError(describe_os_error(e, f"writing {target}") + where) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _keep_checkpoint(tmp: Path) -> int:
-    """Cut an interrupted build back to its last checkpoint; the number of finished shards kept
-    (0: nothing worth keeping)."""
-    with contextlib.suppress(OSError):
-        journal = read_journal(tmp)
-        if journal is not None:
-            roll_back(tmp, journal)
-            return max(finished_shards(journal), 1)
-    return 0
-
-
-def write_meta(tmp: Path, fp: str, tok: Tokenizer, dtype, splits_meta: dict, **extra) -> dict:
-    """tokenizer.json, meta.json (the common keys, then ``extra``) and the verification cache of a
-    dataset built in ``tmp``; returns the meta."""
-    tok.save(tmp / "tokenizer.json")
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "fingerprint": fp,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "tokenizer": {"kind": tok.kind, "file": "tokenizer.json", "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-        "dtype": np.dtype(dtype).name,
-        "splits": splits_meta,
-        **extra,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    # the checksums were computed while writing: record them as verified (the rename into place keeps
-    # inodes and modification times), so the first training run need not read the shards again
-    groups = [splits_meta] + ([extra["labels"]["splits"]] if "labels" in extra else [])
-    entries = {sh["file"]: _identity(tmp / sh["file"], sh["sha256"])
-               for group in groups for sp in group.values() for sh in sp["shards"]}  # fmt: skip
-    (tmp / VERIFIED).write_text(json.dumps({"version": 1, "files": entries}) + "\n")
-    return meta
-
-
-def summary_table(meta: dict) -> str:
-    splits = sorted(meta["splits"])
-    head = "| source | " + " | ".join(f"{s} docs | {s} tokens" for s in splits) + " |"
-    rows = [head, "|---|" + "---:|---:|" * len(splits)]
-    for name, info in meta["sources"].items():
-        cells = []
-        for s in splits:
-            c = info["counts"].get(s, {"documents": 0, "tokens": 0})
-            cells.append(f"{c['documents']:,} | {c['tokens']:,}")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    docs = {s: sum(i["counts"].get(s, {}).get("documents", 0) for i in meta["sources"].values()) for s in splits}
-    rows.append("| total | " + " | ".join(f"{docs[s]:,} | {meta['splits'][s]['tokens']:,}" for s in splits) + " |")
-    return "\n".join(rows)
-
-
-# --------------------------------------------------------------- checking
-def _damaged(data_dir: Path) -> str:
-    # not "--overwrite": without a readable meta.json the shards are not known to be ours to replace
-    return f"the dataset is damaged: prepare it again into a new --out, or after removing {data_dir}"
-
-
-def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
-def _meta_problem(meta) -> str | None:
-    """What is wrong with a parsed meta.json, as a phrase; None when it is well formed."""
-    if not isinstance(meta, dict):
-        return f"not a JSON object (found {type(meta).__name__})"
-    for key in ("format_version", "fingerprint", "tokenizer", "dtype", "splits"):
-        if key not in meta:
-            return f"missing key {key!r}"
-    if not _is_count(meta["format_version"]) or meta["format_version"] < 1:
-        return f"format_version must be a positive integer, got {meta['format_version']!r}"
-    if not isinstance(meta["fingerprint"], str):
-        return f"fingerprint must be a string, got {meta['fingerprint']!r}"
-    if meta["dtype"] not in DTYPES:
-        return f"unknown dtype {meta['dtype']!r} (expected {' or '.join(DTYPES)})"
-    problem = _tokenizer_meta_problem(meta["tokenizer"], meta["dtype"]) or _splits_problem(
-        meta["splits"], meta["tokenizer"]["file"]
-    )
-    if problem is None and "labels" in meta:
-        return _labels_problem(meta["labels"], meta["splits"], meta["tokenizer"]["file"])
-    return problem
-
-
-def _tokenizer_meta_problem(tok, dtype: str) -> str | None:
-    """What is wrong with meta.json's ``tokenizer`` entry (for shards of ``dtype``); None when well formed."""
-    if not isinstance(tok, dict):
-        return "tokenizer must be an object"
-    for key in ("file", "vocab_size", "eot_id"):
-        if key not in tok:
-            return f"missing key 'tokenizer.{key}'"
-    if not isinstance(tok["file"], str) or not _SHARD_NAME.fullmatch(tok["file"]):
-        return f"tokenizer.file must be a file name inside the dataset, got {tok['file']!r}"
-    if not _is_count(tok["vocab_size"]) or tok["vocab_size"] == 0:
-        return f"tokenizer.vocab_size must be a positive integer, got {tok['vocab_size']!r}"
-    if not _is_count(tok["eot_id"]) or tok["eot_id"] >= tok["vocab_size"]:
-        return f"tokenizer.eot_id must be an id below tokenizer.vocab_size, got {tok['eot_id']!r}"
-    if dtype == "uint16" and tok["vocab_size"] > 65536:
-        return f"dtype uint16 cannot hold the ids of a {tok['vocab_size']}-entry tokenizer"
-    return None
-
-
-def _splits_problem(splits, tok_file: str) -> str | None:
-    """What is wrong with meta.json's ``splits``: each a token count that is the sum of its
-    shards', every shard file named once (and not the tokenizer's)."""
-    if not isinstance(splits, dict) or not splits:
-        return "splits must be a non-empty object"
-    names: set[str] = {tok_file}
-    for name, split in splits.items():
-        where = f"splits.{name}"
-        if (
-            not isinstance(split, dict)
-            or not _is_count(split.get("tokens"))
-            or not isinstance(split.get("shards"), list)
-        ):
-            return f"{where} must be an object with a token count and a shards list"
-        for i, sh in enumerate(split["shards"]):
-            problem = _shard_problem(f"{where}.shards[{i}]", sh, names)
-            if problem is not None:
-                return problem
-        if sum(sh["tokens"] for sh in split["shards"]) != split["tokens"]:
-            return f"{where}.tokens ({split['tokens']}) is not the sum of its shards' tokens"
-    return None
-
-
-def _shard_problem(at: str, sh, names: set[str]) -> str | None:
-    """What is wrong with one shard entry; its file joins ``names`` (the files listed so far)."""
-    if not isinstance(sh, dict):
-        return f"{at} must be an object"
-    if not isinstance(sh.get("file"), str) or not _SHARD_NAME.fullmatch(sh["file"]):
-        return f"{at}.file must be a file name inside the dataset, got {sh.get('file')!r}"
-    if sh["file"] in names:
-        return f"{at}.file {sh['file']!r} is listed twice"
-    names.add(sh["file"])
-    if not _is_count(sh.get("tokens")):
-        return f"{at}.tokens must be a token count, got {sh.get('tokens')!r}"
-    if not isinstance(sh.get("sha256"), str) or not _SHA256.fullmatch(sh["sha256"]):
-        return f"{at}.sha256 must be a SHA-256 hex digest, got {sh.get('sha256')!r}"
-    return None
-
-
-def _labels_problem(labels, splits: dict, tok_file: str) -> str | None:
-    """What is wrong with the optional ``labels`` entry (``ponderlm data synthetic``): class names,
-    and for every split one uint8 label shard per token shard, as long as it, under its own name."""
-    if not isinstance(labels, dict):
-        return "labels must be an object"
-    classes = labels.get("classes")
-    if not (isinstance(classes, list) and 0 < len(classes) <= 256 and all(isinstance(c, str) and c for c in classes)
-            and len(set(classes)) == len(classes)):  # fmt: skip
-        return "labels.classes must be a list of 1 to 256 distinct class names"
-    if labels.get("dtype", "uint8") != "uint8":
-        return f"labels.dtype must be uint8, got {labels['dtype']!r}"
-    if not isinstance(labels.get("splits"), dict) or set(labels["splits"]) != set(splits):
-        return f"labels.splits must be an object with the splits of splits ({', '.join(splits)})"
-    names = {tok_file} | {sh["file"] for split in splits.values() for sh in split["shards"]}
-    for name, split in labels["splits"].items():
-        where = f"labels.splits.{name}"
-        token_shards = splits[name]["shards"]
-        if not isinstance(split, dict) or not isinstance(split.get("shards"), list):
-            return f"{where} must be an object with a shards list"
-        if len(split["shards"]) != len(token_shards):
-            return f"{where} has {len(split['shards'])} shards for the {len(token_shards)} of splits.{name}"
-        for i, (sh, tok) in enumerate(zip(split["shards"], token_shards, strict=True)):
-            problem = _shard_problem(f"{where}.shards[{i}]", sh, names)
-            if problem is None and sh["tokens"] != tok["tokens"]:
-                problem = f"{where}.shards[{i}] has {sh['tokens']} labels for {tok['tokens']} tokens"
-            if problem is not None:
-                return problem
-    return None
-
-
-def load_meta(data_dir: Path) -> dict:
-    """The validated meta.json of a prepared dataset; a missing, unreadable or malformed one is a
-    one-line DataError naming the file and the problem."""
-    data_dir = Path(data_dir)
-    p = data_dir / "meta.json"
-    if not p.is_file():
-        raise DataError(f"{data_dir} is not a prepared dataset (no meta.json); run `ponderlm data prepare` first")
-    try:
-        meta = json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        problem = "not UTF-8 text"
-    except (ValueError, RecursionError) as e:
-        problem = f"invalid JSON ({e})" if isinstance(e, ValueError) else "invalid JSON (nested too deeply)"
-    except OSError as e:
-        raise DataError(f"cannot read {p}: {e.strerror or e}") from None
-    else:
-        problem = _meta_problem(meta)
-        if problem is None and meta["format_version"] > FORMAT_VERSION:
-            raise DataError(
-                f"{p}: format_version {meta['format_version']} was written by a newer ponderlm (this one reads "
-                f"{FORMAT_VERSION}); upgrade ponderlm"
-            )
-    if problem is not None:
-        raise DataError(f"{p}: {problem}; {_damaged(data_dir)}")
-    return meta
-
-
-def _identity(path: Path, sha256: str) -> list:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino, sha256]
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_verified(data_dir: Path) -> dict:
-    try:
-        info = json.loads((data_dir / VERIFIED).read_text())
-    except (OSError, ValueError):
-        return {}
-    files = info.get("files") if isinstance(info, dict) and info.get("version") == 1 else None
-    return files if isinstance(files, dict) else {}
-
-
-def check_dataset(data_dir: str | Path, *, verify_hashes: bool = True, remember: bool = True) -> dict:
-    """Check a prepared dataset before it is used; returns its meta or raises DataError (one line).
-
-    - meta.json is well formed (:func:`load_meta`);
-    - every shard exists with the size meta.json implies (the label shards of a dataset made by
-      ``ponderlm data synthetic`` too, one byte per token);
-    - with ``verify_hashes``, every shard's sha256 matches meta.json. A shard verified before is
-      not read again while its (size, mtime_ns, inode) are unchanged: the verified identities are
-      kept in ``DATA_DIR/.verified.json``, rewritten atomically only when they change, and not
-      kept at all when the directory is not writable. With ``remember=False`` nothing is written
-      yet: a command that may still refuse (training checks more before it writes anything) calls
-      :func:`remember_verified` once it goes ahead;
-    - the dataset's tokenizer file exists, loads, and has the vocabulary size and end-of-text id
-      meta.json records (checkpoints carry it: without it a run would write unusable ones).
-    """
-    data_dir = Path(data_dir)
-    meta = load_meta(data_dir)
-    problem = _dataset_problem(data_dir, meta, verify_hashes, remember)
-    if problem is not None:
-        command = "synthetic" if "synthetic" in meta else "prepare"
-        raise DataError(
-            f"{problem}; rebuild it with `ponderlm data {command} --out {data_dir} --overwrite` and the options it was "
-            "made with"
-        )
-    return meta
-
-
-_PENDING: dict[str, dict] = {}  # data dir -> shard identities verified by check_dataset(remember=False)
-
-
-def remember_verified(data_dir: str | Path) -> None:
-    """Record the shards :func:`check_dataset` verified with ``remember=False``, if they are still
-    exactly the files it hashed (same size, mtime and inode)."""
-    data_dir = Path(data_dir)
-    identity = _PENDING.pop(str(data_dir.resolve()), None)
-    if identity is None or identity == _read_verified(data_dir):
-        return
-    for name, (size, mtime, ino, _sha) in identity.items():
-        try:
-            st = (data_dir / name).stat()
-        except OSError:
-            return
-        if [st.st_size, st.st_mtime_ns, st.st_ino] != [size, mtime, ino]:
-            return  # changed since it was hashed: check it again next time
-    with contextlib.suppress(OwnershipError):
-        atomic_write(data_dir / VERIFIED, json.dumps({"version": 1, "files": identity}) + "\n")
-
-
-def _dataset_problem(data_dir: Path, meta: dict, verify_hashes: bool = True, remember: bool = True) -> str | None:
-    """What is wrong with the files of a dataset whose meta.json is valid, as a phrase naming the
-    file; None when it is intact. Cheap checks first (sizes, the tokenizer), then checksums; the
-    verification cache is written only when everything passed (a failed check changes nothing).
-    An unreadable file raises (that is no damage a rebuild fixes)."""
-    shards = [sh for split in meta["splits"].values() for sh in split["shards"]]
-    label_splits = meta["labels"]["splits"] if "labels" in meta else {}
-    labels = [sh for split in label_splits.values() for sh in split["shards"]]
-    identity: dict[str, list] = {}
-    problem = _shard_size_problem(data_dir, shards, np.dtype(meta["dtype"]).itemsize, identity)
-    problem = problem or _shard_size_problem(data_dir, labels, 1, identity)  # uint8 label shards
-    problem = problem or _tokenizer_file_problem(data_dir, meta["tokenizer"])
-    if problem is None and verify_hashes:
-        cached = _read_verified(data_dir)
-        problem = _checksum_problem(data_dir, shards + labels, identity, cached)
-        if problem is None and identity != cached:
-            _remember(data_dir, identity, remember)
-    return problem
-
-
-def _shard_size_problem(data_dir: Path, shards: list[dict], itemsize: int, identity: dict) -> str | None:
-    """A shard missing or of another size than meta.json implies; fills ``identity`` (file ->
-    [size, mtime_ns, inode, sha256]) for those that pass."""
-    for sh in shards:
-        p = data_dir / sh["file"]
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            return f"{p} is missing (listed in meta.json)"
-        except OSError as e:
-            raise DataError(f"cannot read {p}: {e.strerror or e}") from None
-        expected = sh["tokens"] * itemsize
-        if not p.is_file() or st.st_size != expected:
-            return f"{p} has {st.st_size:,} bytes, meta.json says {sh['tokens']:,} tokens ({expected:,} bytes)"
-        identity[sh["file"]] = [st.st_size, st.st_mtime_ns, st.st_ino, sh["sha256"]]
-    return None
-
-
-def _tokenizer_file_problem(data_dir: Path, entry: dict) -> str | None:
-    """The dataset's tokenizer file missing, unreadable, or not the one meta.json describes."""
-    tok_path = data_dir / entry["file"]
-    if not tok_path.exists():
-        return f"{tok_path} is missing: the dataset cannot be used without the tokenizer it was built with"
-    try:
-        tok = Tokenizer(read_tokenizer_file(tok_path), "file")
-    except DataError as e:
-        return str(e) if str(e).startswith(str(tok_path)) else f"{tok_path}: {e}"
-    if tok.vocab_size != entry["vocab_size"]:
-        return f"{tok_path} has {tok.vocab_size} entries, meta.json records {entry['vocab_size']}"
-    if tok.eot_id != entry["eot_id"]:
-        return f"{tok_path} has end-of-text id {tok.eot_id}, meta.json records {entry['eot_id']}"
-    return None
-
-
-def _checksum_problem(data_dir: Path, shards: list[dict], identity: dict, cached: dict) -> str | None:
-    """A shard whose sha256 is not meta.json's; shards verified before (``cached``) in exactly
-    their present state (size, mtime, inode) are not read again."""
-    for sh in shards:
-        p = data_dir / sh["file"]
-        if cached.get(sh["file"]) == identity[sh["file"]]:
-            continue  # verified before in exactly this state
-        try:
-            digest = _file_sha256(p)
-        except OSError as e:
-            raise DataError(f"cannot read {p}: {e.strerror or e}") from None
-        if digest != sh["sha256"]:
-            return f"{p} was changed after the dataset was built (checksum mismatch with meta.json)"
-    return None
-
-
-def _remember(data_dir: Path, identity: dict, remember: bool) -> None:
-    """Keep newly verified identities in the verification cache: now, or with ``remember=False``
-    once :func:`remember_verified` is called."""
-    if not remember:
-        _PENDING[str(data_dir.resolve())] = identity
-    else:
-        with contextlib.suppress(OwnershipError):  # not writable: checked in full every time
-            atomic_write(data_dir / VERIFIED, json.dumps({"version": 1, "files": identity}) + "\n")
-
-
-def verify(data_dir: Path) -> dict:
-    """Check every shard against meta.json (size and sha256) and the tokenizer; returns meta or
-    raises DataError. The same as :func:`check_dataset`."""
-    return check_dataset(data_dir, verify_hashes=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError
+from ponderlm.errors import DataError
 
 JOURNAL = "build.json"
 JOURNAL_VERSION = 1

@@ -22,13 +22,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError, describe_os_error
+from ponderlm.errors import DataError, describe_os_error
 
 MAX_DOC_CHARS = 20_000
-
-
-class DataError(UserError, RuntimeError):
-    """A user-facing data problem (missing package, bad input file...): one clear line."""
 
 
 @dataclass(frozen=True)

@@ -32,17 +32,12 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
-from .loader import TokenShards, eval_windows
-from .prepare import (
-    FORMAT_VERSION,
-    TRAIN,
-    VAL,
-    ShardWriter,
-    build_dataset,
-    write_meta,
-)
-from .sources import DataError
-from .tokenizer import EOT, Tokenizer
+from ponderlm.data.batches import TokenShards, eval_windows
+from ponderlm.data.build import build_dataset, write_meta
+from ponderlm.data.dataset import FORMAT_VERSION, TRAIN, VAL
+from ponderlm.data.shards import ShardWriter
+from ponderlm.data.tokenizer import EOT, Tokenizer
+from ponderlm.errors import DataError
 
 TASKS = ("chains", "modsum")
 GENERATOR_VERSION = 2  # part of the fingerprint: bump when the same options would give other documents

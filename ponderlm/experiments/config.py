@@ -33,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, RunConfig, check_tau, load_run_config, read_yaml_mapping
-from ..eval.ablations import ABLATIONS
+from ponderlm.errors import ConfigError
+from ponderlm.eval.ablations import ABLATIONS
+from ponderlm.model.config import check_tau
+from ponderlm.runs.config import RunConfig, load_run_config, read_yaml_mapping
 
 PLACEHOLDER = re.compile(r"\{run:([^}]*)\}")  # in a run's overrides: another run's directory, same seed
 # the type of each key an experiment file may give (checked before the dataclass is built)

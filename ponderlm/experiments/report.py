@@ -1,16 +1,13 @@
 """The experiment's report: one point per (run, tau) averaged over seeds, the Pareto frontier of
-validation loss against inference FLOPs per token, a markdown table and a plot."""
+validation loss against inference FLOPs per token, and the markdown tables; the plot of the same
+points is :mod:`ponderlm.experiments.figures`."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
-from ..eval.stats import ci95, mean_std
-
-MARKERS = {"vanilla": "o", "pause": "P", "loop": "D", "ponderlm1": "v", "ponderlm2": "s", "ponderlm3": "^"}
-ABLATION_MARKERS = {"random": "x", "entropy": "+"}
+from ponderlm.eval.stats import ci95, mean_std
 
 
 # ------------------------------------------------------------------ points
@@ -117,9 +114,9 @@ def _point(run: str, tau: float, ablation: str | None, items: list[tuple[dict, d
 FRONTIERS = (("pareto", "loss", True), ("pareto_answer", "answer_acc", False), ("pareto_hardest", "hardest_acc", False))
 
 
-def _frontiers(points: list[dict]) -> tuple[tuple[str, str, bool], ...]:
+def frontiers(points: list[dict]) -> tuple[tuple[str, str, bool], ...]:
     """FRONTIERS and one per test split: ``pareto_<split>``, of that split's loss."""
-    return FRONTIERS + tuple((f"pareto_{s}", f"{s}_loss", True) for s in _test_splits(points))
+    return FRONTIERS + tuple((f"pareto_{s}", f"{s}_loss", True) for s in reported_splits(points))
 
 
 def collect_points(results: list[dict]) -> list[dict]:
@@ -129,7 +126,7 @@ def collect_points(results: list[dict]) -> list[dict]:
     points = [_point(run, tau, ablation, items) for (run, tau, ablation), items in _group(results).items()]
     # the frontier is over trained configurations; ablations are diagnostics of one of them
     main = [i for i, p in enumerate(points) if p["ablation"] is None]
-    for flag, key, lower in _frontiers(points):
+    for flag, key, lower in frontiers(points):
         have = [i for i in main if key in points[i]]
         if not have:
             continue
@@ -150,7 +147,13 @@ def _tau(p: dict) -> str:
     return "" if p["tau"] is None else f"{p['tau']:g}"
 
 
-def _test_splits(points: list[dict]) -> list[str]:
+def _std(p: dict, v: float | None, digits: int = 3) -> str:
+    """A standard deviation over the point's seeds; none (an empty cell) for a single seed."""
+    return _opt(v, digits) if p["seeds"] > 1 else ""
+
+
+def reported_splits(points: list[dict]) -> list[str]:
+    """The test splits the points are scored on (those of the first point that has any)."""
     return list(next((p["splits"] for p in points if "splits" in p), {}))
 
 
@@ -159,7 +162,7 @@ def markdown(title: str, points: list[dict], minutes: float | None = None,
     """The report's tables: every point by cost (with the frontier), the runs' training tokens,
     each point against each of the ``references`` runs (default: the run named vanilla, if any),
     the per-seed losses, and on a labelled dataset the per-class accuracies."""
-    splits = _test_splits(points)
+    splits = reported_splits(points)
     zeroshot = any("zeroshot_avg" in p for p in points)
     lines = [f"# {title}", ""]
     if minutes is not None:
@@ -172,7 +175,8 @@ def markdown(title: str, points: list[dict], minutes: float | None = None,
         "[brackets] are inference-time ablations of a PonderLM-3 run, not on the frontier by design.",
         "",
         "`± std` is the seeds' standard deviation, `± 95%` the half-width of the t-distribution interval of",
-        "the mean over seeds (two differences are resolved when their intervals do not overlap).",
+        "the mean over seeds (two differences are resolved when their intervals do not overlap); both are",
+        "left empty for a single seed.",
     ]
     lines += _validation_sentence(points)
     if splits:
@@ -188,7 +192,7 @@ def markdown(title: str, points: list[dict], minutes: float | None = None,
     for p in sorted(points, key=lambda q: q["flops_per_token"]):
         cells = [p["run"], p["method"], str(p["K"]), "" if p["penalty_weight"] is None else f"{p['penalty_weight']:g}",
                  _tau(p), str(p["seeds"]), f"{p['loss']:.4f}",
-                 f"{p['loss_std']:.4f}", _opt(p.get("loss_ci95"), 4), f"{p['ppl']:.2f}", f"{p['mean_depth']:.2f}",
+                 _std(p, p["loss_std"], 4), _opt(p.get("loss_ci95"), 4), f"{p['ppl']:.2f}", f"{p['mean_depth']:.2f}",
                  f"{p['flops_per_token'] / 1e6:.3f}", "*" if p.get("pareto") else ""]  # fmt: skip
         for split in splits:
             t = p.get("splits", {}).get(split)
@@ -345,8 +349,8 @@ def _class_table(points: list[dict]) -> list[str]:
     for p in ps:
         depth = p["class_depth"]
         cells = [p["run"], _tau(p), str(p["seeds"]), _opt(p["flops_per_token"] / 1e6),
-                 _opt(p["answer_acc"]), _opt(p["answer_acc_std"]), _opt(p.get("answer_acc_ci95")),
-                 _opt(p["hardest_acc"]), _opt(p["hardest_acc_std"]), _opt(p.get("hardest_acc_ci95")),
+                 _opt(p["answer_acc"]), _std(p, p["answer_acc_std"]), _opt(p.get("answer_acc_ci95")),
+                 _opt(p["hardest_acc"]), _std(p, p["hardest_acc_std"]), _opt(p.get("hardest_acc_ci95")),
                  *(_opt(p["class_acc"].get(c)) for c in answers), _opt(p["class_loss"].get("free")),
                  _opt(p["class_loss"].get("syntax")),
                  _opt(p["answer_depth"], 2),
@@ -354,223 +358,3 @@ def _class_table(points: list[dict]) -> list[str]:
                  f"{'*' if p.get('pareto_answer') else ''} / {'*' if p.get('pareto_hardest') else ''}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-# ------------------------------------------------------------------ plot
-def _series(points: list[dict], key: str) -> dict[str, list[dict]]:
-    """The points that have ``key``, by plotted line: one per run, one per run and ablation
-    policy (every fixed depth on one line)."""
-    runs: dict[str, list[dict]] = {}
-    for p in points:
-        if key in p:
-            abl = p["ablation"]
-            name = (
-                p["run"]
-                if abl is None
-                else p["run"].rsplit(" [", 1)[0] + (" [fixed d]" if abl.startswith("fixed") else f" [{abl}]")
-            )
-            runs.setdefault(name, []).append(p)
-    return runs
-
-
-def _draw_series(ax, run: str, ps: list[dict], key: str, colour) -> list[tuple[str, float, float, Any]]:
-    """One line of a panel, by cost: a run's tau sweep, or an ablation of it (dotted). Returns the
-    tau labels of a run's points (text, x, y, colour), placed once the axes are final."""
-    ps = sorted(ps, key=lambda q: q["flops_per_token"])
-    xs = [q["flops_per_token"] / 1e6 for q in ps]
-    ys = [q[key] for q in ps]
-    abl = ps[0]["ablation"]
-    if abl is None:
-        ax.plot(xs, ys, marker=MARKERS.get(ps[0]["method"], "o"), color=colour, alpha=0.85, label=run)
-    else:
-        m = ABLATION_MARKERS.get(abl, "|")
-        ax.plot(xs, ys, marker=m, color=colour, alpha=0.6, ls=":", lw=0.8, ms=7, label=run)
-    std = f"{key}_std"
-    if any(q.get(std, 0) > 0 for q in ps):
-        ax.errorbar(xs, ys, yerr=[q.get(std, 0.0) for q in ps], fmt="none", color=colour, alpha=0.5, capsize=2)
-    if abl is not None:
-        return []
-    return [(f"τ={q['tau']:g}", x, y, colour) for q, x, y in zip(ps, xs, ys, strict=True) if q["tau"] is not None]
-
-
-TAU_FONT = 6  # points
-RING_AREA = 140  # points^2: the scatter size of the frontier's rings
-# half-widths in points of what a tau label must not cover: a line marker (matplotlib's default
-# size, 6) and a frontier ring, each with half a point of edge
-MARKER_HALF, RING_HALF = 6 / 2 + 0.5, math.sqrt(RING_AREA) / 2 + 0.5
-
-
-def label_offsets(anchors: list[tuple[float, float]], sizes: list[tuple[float, float]],
-                  markers: list[tuple[float, float, float]],
-                  bounds: tuple[float, float, float, float] | None = None) -> list[tuple[float, float]]:  # fmt: skip
-    """Where to put text labels next to their points so that they cover neither each other nor a
-    marker: for each label (left to right), the first of a few positions around its anchor that is
-    free, else the one that overlaps least. Everything is in points: anchors (x, y), sizes (w, h),
-    markers (x, y, half-width), ``bounds`` (x0, y0, x1, y1) the axes, which a label should stay
-    inside. Returns the offset (dx, dy) of each label's lower-left corner."""
-
-    def overlap(a, b) -> float:
-        w = min(a[2], b[2]) - max(a[0], b[0])
-        h = min(a[3], b[3]) - max(a[1], b[1])
-        return w * h if w > 0 and h > 0 else 0.0
-
-    marks = [(x - r, y - r, x + r, y + r) for x, y, r in markers]
-    placed: list[tuple[float, float, float, float]] = []
-    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(anchors)
-    for i in sorted(range(len(anchors)), key=lambda j: anchors[j]):
-        (x, y), (w, h) = anchors[i], sizes[i]
-        # clear of the label's own marker (the largest drawn at its anchor)
-        g = 1.0 + max([r for mx, my, r in markers if abs(mx - x) < 0.5 and abs(my - y) < 0.5], default=MARKER_HALF)
-        candidates = [(g, g), (g, -h - g), (-w - g, g), (-w - g, -h - g), (-w / 2, g + 2), (-w / 2, -h - g - 2),
-                      (g, h + g + 2), (g, -2 * h - g - 2), (-w - g, h + g + 2), (-w - g, -2 * h - g - 2)]  # fmt: skip
-        best, best_cost = candidates[0], math.inf
-        for dx, dy in candidates:
-            box = (x + dx, y + dy, x + dx + w, y + dy + h)
-            cost = sum(overlap(box, b) for b in placed) + sum(overlap(box, m) for m in marks)
-            if bounds is not None:  # the part outside the axes counts as covered
-                cost += w * h - overlap(box, bounds)
-            if cost < best_cost:
-                best, best_cost = (dx, dy), cost
-            if cost == 0.0:
-                break
-        out[i] = best
-        placed.append((x + best[0], y + best[1], x + best[0] + w, y + best[1] + h))
-    return out
-
-
-def _place_tau_labels(ax, labels: list[tuple[str, float, float, Any]], points: list[tuple[float, ...]]) -> None:
-    """Annotate PonderLM-3's tau points without overlap (:func:`label_offsets`), once the axes'
-    scales and limits are final; ``points`` are the panel's markers (x, y, half-width in points)."""
-    if not labels:
-        return
-    ax.get_xlim(), ax.get_ylim()  # settle autoscaling before mapping data to points
-    scale = 72.0 / ax.figure.dpi
-
-    def pt(x: float, y: float) -> tuple[float, float]:
-        px, py = ax.transData.transform((x, y))
-        return px * scale, py * scale
-
-    x0, y0 = ax.transAxes.transform((0.0, 0.0)) * scale
-    x1, y1 = ax.transAxes.transform((1.0, 1.0)) * scale
-    sizes = [(0.6 * TAU_FONT * len(text), TAU_FONT) for text, *_ in labels]
-    offsets = label_offsets([pt(x, y) for _, x, y, _ in labels], sizes, [(*pt(x, y), r) for x, y, r in points],
-                            bounds=(x0, y0, x1, y1))  # fmt: skip
-    for (text, x, y, colour), (dx, dy) in zip(labels, offsets, strict=True):
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=TAU_FONT, color=colour,
-                    ha="left", va="bottom")  # fmt: skip
-
-
-def _draw_frontier(ax, points: list[dict], key: str, flag: str) -> None:
-    fr = sorted((p for p in points if p.get(flag)), key=lambda q: q["flops_per_token"])
-    fx, fy = [q["flops_per_token"] / 1e6 for q in fr], [q[key] for q in fr]
-    ax.step(fx, fy, where="post", color="black", lw=1, ls="--")
-    ax.scatter(fx, fy, s=RING_AREA, facecolors="none", edgecolors="black", label="Pareto frontier")
-
-
-def _log_ticks(lo: float, hi: float) -> list[float]:
-    """Round tick values (1, 1.5, 2, 3, 5, 7 times a power of ten) from lo to hi, at least two."""
-    ticks = [m * 10.0**e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
-             for m in (1, 1.5, 2, 3, 5, 7)]  # fmt: skip
-    inside = [t for t in ticks if lo * 0.95 <= t <= hi * 1.05]
-    return inside if len(inside) >= 2 else [lo, hi]
-
-
-def _zoom(ax, points: list[dict], key: str) -> None:
-    """Fit the y axis to the bulk of the points (the middle 70% and the frontier, widened by half
-    their spread) when a few lie far outside; those are marked by an arrow at the edge with their
-    value, so that a far-off baseline does not squeeze every other point into a blob."""
-    ys = sorted(p[key] for p in points)
-    if len(ys) < 5:
-        return
-    keep = [p[key] for p in points if any(p.get(flag) for flag, k, _ in _frontiers(points) if k == key)]
-    lo = min([ys[int(0.15 * (len(ys) - 1))], *keep])
-    hi = max([ys[int(0.85 * (len(ys) - 1))], *keep])
-    pad = 0.5 * (hi - lo) or 0.05 * abs(hi) or 0.05
-    lo, hi = lo - pad, hi + pad
-    if ys[0] >= lo and ys[-1] <= hi:
-        return
-    ax.set_ylim(lo, hi)
-    out = sorted((p for p in points if not lo <= p[key] <= hi), key=lambda q: q["flops_per_token"])
-    for i, p in enumerate(out):  # labels stacked, so that neighbours do not overwrite each other
-        y = p[key]
-        edge, down = (hi, -1) if y > hi else (lo, 1)
-        ax.annotate(f"{p['run']}: {y:.3g}", (p["flops_per_token"] / 1e6, edge), textcoords="offset points",
-                    xytext=(0, down * (12 + 9 * i)), ha="center", fontsize=6,
-                    arrowprops={"arrowstyle": "->", "lw": 0.6})  # fmt: skip
-
-
-def _draw_panel(ax, points: list[dict], key: str, label: str, colours: dict[str, Any], frontier: bool):
-    """Quality ``key`` against inference MFLOPs per token: a line per run (a run and its
-    ablations share a colour, the same in every panel); with ``frontier``, the frontier, and the
-    y axis fitted to the bulk of the points. Returns the function that writes the tau labels, to be
-    called once the figure's layout is final."""
-    labels = []
-    for run, ps in _series(points, key).items():
-        labels += _draw_series(ax, run, ps, key, colours[run.rsplit(" [", 1)[0]])
-    flags = [flag for flag, k, _ in _frontiers(points) if k == key] if frontier else []
-    for flag in flags:
-        _draw_frontier(ax, points, key, flag)
-    if frontier:
-        _zoom(ax, [p for p in points if key in p], key)
-    ax.set_xscale("log")
-    xs = [p["flops_per_token"] / 1e6 for p in points]
-    if xs:
-        import matplotlib.ticker as ticker  # matplotlib is imported, Agg selected, by plot()
-
-        ax.xaxis.set_major_locator(ticker.FixedLocator(_log_ticks(min(xs), max(xs))))
-        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-    ax.set_xlabel("inference MFLOPs per token (log scale)")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    markers = [(p["flops_per_token"] / 1e6, p[key], RING_HALF if any(p.get(f) for f in flags) else MARKER_HALF)
-               for p in points if key in p]  # fmt: skip
-    return lambda: _place_tau_labels(ax, labels, markers)
-
-
-def plot(points: list[dict], path: Path, title: str) -> None:
-    """Quality against inference cost, written to ``path`` through a hidden temporary: validation
-    loss, the loss on each test split, the zero-shot average (when measured) and answer accuracy (on
-    a labelled dataset), each a
-    panel of the trained configurations only, so its axes fit them; the PonderLM-3 ablations, which
-    can be nats away, get a panel of their own beside their runs. The legend sits outside."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    main = [p for p in points if p["ablation"] is None]
-    ablations = [p for p in points if p["ablation"] is not None]
-    panels = [("loss", "validation loss (hard mode)", main, True)]
-    panels += [(f"{split}_loss", f"{split} loss (hard mode)", main, True) for split in _test_splits(main)]
-    if any("zeroshot_avg" in p for p in main):
-        panels.append(("zeroshot_avg", "zero-shot average accuracy", main, False))
-    hardest = next((p["hardest"] for p in main if "hardest" in p), None)
-    if hardest is not None:
-        panels += [("answer_acc", "answer accuracy (all answer classes)", main, True),
-                   ("hardest_acc", f"{hardest} accuracy", main, True)]  # fmt: skip
-    if ablations:
-        ablated = {p["run"].rsplit(" [", 1)[0] for p in ablations}
-        their_runs = [p for p in main if p["run"] in ablated]
-        panels.append(("loss", "validation loss: PonderLM-3 ablations", ablations + their_runs, False))
-    palette = plt.get_cmap("tab20").colors
-    colours: dict[str, Any] = {}
-    for p in points:
-        colours.setdefault(p["run"].rsplit(" [", 1)[0], palette[len(colours) % len(palette)])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
-    place_labels = [_draw_panel(ax, ps, key, label, colours, frontier)
-                    for ax, (key, label, ps, frontier) in zip(axes[0], panels, strict=True)]  # fmt: skip
-    legend: dict[str, Any] = {}
-    for ax in axes[0]:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            legend.setdefault(lab, h)
-    fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5),
-               frameon=False)  # fmt: skip
-    fig.suptitle(title)
-    fig.tight_layout()
-    for place in place_labels:
-        place()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)

@@ -1,0 +1,61 @@
+"""``ponderlm export``: a trainer checkpoint (or run) written as a transformers model directory
+that ``AutoModelForCausalLM.from_pretrained`` loads without remote code (the classes are in
+:mod:`ponderlm.hf.modeling`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ponderlm import owned
+from ponderlm.hf.load import quiet_transformers
+from ponderlm.loading import load_model
+from ponderlm.model.config import check_tau
+
+
+def _export_before_markers(directory: Path) -> bool:
+    cfg = owned.read_small_json(directory / "config.json")
+    return isinstance(cfg, dict) and cfg.get("model_type") == "ponderlm"
+
+
+# what an export holds: the transformers files ponderlm writes, and `ponderlm eval/analyze EXPORT`'s
+# default outputs inside it
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "eval",
+                          "analysis"})  # fmt: skip
+EXPORT = owned.DirKind("export", "a transformers export", EXPORT_FILES, legacy=_export_before_markers)
+
+
+def hf_tokenizer(tok):
+    """A ``PreTrainedTokenizerFast`` over ponderlm's tokenizer (end-of-text as eos and pad)."""
+    from transformers import PreTrainedTokenizerFast
+
+    eot = tok.tk.id_to_token(tok.eot_id)
+    return PreTrainedTokenizerFast(tokenizer_object=tok.tk, eos_token=eot, bos_token=eot, pad_token=eot)
+
+
+def export(checkpoint, out, *, overwrite: bool = False, tau: float | None = None, log=print):
+    """Write a trainer checkpoint (or run) as a transformers directory: safetensors weights,
+    config.json, generation_config.json, tokenizer files. ``out`` is a ponderlm ``export``
+    directory, built aside and renamed into place (:func:`ponderlm.owned.building`) under its
+    lock; an earlier export is replaced only with ``overwrite``, anything else in the way (the
+    checkpoint itself, a directory of the user's files) is refused, never deleted."""
+    from ponderlm.hf.modeling import PonderLMForCausalLM  # transformers: imported only when exporting
+
+    out = Path(out)
+    if tau is not None:
+        check_tau(tau)
+    owned.check_disjoint(out, [Path(checkpoint)], "output directory")
+    with owned.DirLock(out, "output directory"):
+        hint = "pass --overwrite to replace it or choose another output directory"
+        owned.check_replaceable(out, EXPORT, overwrite=overwrite, exists_hint=hint, choose="output directory")
+        model, tok, src = load_model(checkpoint)
+        owned.check_disjoint(out, [src], "output directory")  # the checkpoint a run directory resolved to
+        wrapper = PonderLMForCausalLM.from_ponderlm(model, tau=tau)
+        wrapper.generation_config.eos_token_id = tok.eot_id
+        wrapper.generation_config.pad_token_id = tok.eot_id
+        with owned.building(out, EXPORT) as tmp, quiet_transformers():
+            wrapper.save_pretrained(tmp)
+            hf_tokenizer(tok).save_pretrained(tmp)
+            owned.as_umask_allows(tmp)  # model.safetensors comes out 0600
+    log(f"exported {src} ({model.cfg.method}, tau {wrapper.config.tau:g}) to {out}")
+    return out
