@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from test_imports import find_cycles, import_graph  # noqa: E402 -- the suite's own reading of the graph
+from test_imports import find_cycles, import_graph
 
 # docs/DESIGN.md, "The package map": a module may import its own layer and those below it
 LAYERS = [
@@ -48,7 +48,9 @@ def shape(root: Path) -> None:
     subs = sorted(p.parent.name for p in pkg.glob("*/__init__.py"))
     print(f"top-level modules: {len(top)} {top}")
     print(f"subpackages: {len(subs)} {subs}")
-    mods = sorted(((len(p.read_text().splitlines()), str(p.relative_to(root))) for p in pkg.rglob("*.py")), reverse=True)
+    mods = sorted(
+        ((len(p.read_text().splitlines()), str(p.relative_to(root))) for p in pkg.rglob("*.py")), reverse=True
+    )
     print("largest modules:", mods[:5], "over 600 lines:", sum(n > 600 for n, _ in mods))
     classes = []
     for p in pkg.rglob("*.py"):

@@ -67,9 +67,10 @@ def _load_trained(checkpoint: str | Path) -> tuple[PonderLM, Tokenizer, Path]:
 
 
 def _model_tokenizer(where: Path, model: PonderLM) -> Tokenizer:
-    """The tokenizer.json beside a model, refused when it has ids the model has no embedding for
-    (they would fail inside the embedding lookup, or the tokenizer is another model's)."""
-    tok = Tokenizer.load(where / "tokenizer.json")
+    """The tokenizer.json beside a model (with the chat template and special tokens of a
+    tokenizer_config.json there), refused when it has ids the model has no embedding for (they
+    would fail inside the embedding lookup, or the tokenizer is another model's)."""
+    tok = Tokenizer.load(where / "tokenizer.json", with_config=True)  # and a chat template beside it
     if tok.vocab_size > model.cfg.vocab_size:
         raise CheckpointError(
             f"{where}: tokenizer.json has {tok.vocab_size} entries, more than the model's vocab_size "

@@ -249,7 +249,7 @@ def test_the_engine_queue_takes_a_burst_of_everything_the_server_lets_in():
 
     loop = _EngineLoop(Pipe(), engine_scheduler(model, None, settings))
     for rid in range(settings.max_batch + settings.max_queue):
-        loop.handle(("add", rid, [3, 4], 2, 0.0, None, None, False))
+        loop.handle(("add", rid, [3, 4], 2, 0.0, None, None, False, None, False))
     while loop.sched.safe_step() or not loop.sched.queue.empty():
         pass
     loop.report()

@@ -202,8 +202,8 @@ BAD = [  # (case id in docs/ERRORS.md, body or raw bytes, status, what the messa
     ("unknown_field", {"prompt": "The", "max_tokens": 4, "frobnicate": 1}, 400, "unknown field: frobnicate"),
     ("out_of_range", {"prompt": "The", "temperature": 7}, 400, "temperature: Input should be less than or equal to 2"),
     ("max_tokens_zero", {"prompt": "The", "max_tokens": 0}, 400,
-     "max_tokens: Input should be greater than or equal to 1"),
-    ("n_above_one", {"prompt": "The", "n": 2}, 400, "n: Input should be less than or equal to 1"),
+     "max_tokens: 0 is allowed only with echo (the prompt scored, nothing generated)"),
+    ("n_above_one", {"prompt": "The", "n": 2}, 400, "n: 2 is not supported; this server takes only 1"),
     ("prompt_too_many_tokens", {"prompt": "the " * 300, "max_tokens": 4}, 400,
      "this model's context is 256 tokens: the prompt has"),
     ("unknown_model", {"prompt": "The", "max_tokens": 4, "model": "gpt-4"}, 404, "does not exist"),
@@ -344,7 +344,8 @@ def test_a_killed_server_leaves_no_engine_behind(run):
 
 
 def test_stop_strings_are_cut_and_their_starts_held_back():
-    from ponderlm.serving.protocol import CHAT_STOP, Stream, split_at_stop
+    from ponderlm.serving.protocol import CHAT_STOP, split_at_stop
+    from ponderlm.serving.responses import Stream
     from ponderlm.serving.scheduler import Token
 
     assert split_at_stop("Hello wor", ["world"]) == ("Hello wor", False, 3)
@@ -487,8 +488,8 @@ LIMITS = [
      "stop is not valid UTF-8 text (U+D83D, a lone surrogate,"),
     ("stop_too_long", lambda s: _json(s, {"prompt": "The", "stop": "y" * 257}), 400,
      "a stop string may have at most 256 characters"),
-    ("too_many_stops", lambda s: _json(s, {"prompt": "The", "stop": ["a", "b", "c", "d", "e"]}), 400,
-     "stop takes at most 4 non-empty strings"),
+    ("too_many_stops", lambda s: _json(s, {"prompt": "The", "stop": [f"s{i}" for i in range(65)]}), 400,
+     "stop takes at most 64 non-empty strings"),
     ("json_too_deep", lambda s: _json(s, b"[" * 60000), 400, "There was an error parsing the body"),
     ("headers_too_large", lambda s: _raw(s, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: {'a' * 40000}\r\n\r\n"),
      431, "the request's line and headers are larger than 32768 bytes"),
@@ -538,7 +539,7 @@ def test_limits_refuse_in_openai_shape_and_disturb_nothing(limited, long_run):
 
 def test_the_server_table_lists_every_case():
     """docs/ERRORS.md's server table has one row per case tested here (BAD, LIMITS, the tests
-    named in SERVER_ELSEWHERE), with the message each test asserts."""
+    named in SERVER_ELSEWHERE) and in test_serve_dialect.py (REFUSED), with the message each test asserts."""
     text = (Path(__file__).parents[1] / "docs" / "ERRORS.md").read_text()
     section = text.split("## The server: requests it refuses", 1)[1].split("\n## ", 1)[0]
     rows = {}
@@ -547,7 +548,9 @@ def test_the_server_table_lists_every_case():
         if m and m.group(1) != "Case":
             assert m.group(1) not in rows, f"duplicate row {m.group(1)}"
             rows[m.group(1)] = line
-    expected = {c[0]: c[-1] for c in BAD} | {c[0]: c[-1] for c in LIMITS}
+    from test_serve_dialect import REFUSED  # the dialect's refusals (issue 32), tested there
+
+    expected = {c[0]: c[-1] for c in BAD} | {c[0]: c[-1] for c in LIMITS} | {c[0]: c[-1] for c in REFUSED}
     expected |= {k: says for k, (_, says) in SERVER_ELSEWHERE.items()}
     assert sorted(rows) == sorted(expected)
     for case_id, says in expected.items():
@@ -561,10 +564,10 @@ FAULT = """
 import sys
 import ponderlm.serving.api as api
 template = api.chat_prompt
-def broken(messages):
+def broken(messages, *args):
     if messages[-1].content == "boom":
         raise RuntimeError("injected fault\\nwith a second line")
-    return template(messages)
+    return template(messages, *args)
 api.chat_prompt = broken
 from ponderlm.cli.main import main
 sys.exit(main(sys.argv[1:]))

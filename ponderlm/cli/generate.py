@@ -38,15 +38,20 @@ class Settings:
 
 
 class TextStream:
-    """Prints decoded text as tokens arrive; holds back an incomplete UTF-8 sequence."""
+    """Prints decoded text as tokens arrive; holds back an incomplete UTF-8 sequence. The token that
+    ended generation (``stop_id``: the model's end of turn or end of text) is not printed."""
 
-    def __init__(self, decode: Callable[[list[int]], str], out: TextIO, settings: Settings) -> None:
-        self.decode, self.out, self.s = decode, out, settings
+    def __init__(
+        self, decode: Callable[[list[int]], str], out: TextIO, settings: Settings, stop_id: int | None = None
+    ) -> None:
+        self.decode, self.out, self.s, self.stop_id = decode, out, settings, stop_id
         self.ids: list[int] = []
         self.shown = ""
         self.pending_depths: list[int] = []
 
     def __call__(self, token: torch.Tensor, depth: torch.Tensor) -> None:
+        if int(token[0]) == self.stop_id:
+            return
         self.ids.append(int(token[0]))
         self.pending_depths.append(int(depth[0]))
         text = self.decode(self.ids)
@@ -87,7 +92,7 @@ def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO, echo
         out.write(prompt)
         out.flush()
     device = next(model.parameters()).device
-    stream = TextStream(tok.decode, out, settings)
+    stream = TextStream(tok.decode, out, settings, tok.eos_id)
     res = model.generate(
         torch.tensor([ids], device=device),
         settings.max_new_tokens,
@@ -96,7 +101,7 @@ def generate_text(model, tok, prompt: str, settings: Settings, out: TextIO, echo
         top_k=settings.top_k,
         top_p=settings.top_p,
         seed=settings.seed,
-        eos_token_id=tok.eot_id,
+        eos_token_id=tok.eos_id,  # the model's end of turn (a converted chat model's), else end of text
         prefill=settings.prefill,
         on_token=stream,
     )

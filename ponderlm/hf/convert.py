@@ -179,20 +179,48 @@ def _ponderlm_model(src: Path, cfg: ModelConfig, state: dict[str, torch.Tensor])
     return model
 
 
+def hf_tokenizer_config(hf_tok) -> dict:
+    """The chat template and special tokens of a transformers tokenizer, as ``tokenizer_config.json``
+    keeps them (:func:`ponderlm.data.tokenizer.read_tokenizer_config`): what a GGUF file's
+    ``tokenizer.chat_template`` and ``tokenizer.ggml.*_token_id`` become in transformers, or a model
+    directory's ``tokenizer_config.json`` / ``chat_template.jinja``."""
+    from ponderlm.data.tokenizer import SPECIAL_TOKENS
+
+    out = {k: v for k in SPECIAL_TOKENS if isinstance(v := getattr(hf_tok, k, None), str)}
+    template = getattr(hf_tok, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the default one, as transformers picks
+        template = template.get("default")
+    if isinstance(template, str):
+        out["chat_template"] = template
+    return out
+
+
 def _write_run(tmp: Path, out: Path, src: Path, model, hf_tok, log) -> None:
     """The run directory's content, into ``tmp``: a step-0 checkpoint with the source's fast
-    tokenizer (when it has one) and a config whose train.out_dir is ``out``."""
-    tok_file = None
+    tokenizer (when it has one), its chat template and special tokens (``tokenizer_config.json``,
+    when it has them) and a config whose train.out_dir is ``out``."""
+    tok_file = cfg_file = None
     if hf_tok is not None and getattr(hf_tok, "backend_tokenizer", None) is not None:
         tok_file = tmp / ".tokenizer.json.tmp"  # copied into the checkpoint, then removed
         from ponderlm.data.tokenizer import Tokenizer
 
         hf_tok.backend_tokenizer.save(str(tok_file))
-        Tokenizer.load(tok_file)  # checks it is usable (has an end-of-text token)
+        tok = Tokenizer.load(tok_file)  # checks it is usable (has an end-of-text token)
+        try:
+            tok.apply_config(hf_tokenizer_config(hf_tok))
+        except DataError as e:
+            raise DataError(f"{src}: {e}") from None
+        cfg_file = tmp / ".tokenizer_config.json.tmp"
+        if not tok.save_config(cfg_file):
+            cfg_file = None
+        if tok.chat_template is not None:
+            log(f"chat template kept; generation stops at {tok.eos_token!r} (id {tok.eos_id})")
     else:
         log("note: no fast tokenizer found next to the model; the checkpoint has no tokenizer.json")
     run_cfg = RunConfig(model=model.cfg, train=TrainConfig(out_dir=str(out)))
     trainer_state = {"step": 0, "tokens_seen": 0, "converted_from": str(src.resolve())}
-    save_checkpoint(tmp, 0, model.state_dict(), None, trainer_state, run_cfg, tok_file, keep_last=1)
-    if tok_file is not None:
-        tok_file.unlink()
+    save_checkpoint(tmp, 0, model.state_dict(), None, trainer_state, run_cfg, tok_file, keep_last=1,
+                    tokenizer_config=cfg_file)  # fmt: skip
+    for f in (tok_file, cfg_file):
+        if f is not None:
+            f.unlink()

@@ -26,16 +26,20 @@ EXPORT = owned.DirKind("export", "a transformers export", EXPORT_FILES, legacy=_
 
 
 def hf_tokenizer(tok):
-    """A ``PreTrainedTokenizerFast`` over ponderlm's tokenizer (end-of-text as eos and pad)."""
+    """A ``PreTrainedTokenizerFast`` over ponderlm's tokenizer: the model's own special tokens and
+    chat template when it has them (a converted model), else end-of-text as bos, eos and pad."""
     from transformers import PreTrainedTokenizerFast
 
     eot = tok.tk.id_to_token(tok.eot_id)
-    return PreTrainedTokenizerFast(tokenizer_object=tok.tk, eos_token=eot, bos_token=eot, pad_token=eot)
+    special = {"bos_token": eot, "pad_token": eot, **tok.special_tokens, "eos_token": tok.eos_token}
+    extra = {"chat_template": tok.chat_template} if tok.chat_template is not None else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok.tk, **special, **extra)
 
 
 def export(checkpoint, out, *, overwrite: bool = False, tau: float | None = None, log=print):
     """Write a trainer checkpoint (or run) as a transformers directory: safetensors weights,
-    config.json, generation_config.json, tokenizer files. ``out`` is a ponderlm ``export``
+    config.json, generation_config.json (eos: the model's end of turn), tokenizer files (with the
+    model's chat template, when it has one). ``out`` is a ponderlm ``export``
     directory, built aside and renamed into place (:func:`ponderlm.owned.building`) under its
     lock; an earlier export is replaced only with ``overwrite``, anything else in the way (the
     checkpoint itself, a directory of the user's files) is refused, never deleted."""
@@ -51,11 +55,12 @@ def export(checkpoint, out, *, overwrite: bool = False, tau: float | None = None
         model, tok, src = load_model(checkpoint)
         owned.check_disjoint(out, [src], "output directory")  # the checkpoint a run directory resolved to
         wrapper = PonderLMForCausalLM.from_ponderlm(model, tau=tau)
-        wrapper.generation_config.eos_token_id = tok.eot_id
-        wrapper.generation_config.pad_token_id = tok.eot_id
+        hf_tok = hf_tokenizer(tok)
+        wrapper.generation_config.eos_token_id = tok.eos_id  # `generate` stops at the model's end of turn
+        wrapper.generation_config.pad_token_id = hf_tok.pad_token_id
         with owned.building(out, EXPORT) as tmp, quiet_transformers():
             wrapper.save_pretrained(tmp)
-            hf_tokenizer(tok).save_pretrained(tmp)
+            hf_tok.save_pretrained(tmp)
             owned.as_umask_allows(tmp)  # model.safetensors comes out 0600
     log(f"exported {src} ({model.cfg.method}, tau {wrapper.config.tau:g}) to {out}")
     return out

@@ -8,6 +8,7 @@ Layout of ``RUN/checkpoints/step_00001000/``::
     config.yaml          the resolved RunConfig
     model_config.json    the ModelConfig alone
     tokenizer.json       the tokenizer of the data it was trained on
+    tokenizer_config.json  a converted model's chat template and special tokens (only when it has them)
     manifest.json        sha256 of every file above, written last
 
 The directory is assembled under a hidden temporary name and renamed into place, so a crash
@@ -104,7 +105,10 @@ def save_checkpoint(
     run_cfg: RunConfig,
     tokenizer_file: Path | None,
     keep_last: int,
+    tokenizer_config: Path | None = None,
 ) -> Path:
+    """Write checkpoint ``step`` of a run (see the module docstring); ``tokenizer_config``: a
+    ``tokenizer_config.json`` (chat template, special tokens) copied beside ``tokenizer.json``."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".{final.name}.tmp"
@@ -123,6 +127,8 @@ def save_checkpoint(
         run_cfg.model.save(tmp / "model_config.json")
         if tokenizer_file is not None and Path(tokenizer_file).is_file():
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if tokenizer_config is not None and Path(tokenizer_config).is_file():
+            shutil.copyfile(tokenizer_config, tmp / "tokenizer_config.json")
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"step": step, "files": {name: _sha256(tmp / name) for name in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

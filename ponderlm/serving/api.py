@@ -19,6 +19,17 @@ the interpreter lock there), so a large prompt does not stall the streams in fli
 must be encodable text (a lone surrogate is a 400). An unexpected exception in a handler is a 500
 in OpenAI's shape and one line on stderr; the server goes on serving.
 
+Every field of OpenAI's and vLLM's completions and chat request models is accepted at a value that does not
+change the answer and refused (400 naming it) at any other (:mod:`ponderlm.serving.protocol`); vLLM's
+tokenizer endpoints (``/tokenize``, ``/detokenize``, ``/tokenizer_info``, which lm-eval's remote tokenizer
+uses) tokenize in the same worker threads, within the same bound.
+
+A completions ``prompt`` may be a list (strings, or token ids): one engine request and one choice per
+prompt. ``logprobs`` and ``echo`` are computed in the engine (the prompt's logprobs by
+:func:`~ponderlm.serving.scheduler.score_prompt`, ``ponderlm eval``'s scoring; a generated token's from the
+logits it was chosen from); this process only names the tokens and builds OpenAI's ``logprobs`` object
+(:class:`~ponderlm.serving.protocol.Logprobs`).
+
 Extensions to OpenAI's shapes: every choice (and every streamed chunk) carries ``ponder_depths``,
 the realised ponder steps of each generated token it covers, and ``usage`` adds ``flops`` (the
 request's inference FLOPs at its realised depths) and ``completion_flops`` (those beyond the prompt).
@@ -27,11 +38,11 @@ request's inference FLOPs at its realised depths) and ``completion_flops`` (thos
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -50,15 +61,16 @@ from ponderlm.serving.protocol import (
     BodyBase,
     ChatBody,
     CompletionBody,
-    Stream,
+    DetokenizeBody,
+    TokenizeBody,
     chat_prompt,
     check_text,
-    error_body,
-    finish_reason,
     stop_strings,
-    usage,
+    template_prompt,
+    unsupported,
 )
-from ponderlm.serving.scheduler import Finished, QueueFull, Token
+from ponderlm.serving.responses import Choice, Logprobs, Out, Stream, put_event, sse, whole_response
+from ponderlm.serving.scheduler import QueueFull
 
 API_KEY_ENV = "PONDERLM_API_KEY"
 
@@ -89,17 +101,12 @@ def longest_token(tok) -> int:
     return max(1, max((len(t) for t in tok.tk.get_vocab(with_added_tokens=True)), default=1))
 
 
-# ---------------------------------------------------------------------------------------------- request bodies
-
-
-# ---------------------------------------------------------------------------------------------- one generation
-
-
 # ---------------------------------------------------------------------------------------------- the app
 class Api:
     """The endpoints' work, on the event loop: validate, queue, turn the scheduler's events into responses."""
 
-    KNOWN = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+    KNOWN = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+             "/detokenize", "/tokenizer_info")  # fmt: skip
 
     def __init__(self, engine: Engine, tok, settings: ServerSettings) -> None:
         self.engine, self.tok, self.s = engine, tok, settings
@@ -120,167 +127,171 @@ class Api:
 
     def max_tokens(self, body: BodyBase, n_prompt: int, chat: bool) -> int:
         """The completion length asked for (default: 16 for completions, the rest of the context for
-        chat), refused with a 400 naming the context when it does not fit."""
+        chat; 0: the prompt only, with echo), refused with a 400 naming the context when it does not fit."""
         ctx = self.s.context
         room = ctx - n_prompt
         n = body.max_tokens
         if n is None:
-            n = min(self.s.default_max_tokens, room) if not chat else room
-        if room < 1 or n > room:
+            n = max(1, min(self.s.default_max_tokens, room) if not chat else room)
+        if n > room:  # (n is 0 only with echo: then the prompt alone must fit)
             param = "max_tokens" if room >= 1 else ("messages" if chat else "prompt")
             raise ApiError(400, f"this model's context is {ctx} tokens: the prompt has {n_prompt} and max_tokens "
                                 f"asks for {n}; shorten the prompt or lower max_tokens", param=param,
                            code="context_length_exceeded")  # fmt: skip
         return n
 
-    async def tokenize(self, prompt: str) -> list[int]:
+    async def tokenize(self, prompt: str, special: bool = False) -> list[int]:
         """The prompt's ids, computed in a worker thread: ``encode_batch`` releases the interpreter
-        lock while it works (``encode`` holds it), so the event loop goes on streaming."""
+        lock while it works (``encode`` holds it), so the event loop goes on streaming. ``special``:
+        with what the tokenizer's post-processor adds (ponderlm's tokenizers add nothing)."""
         loop = asyncio.get_running_loop()
+        if special:
+            encode = functools.partial(self.tok.tk.encode_batch, add_special_tokens=True)
+            return (await loop.run_in_executor(self.tokenizer_pool, encode, [prompt]))[0].ids
         return (await loop.run_in_executor(self.tokenizer_pool, self.tok.encode_batch, [prompt]))[0]
 
-    async def serve(self, request: Request, body: BodyBase, prompt: str, stops: list[str], chat: bool):
-        if body.model != self.s.model_id:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.s.model_id!r}",
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.s.model_id:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.s.model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
-        field = "messages" if chat else "prompt"
+
+    def check_chars(self, prompt: str, field: str) -> None:
+        """A prompt longer than any that fits the context, refused before any work proportional to it."""
         limit = self.s.max_prompt_chars
-        if len(prompt) > limit:  # bounded before any work proportional to it
+        if len(prompt) > limit:
             raise ApiError(400, f"this model's context is {self.s.context} tokens, which no prompt of more than "
                                 f"{limit} characters fits; the prompt has {len(prompt)}", param=field,
                            code="context_length_exceeded")  # fmt: skip
-        ids = await self.tokenize(prompt) if prompt else []
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param=field)
-        max_tokens = self.max_tokens(body, len(ids), chat)
-        events: asyncio.Queue = asyncio.Queue()  # filled on the event loop by _dispatch
 
-        req = batching.Request(ids, max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                               ignore_eos=body.ignore_eos, on_event=events.put_nowait)  # fmt: skip
+    async def tokenize_request(self, body: TokenizeBody) -> dict:
+        """vLLM's ``/tokenize``: the ids a prompt (or chat messages, rendered) becomes, as the completions
+        endpoints tokenize it (in the worker threads, within the same character bound)."""
+        self.check_model(body.model)
+        unsupported(body, body.NEUTRAL)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give either prompt or messages", param="prompt")
+        if body.prompt is not None:
+            check_text(body.prompt, "prompt")
+            text, field = body.prompt, "prompt"
+        else:
+            text, _ = self.chat_text(body)
+            field = "messages"
+        self.check_chars(text, field)
+        ids = await self.tokenize(text, bool(body.add_special_tokens)) if text else []
+        strs = [self.tok.tk.id_to_token(i) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.s.context, "tokens": ids, "token_strs": strs}
+
+    async def detokenize_request(self, body: DetokenizeBody) -> dict:
+        """vLLM's ``/detokenize``: the text of token ids (special tokens kept), decoded in a worker thread."""
+        self.check_model(body.model)
+        vocab = self.tok.vocab_size
+        for j, t in enumerate(body.tokens):
+            if not 0 <= t < vocab:
+                raise ApiError(400, f"tokens.{j}: {t} is not a token id of this tokenizer (0 to {vocab - 1})",
+                               param="tokens")  # fmt: skip
+        loop = asyncio.get_running_loop()
+        return {"prompt": await loop.run_in_executor(self.tokenizer_pool, self.tok.decode, body.tokens)}
+
+    def tokenizer_info(self) -> dict:
+        """vLLM's ``/tokenizer_info``, the keys lm-eval's remote tokenizer reads (``eos_token``, ``bos_token``,
+        ``pad_token``, ``chat_template``) and a few more."""
+        special = self.tok.special_tokens
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.tok.eos_token,
+                "bos_token": special.get("bos_token"), "pad_token": special.get("pad_token"),
+                "unk_token": special.get("unk_token"), "model_max_length": self.s.context,
+                "vocab_size": self.tok.vocab_size, "chat_template": self.tok.chat_template}  # fmt: skip
+
+    def chat_text(self, body) -> tuple[str, list[str]]:
+        """A chat request's prompt and the stop strings it implies: the model's own template (the
+        reply ends at its end-of-turn token, the engine's EOS), or, for a model without one, the plain
+        template, whose reply ends where the model starts the next user turn."""
+        if self.tok.chat_template is not None:
+            return template_prompt(self.tok, body.messages, body.add_generation_prompt, body.continue_final_message), []
+        return chat_prompt(body.messages, body.add_generation_prompt, body.continue_final_message), [CHAT_STOP]
+
+    def check_ids(self, ids: list[int], where: str) -> None:
+        vocab = self.tok.vocab_size
+        for j, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                raise ApiError(400, f"{where}.{j}: {t} is not a token id of this tokenizer (0 to {vocab - 1})",
+                               param="prompt")  # fmt: skip
+
+    async def completion_prompts(self, body: CompletionBody, prompts: list) -> list[tuple[list[int], str]]:
+        """Each prompt's (ids, text): strings tokenized (after the character bound), token ids checked
+        against the vocabulary and decoded (the text ``echo`` returns)."""
+        cap = self.engine.settings.max_batch + self.engine.settings.max_queue
+        if len(prompts) > cap:
+            raise ApiError(400, f"prompt: a list of {len(prompts)} prompts; this server takes at most {cap} in one "
+                                "request (--max-batch + --max-queue)", param="prompt")  # fmt: skip
+        single = len(prompts) == 1
+        out = []
+        loop = asyncio.get_running_loop()
+        for i, p in enumerate(prompts):
+            where = "prompt" if single else f"prompt.{i}"
+            if isinstance(p, str):
+                self.check_chars(p, "prompt")
+                ids = await self.tokenize(p, bool(body.add_special_tokens)) if p else []
+                text = p
+            else:
+                self.check_ids(p, where)
+                if len(p) > self.s.context:
+                    self.max_tokens(body, len(p), chat=False)  # the context error
+                ids = p
+                text = await loop.run_in_executor(self.tokenizer_pool, self.tok.decode, p) if body.echo else ""
+            if not ids:
+                raise ApiError(400, f"{where}: the prompt is empty", param="prompt")
+            out.append((ids, text))
+        return out
+
+    def token_names(self, ids: list[int]) -> dict[int, str]:
+        """Each token's own text (a byte-level token that is part of a character: U+FFFD), as vLLM names them."""
+        return dict(zip(ids, self.tok.tk.decode_batch([[i] for i in ids], skip_special_tokens=False), strict=True))
+
+    async def serve(self, request: Request, body: BodyBase, prompts: list[tuple[list[int], str]], stops: list[str],
+                    chat: bool):  # fmt: skip
+        """Submit one engine request per prompt (one choice each) and answer: a whole response or a stream."""
+        field = "messages" if chat else "prompt"
+        for ids, _ in prompts:
+            if not ids:
+                raise ApiError(400, "the prompt is empty", param=field)
+        lengths = [self.max_tokens(body, len(ids), chat) for ids, _ in prompts]
+        echo = bool(getattr(body, "echo", False))
+        logprobs = None if chat else body.logprobs
+        events: asyncio.Queue = asyncio.Queue()  # (choice index, event), filled on the event loop by _dispatch
+        cap = self.engine.settings.max_batch + self.engine.settings.max_queue
+        if len(self.engine.reqs) + len(prompts) > cap:
+            raise ApiError(429, f"the server is at capacity ({self.engine.settings.max_queue} requests are waiting); "
+                                "retry later", kind="rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"})  # fmt: skip
+        choices = []
+        for i, ((ids, text), n) in enumerate(zip(prompts, lengths, strict=True)):
+            req = batching.Request(ids, n, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                                   ignore_eos=body.ignore_eos, logprobs=logprobs,
+                                   score_prompt=echo and logprobs is not None,
+                                   on_event=functools.partial(put_event, events, i))  # fmt: skip
+            stream = Stream(self.tok, stops, bool(body.skip_special_tokens))
+            lp = Logprobs(self.token_names) if logprobs is not None else None
+            choices.append(Choice(i, req, stream, ids, text if echo else None, lp))
         try:
-            self.engine.submit(req)
+            for c in choices:
+                self.engine.submit(c.req)
         except QueueFull as e:
+            for c in choices:
+                c.req.cancel()
             raise ApiError(429, f"the server is at capacity ({e}); retry later", kind="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None  # fmt: skip
         except EngineError as e:
+            for c in choices:
+                c.req.cancel()
             raise ApiError(503, f"the server cannot generate: {e}", kind="server_error",
                            code="engine_down") from None  # fmt: skip
-        out = _Out(rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", created=int(time.time()),
+        out = Out(rid=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", created=int(time.time()),
                    model=self.s.model_id, chat=chat)  # fmt: skip
-        stream = Stream(self.tok, stops)
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            gen = _sse(req, events, stream, out, include_usage)
+            include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
+            gen = sse(choices, events, out, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _whole(request, req, events, stream, out)
-
-
-@dataclass
-class _Out:
-    """What every response object of one request repeats."""
-
-    rid: str
-    created: int
-    model: str
-    chat: bool
-
-    def obj(self, choices: list[dict], chunk: bool) -> dict:
-        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-
-    def chunk(self, text: str, depths: list[int], reason: str | None, role: bool = False) -> dict:
-        choice = {"index": 0, "finish_reason": reason, "logprobs": None, "ponder_depths": depths}
-        if self.chat:
-            choice["delta"] = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
-        else:
-            choice["text"] = text
-        return self.obj([choice], chunk=True)
-
-
-def _sse_line(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-def _drain(events: asyncio.Queue, first) -> tuple[list[Token], Finished | None]:
-    """``first`` and every event already waiting: the tokens, and the end if it came."""
-    toks, ev = [], first
-    while True:
-        if isinstance(ev, Finished):
-            return toks, ev
-        toks.append(ev)
-        if events.empty():
-            return toks, None
-        ev = events.get_nowait()
-
-
-async def _sse(req: batching.Request, events: asyncio.Queue, stream: Stream, out: _Out,
-               include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
-    """Server-sent events: a chunk per piece of text (with the depths of the tokens it completes),
-    the finish reason, usage if asked, ``[DONE]``. A chunk carries every token that arrived since
-    the last one: one token while the client keeps up, several when the event loop falls behind
-    (fewer, larger writes exactly when writes are the bottleneck). However it ends, the row is
-    released."""
-    try:
-        if out.chat:
-            yield _sse_line(out.chunk("", [], None, role=True))
-        while True:
-            toks, end = _drain(events, await events.get())
-            if toks:
-                text, depths = stream.push(toks)
-                if text or depths:
-                    yield _sse_line(out.chunk(text, depths, None))
-                if stream.stopped:
-                    req.cancel("stop")
-            if end is None:
-                continue
-            if end.reason in ("cancelled", "error") and not stream.stopped:
-                yield _sse_line(error_body("the generation was cut short on the server", "server_error"))
-                break
-            text, depths = stream.flush()
-            yield _sse_line(out.chunk(text, depths, finish_reason(end, stream)))
-            if include_usage:
-                yield _sse_line({**out.obj([], chunk=True), "usage": usage(end, len(stream.ids))})
-            break
-        yield "data: [DONE]\n\n"
-    finally:  # the client went away (or the server is stopping): the row goes at the next step
-        req.cancel()
-
-
-async def _until_disconnect(receive, req: batching.Request) -> None:
-    """Wait for the client to go away (the server's ``http.disconnect``), then cancel the row."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    req.cancel()
-
-
-async def _whole(request: Request, req: batching.Request, events: asyncio.Queue, stream: Stream, out: _Out):
-    """The whole completion as one response. A task watches the connection meanwhile: a client
-    that disconnects cancels its row at once (the next step drops it), however busy the row is."""
-    watch = asyncio.create_task(_until_disconnect(request.receive, req))
-    try:
-        while True:
-            toks, end = _drain(events, await events.get())
-            if toks:
-                stream.push(toks)
-                if stream.stopped:
-                    req.cancel("stop")
-            if end is not None:
-                ev = end
-                break
-    finally:
-        watch.cancel()
-        req.cancel()
-    if watch.done() and not watch.cancelled() and watch.exception() is None and not stream.stopped:  # client gone
-        return PlainTextResponse("", status_code=499)
-    if ev.reason in ("cancelled", "error") and not stream.stopped:
-        raise ApiError(500, "the generation was cut short on the server", kind="server_error")
-    stream.flush()
-    choice = {"index": 0, "finish_reason": finish_reason(ev, stream), "logprobs": None, "ponder_depths": stream.depths}
-    if out.chat:
-        choice["message"] = {"role": "assistant", "content": stream.sent}
-    else:
-        choice["text"] = stream.sent
-    return {**out.obj([choice], chunk=False), "usage": usage(ev, len(stream.ids))}
+        return await whole_response(request, choices, events, out)
 
 
 def create_app(engine: Engine, tok, settings: ServerSettings, on_ready: Callable[[], None] | None = None) -> FastAPI:
@@ -317,17 +328,33 @@ def create_app(engine: Engine, tok, settings: ServerSettings, on_ready: Callable
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        check_text(body.prompt, "prompt")
-        return await api.serve(request, body, body.prompt, stop_strings(body.stop), chat=False)
+        body.check()
+        prompts = body.prompts()
+        stops = stop_strings(body.stop)
+        api.check_model(body.model)
+        return await api.serve(request, body, await api.completion_prompts(body, prompts), stops, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
-        if body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
-        for i, m in enumerate(body.messages):
-            check_text(m.content, f"messages.{i}.content")
-        prompt = chat_prompt(body.messages)
-        return await api.serve(request, body, prompt, [*stop_strings(body.stop), CHAT_STOP], chat=True)
+        body.check()
+        prompt, implied = api.chat_text(body)
+        api.check_model(body.model)
+        stops = [*stop_strings(body.stop), *implied]
+        api.check_chars(prompt, "messages")  # bounded before any work proportional to it
+        ids = await api.tokenize(prompt, bool(body.add_special_tokens)) if prompt else []
+        return await api.serve(request, body, [(ids, "")], stops, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        return await api.tokenize_request(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        return await api.detokenize_request(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return api.tokenizer_info()
 
     return app
 

@@ -6,10 +6,11 @@ SSE framing and socket write would stall the slot steps, and a model that genera
 per step (PonderLM-3 at a low depth) would pay for it more. So the scheduler runs in a spawned
 child process and the server talks to it over a pipe:
 
-* server -> engine: ``("add", id, prompt, max_tokens, temperature, top_p, seed, ignore_eos)``,
+* server -> engine: ``("add", id, prompt, max_tokens, temperature, top_p, seed, ignore_eos, logprobs,
+  score_prompt)``,
   ``("cancel", id, reason)`` (reason "stop" when the server found a stop string), ``("stop",)``;
 * engine -> server: ``("ready", info)`` once the model is loaded (or ``("error", line)``), then
-  ``("events", [(id, Token | Finished), ...], stats)`` after each step that produced events, with
+  ``("events", [(id, Token | PromptScores | Finished), ...], stats)`` after each step that produced events, with
   the scheduler's counters (``stats``) at most every :data:`STATS_EVERY` seconds while busy and
   whenever the batch empties (None in between), and ``("bye",)`` after a stop.
 
@@ -62,7 +63,7 @@ def _engine_main(conn, checkpoint: str, device: str, settings: BatchSettings) ->
 
     try:
         model, tok, _ = load_model(checkpoint, device)
-        sched = engine_scheduler(model, tok.eot_id, settings)
+        sched = engine_scheduler(model, tok.eos_id, settings)  # the model's end of turn, else end of text
     except Exception as e:  # the server already loaded this checkpoint once; report whatever happens
         conn.send(("error", f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)))
         return
@@ -94,9 +95,9 @@ class _EngineLoop:
 
     def handle(self, msg) -> None:
         if msg[0] == "add":
-            _, rid, prompt, max_tokens, temperature, top_p, seed, ignore_eos = msg
+            _, rid, prompt, max_tokens, temperature, top_p, seed, ignore_eos, logprobs, score = msg
             req = Request(prompt, max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                          ignore_eos=ignore_eos, id=rid)  # fmt: skip
+                          ignore_eos=ignore_eos, logprobs=logprobs, score_prompt=score, id=rid)  # fmt: skip
             self.reqs[rid] = req
             self.sched.queue.put_nowait(req)  # never full: see engine_scheduler
         elif msg[0] == "cancel":
@@ -230,7 +231,8 @@ class Engine:
         self.reqs[rid] = req
         req.id = rid
         req.on_cancel = lambda reason: self._send(("cancel", rid, reason))
-        self._send(("add", rid, req.prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.ignore_eos))
+        self._send(("add", rid, req.prompt, req.max_tokens, req.temperature, req.top_p, req.seed, req.ignore_eos,
+                    req.logprobs, req.score_prompt))  # fmt: skip
 
     def _send(self, msg) -> None:
         if self.dead is None:

@@ -77,6 +77,18 @@ class Token:
 
     token: int
     depth: int
+    logprob: float | None = None  # log p(token) under the raw model distribution (requests asking for logprobs)
+    top: list[tuple[int, float]] | None = None  # the top-k (id, logprob) of that distribution, most likely first
+
+
+@dataclass
+class PromptScores:
+    """A request's first event when it asked for its prompt's log-probabilities (``echo`` with
+    ``logprobs``): for prompt tokens 1..T-1, log p(token | the tokens before it) and the top-k of
+    each position, from :func:`score_prompt` (the scoring computation of ``ponderlm eval``)."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
 
 
 @dataclass
@@ -88,9 +100,10 @@ class Finished:
     depths: list[int]  # depth of every generated token (EOS included when it ended the row)
     flops: float = 0.0  # inference FLOPs of the request: the prompt and every token fed back
     prompt_flops: float = 0.0
+    eos: Token | None = None  # the EOS that ended the row, with its logprobs (requests asking for logprobs)
 
 
-Event = Token | Finished
+Event = Token | PromptScores | Finished
 
 
 @dataclass
@@ -103,6 +116,9 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     ignore_eos: bool = False  # run to max_tokens even past EOS (fixed lengths for load tests)
+    logprobs: int | None = None  # each generated token's logprob and its distribution's top-k (None: none)
+    score_prompt: bool = False  # first, the prompt's logprobs (top-k: ``logprobs``); max_tokens 0: only that
+    score_flops: float = 0.0  # set by the scheduler: the FLOPs of scoring the prompt
     on_event: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)  # set from any thread
     id: int = 0  # the engine process's name for it (ponderlm.serving.engine)
@@ -120,6 +136,52 @@ class Request:
             self.on_cancel(reason)
 
 
+def top_k(logp: Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely (id, logprob) of a log-distribution (V,), most likely first."""
+    if k <= 0:
+        return []
+    v, i = logp.topk(min(k, logp.shape[-1]))
+    return list(zip(i.tolist(), v.tolist(), strict=True))
+
+
+def token_logprobs(logits: Tensor, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(tok) and the top-k under the raw distribution of ``logits`` (V,): the log-softmax of
+    the model's logits before temperature or top-p (vLLM's default, ``raw_logprobs``), in float32."""
+    logp = logits.float().log_softmax(-1)
+    return float(logp[tok]), top_k(logp, k)
+
+
+@torch.no_grad()
+def score_prompt(model: PonderLM, prompt: list[int], tau: float, k: int) -> tuple[PromptScores, float]:
+    """The log-probabilities of prompt tokens 1..T-1 in ``ponderlm eval``'s scoring computation
+    (:func:`ponderlm.eval.zeroshot.loglikelihoods`, the lm-eval adapter's): one hard-pruned forward
+    at ``tau`` over the prompt without its last token, Jacobi refined until the latents settle
+    (``CONVERGED``), the head at each position (:func:`ponderlm.eval.head.head_chunks`),
+    log-softmax in float32. Returns the scores and the FLOPs of that forward."""
+    from ponderlm.eval.head import head_chunks
+    from ponderlm.model.model import CONVERGED
+
+    if len(prompt) < 2:
+        return PromptScores([], []), 0.0
+    dev = model.embed_tokens.weight.device
+    ids = torch.tensor([prompt[:-1]], dtype=torch.long, device=dev)  # (1, T-1)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    res = model(ids, mode="hard", tau=tau, attention_mask=mask, with_logits=False, **CONVERGED)
+    tgt = torch.tensor(prompt[1:], dtype=torch.long, device=dev)  # (T-1,)
+    lps: list[float] = []
+    tops: list[list[tuple[int, float]]] = []
+    for s, e, logits in head_chunks(model, res.hidden[0]):
+        logp = logits.log_softmax(-1)  # (n, V)
+        lps += logp.gather(-1, tgt[s:e, None]).squeeze(-1).tolist()
+        if k > 0:
+            v, i = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (n, k)
+            tops += [list(zip(a, b, strict=True)) for a, b in zip(i.tolist(), v.tolist(), strict=True)]
+        else:
+            tops += [[] for _ in range(e - s)]
+    flops = inference_flops(model.cfg, res.depth.round().long().cpu()).total
+    return PromptScores(lps, tops), flops
+
+
 class QueueFull(Exception):
     """The request queue holds ``max_queue`` requests already."""
 
@@ -132,6 +194,7 @@ class _Row:
     depths: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     reason: str | None = None  # set when the row is done
+    eos: Token | None = None
 
 
 @dataclass
@@ -250,6 +313,11 @@ class Scheduler:
                     self._send(req, Finished("cancelled", len(req.prompt), []))
                     continue
                 try:
+                    score_flops = self._score(req) if req.score_prompt else 0.0
+                    if req.max_tokens == 0:  # only the prompt's logprobs were asked for
+                        self._send(req, Finished("length", len(req.prompt), [], score_flops, score_flops))
+                        continue
+                    req.score_flops = score_flops
                     if self.walk_limit >= len(req.prompt):
                         self._admit_walking(req)
                     else:
@@ -288,6 +356,13 @@ class Scheduler:
             return sample_next(logits, temperature=req.temperature, top_p=top_p, generator=gen)
 
         return pick
+
+    def _score(self, req: Request) -> float:
+        """Send the prompt's logprobs (:func:`score_prompt`); returns that pass's FLOPs."""
+        self.model.check_input_ids(torch.tensor([req.prompt], dtype=torch.long, device=self.device))  # (1, T)
+        scores, flops = score_prompt(self.model, req.prompt, self.tau, req.logprobs or 0)
+        self._send(req, scores)
+        return flops
 
     def _admit_walking(self, req: Request) -> None:
         """The request joins with an empty cache row; its first prompt token starts."""
@@ -336,7 +411,7 @@ class Scheduler:
             self.stats.admitted += 1
             row = _Row(req, self._picker(req), prompt_depth=depth[j][T - n :])
             nxt = int(row.pick(logits[j : j + 1])[0])
-            if self._emit(row, nxt, row.prompt_depth[-1]):
+            if self._emit(row, nxt, row.prompt_depth[-1], logits[j]):
                 self._finish(row)
                 continue
             rows.append(row)
@@ -410,21 +485,25 @@ class Scheduler:
             if row.req.temperature > 0:
                 new[j] = row.pick(logits[j : j + 1])[0]
         toks = new.tolist()
-        for row, tok, d in zip(rows, toks, depth.tolist(), strict=True):
-            if self._emit(row, tok, d):
+        for j, (row, tok, d) in enumerate(zip(rows, toks, depth.tolist(), strict=True)):
+            if self._emit(row, tok, d, logits[j]):
                 self._finish(row)
         return toks
 
-    def _emit(self, row: _Row, tok: int, depth: int) -> bool:
-        """Record a sampled token and hand it over; returns whether the row is done."""
+    def _emit(self, row: _Row, tok: int, depth: int, logits: Tensor) -> bool:
+        """Record a sampled token (from ``logits`` (V,)) and hand it over; returns whether the row is done."""
         row.depths.append(depth)
+        ev = Token(tok, depth)
+        if row.req.logprobs is not None:
+            ev.logprob, ev.top = token_logprobs(logits, tok, row.req.logprobs)
         if self.eos is not None and tok == self.eos and not row.req.ignore_eos:
             row.reason = "stop"
+            row.eos = ev if row.req.logprobs is not None else None
             return True
         row.tokens.append(tok)
         self.stats.tokens += 1
         self.stats.depth_sum += depth
-        self._send(row.req, Token(tok, depth))
+        self._send(row.req, ev)
         if len(row.tokens) >= row.req.max_tokens:
             row.reason = "length"
             return True
@@ -442,7 +521,9 @@ class Scheduler:
             self.stats.decode_flops += total - prompt
             self.stats.decode_tokens += len(row.tokens)
         self.stats.finished[row.reason] = self.stats.finished.get(row.reason, 0) + 1
-        self._send(row.req, Finished(row.reason, len(row.req.prompt), list(row.depths), total, prompt))
+        extra = row.req.score_flops  # the prompt's scoring pass (echo with logprobs)
+        self._send(row.req, Finished(row.reason, len(row.req.prompt), list(row.depths), total + extra, prompt + extra,
+                                     row.eos))  # fmt: skip
 
     def _retire(self) -> None:
         """Remove the rows that are done; their cache rows are released."""

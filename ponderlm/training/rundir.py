@@ -79,7 +79,8 @@ def resolve_model_config(cfg: RunConfig, explicit: set[str], tok_vocab: int) -> 
 
 
 def init_source(src: str, cfg: RunConfig, explicit: set[str], tokenizer_file: Path):
-    """Adopt the backbone of a source checkpoint for --init-from; returns (weights, explicit keys)."""
+    """Adopt the backbone of a source checkpoint for --init-from; returns (weights, explicit keys,
+    the source checkpoint's directory)."""
     ck_dir = resolve_checkpoint(src)
     ck = load_checkpoint(ck_dir, with_optimizer=False)
     src_cfg = ck["model_config"]
@@ -96,7 +97,17 @@ def init_source(src: str, cfg: RunConfig, explicit: set[str], tokenizer_file: Pa
             f"{cfg.train.data_dir} was not tokenized with {src}'s tokenizer; prepare it with "
             f"`ponderlm data prepare --tokenizer {tok} ...`"
         )
-    return ck["model_state"], explicit | {"model.vocab_size"}
+    return ck["model_state"], explicit | {"model.vocab_size"}, ck_dir
+
+
+def carried_tokenizer_config(*checkpoints: Path | None) -> Path | None:
+    """The ``tokenizer_config.json`` (chat template, special tokens) a run's checkpoints carry: the one
+    beside the checkpoint it resumes from, else the one of its --init-from source (a converted
+    model's), else none. The dataset's tokenizer.json is checked to be theirs, so it applies."""
+    for ck in checkpoints:
+        if ck is not None and (Path(ck) / "tokenizer_config.json").is_file():
+            return Path(ck) / "tokenizer_config.json"
+    return None
 
 
 def batch_split(tc, world: int) -> tuple[int, int, int]:

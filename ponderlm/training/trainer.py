@@ -38,6 +38,7 @@ from ponderlm.training.distributed import DistEnv, full_state, grad_sync, load_o
 from ponderlm.training.rundir import (
     MetricsLog,
     batch_split,
+    carried_tokenizer_config,
     check_ids,
     check_run_dir,
     init_source,
@@ -130,9 +131,9 @@ class Trainer:
         meta = check_dataset(Path(tc.data_dir), verify_hashes=tc.verify_data, remember=False)
         self.tokenizer_file = Path(tc.data_dir) / meta["tokenizer"]["file"]
         self.tok_vocab = int(meta["tokenizer"]["vocab_size"])
-        init_state = None
+        init_state = init_dir = None
         if tc.init_from:  # continued pretraining: the backbone (sizes and weights) comes from there
-            init_state, explicit = init_source(tc.init_from, cfg, explicit, self.tokenizer_file)
+            init_state, explicit, init_dir = init_source(tc.init_from, cfg, explicit, self.tokenizer_file)
         resolve_model_config(cfg, explicit, self.tok_vocab)
         self.per_rank, self.micro, self.accum = batch_split(tc, self.env.world)
         # sizes that cannot fit are refused here, naming the keys, not as an allocator's traceback later
@@ -148,6 +149,7 @@ class Trainer:
         self.step = self.tokens_seen = 0
         self.bad_in_row = self.bad_total = 0  # non-finite steps skipped: current streak, whole run
         start, ck = resume_point(self.out, cfg, self.tokenizer_file, self.log) if resume else (None, None)
+        self.tokenizer_config = carried_tokenizer_config(start, init_dir)
         if ck is not None:
             self._restore(ck)
             if self.finished:
@@ -298,7 +300,7 @@ class Trainer:
             try:
                 save_checkpoint(
                     self.out, self.step, model_state, optim_state, state, self.cfg, self.tokenizer_file,
-                    self.cfg.train.keep_last,
+                    self.cfg.train.keep_last, tokenizer_config=self.tokenizer_config,
                 )  # fmt: skip
             except CheckpointWriteError as e:
                 raise TrainingStopped(f"{e}; {last_good(self.out)}") from None
