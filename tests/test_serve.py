@@ -564,10 +564,10 @@ FAULT = """
 import sys
 import ponderlm.serving.api as api
 template = api.chat_prompt
-def broken(messages, *args):
+def broken(tok, messages, *args):
     if messages[-1].content == "boom":
         raise RuntimeError("injected fault\\nwith a second line")
-    return template(messages, *args)
+    return template(tok, messages, *args)
 api.chat_prompt = broken
 from ponderlm.cli.main import main
 sys.exit(main(sys.argv[1:]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ lm_eval = pytest.importorskip("lm_eval")
 from test_serve import Server  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
-from fakepkgs import WORDS, make_fake_olmo_eval, paragraph  # noqa: E402
 
 MODEL = "tiny"
 TAU = 0.4  # test_serve.Server serves at this tau
@@ -37,20 +35,10 @@ LIMIT = 8  # documents per task in the lm-eval comparison
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A random tiny PonderLM-3 (context 512) with a small BPE tokenizer, and lm-eval task files."""
-    from ponderlm.data.tokenizer import Tokenizer
-    from ponderlm.eval.lm_eval_adapter import write_tasks
-    from ponderlm.runs.checkpoint import save_checkpoint
-    from ponderlm.runs.config import RunConfig
+    from test_lm_eval import tiny_lm_eval_world
 
     root = tmp_path_factory.mktemp("logprobs")
-    cache = make_fake_olmo_eval(root / "cache")
-    rng = random.Random(0)
-    tok = Tokenizer.train_bpe([paragraph(rng, 20) for _ in range(50)] + [" ".join(WORDS)], vocab_size=300)
-    tok.save(root / "tokenizer.json")
-    model = tiny_model("ponderlm3", vocab_size=320, max_seq_len=512, dtype=torch.float32)
-    ck = save_checkpoint(root / "run", 0, model.state_dict(), None, {"step": 0}, RunConfig(model=model.cfg),
-                         root / "tokenizer.json", keep_last=1)  # fmt: skip
-    names = write_tasks(root / "tasks", cache, log=lambda *_: None)
+    _, ck, names = tiny_lm_eval_world(root, 512)
     return root, ck, names
 
 
@@ -238,7 +226,7 @@ def test_lm_evals_local_completions_scores_as_the_adapter(setup, server, adapter
 def test_scoring_and_logprobs_in_the_engine_build_no_graph(prefill):
     """The engine's scheduler scores prompts (echo) and gives each token's logprobs under no_grad, and
     its prompt scores are :func:`score_prompt`'s, with generation unchanged by asking for them."""
-    from test_no_autograd import _run
+    from test_no_autograd import _run, drain
 
     from ponderlm.serving.engine import engine_scheduler
     from ponderlm.serving.scheduler import BatchSettings, Finished, PromptScores, Request, Token
@@ -253,13 +241,7 @@ def test_scoring_and_logprobs_in_the_engine_build_no_graph(prefill):
         sched.submit(Request(p, n, logprobs=k, score_prompt=score, on_event=lambda ev, i=i: got.setdefault(i, [])
                              .append(ev)))  # fmt: skip
 
-    def serve():
-        for _ in range(200):
-            if not sched.safe_step() and sched.queue.empty():
-                return
-        raise AssertionError("the scheduler did not finish")
-
-    _run(model, serve)
+    _run(model, lambda: drain(sched))
     for i, (p, (k, score)) in enumerate(zip(prompts, asks, strict=True)):
         evs = got[i]
         assert isinstance(evs[-1], Finished) and evs[-1].reason == "length"

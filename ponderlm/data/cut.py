@@ -46,7 +46,7 @@ MAX_UNCUT_CHARS = 1 << 20  # the longest stretch tokenized in one piece (~200 MB
 _CHAR_WISE_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents", "Nmt", "BertNormalizer"}
 _SPLITS_AT_WHITESPACE = {"Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
 _SPLITS_FURTHER = {"ByteLevel", "Digits", "Punctuation", "Split", "Whitespace", "WhitespaceSplit", "BertPreTokenizer"}
-_ADDED_TOKEN_MARGIN = 64  # characters around a place searched for a whitespace-bearing added token
+ADDED_TOKEN_MARGIN = 64  # characters around a place searched for a whitespace-bearing added token
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class Cutter:
         if not (self._cut_ok[text[p]] and self._is_solid(text[p - 1]) and self._is_solid(text[p + 1])):
             return False
         if self._added:
-            near = _fold(text[max(0, p - _ADDED_TOKEN_MARGIN) : p + _ADDED_TOKEN_MARGIN])
+            near = _fold(text[max(0, p - ADDED_TOKEN_MARGIN) : p + ADDED_TOKEN_MARGIN])
             if any(t in near for t in self._added):
                 return False
         return True

@@ -23,10 +23,11 @@ from __future__ import annotations
 import itertools
 import re
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ponderlm.data.cut import _ADDED_TOKEN_MARGIN, Cutter
+from ponderlm.data.cut import ADDED_TOKEN_MARGIN, Cutter
 from ponderlm.data.jsonline import Scan, read_value
 from ponderlm.data.sources import MAX_DOC_CHARS, Document
 
@@ -36,14 +37,16 @@ _LEADING_RUN = re.compile(r"\S*")
 _TRAILING_RUN = re.compile(r"\S+\Z")
 
 
-class Text:
+class Text(ABC):
     """Characters read again from their input: ``length`` and ``chunks(a, b)`` (characters ``a`` to
-    ``b`` in pieces of about a read block, in order)."""
+    ``b`` in pieces of about a read block, in order). Its kinds: :class:`ValueText` (a long line's
+    text field), :class:`Joined` (paragraphs of one, joined as split_long joins them) and
+    :class:`Slice` (a stretch of another)."""
 
     length: int
 
-    def chunks(self, a: int = 0, b: int | None = None) -> Iterator[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def chunks(self, a: int = 0, b: int | None = None) -> Iterator[str]: ...
 
     def read(self, a: int = 0, b: int | None = None) -> str:
         """Characters ``a`` to ``b`` as one ``str`` (for short stretches)."""
@@ -189,7 +192,7 @@ class _Window:
 
 def cut_places(cutter: Cutter, text: Text) -> list[int] | None:
     """``cutter.places(text)`` from a window of ``text``: every position the Cutter looks at lies in
-    ``start - 1 - _ADDED_TOKEN_MARGIN .. start + max_uncut + 2 + _ADDED_TOKEN_MARGIN`` of the piece
+    ``start - 1 - ADDED_TOKEN_MARGIN .. start + max_uncut + 2 + ADDED_TOKEN_MARGIN`` of the piece
     that starts at ``start``, and the window holds that or reaches the end of ``text``."""
     n = text.length
     if n <= cutter.segment:
@@ -197,11 +200,11 @@ def cut_places(cutter: Cutter, text: Text) -> list[int] | None:
     if cutter.rule is None:
         return [] if n <= cutter.max_uncut else None
     win = _Window(text)
-    reach = cutter.segment + cutter.max_uncut + 3 + _ADDED_TOKEN_MARGIN
+    reach = cutter.segment + cutter.max_uncut + 3 + ADDED_TOKEN_MARGIN
     cuts: list[int] = []
     start = 0
     while n - start > cutter.segment:
-        win.drop(start - _ADDED_TOKEN_MARGIN - 1, cutter.max_uncut)
+        win.drop(start - ADDED_TOKEN_MARGIN - 1, cutter.max_uncut)
         win.fill(start + reach)
         s, off = win.buf, win.base
         target = start + cutter.segment

@@ -66,7 +66,6 @@ from ponderlm.serving.protocol import (
     chat_prompt,
     check_text,
     stop_strings,
-    template_prompt,
     unsupported,
 )
 from ponderlm.serving.responses import Choice, Logprobs, Out, Stream, put_event, sse, whole_response
@@ -202,12 +201,10 @@ class Api:
                 "vocab_size": self.tok.vocab_size, "chat_template": self.tok.chat_template}  # fmt: skip
 
     def chat_text(self, body) -> tuple[str, list[str]]:
-        """A chat request's prompt and the stop strings it implies: the model's own template (the
-        reply ends at its end-of-turn token, the engine's EOS), or, for a model without one, the plain
-        template, whose reply ends where the model starts the next user turn."""
-        if self.tok.chat_template is not None:
-            return template_prompt(self.tok, body.messages, body.add_generation_prompt, body.continue_final_message), []
-        return chat_prompt(body.messages, body.add_generation_prompt, body.continue_final_message), [CHAT_STOP]
+        """A chat request's prompt and the stop strings it implies: none for the model's own template
+        (the reply ends at its end-of-turn token, the engine's EOS), :data:`CHAT_STOP` for the plain one."""
+        text = chat_prompt(self.tok, body.messages, body.add_generation_prompt, body.continue_final_message)
+        return text, [] if self.tok.chat_template is not None else [CHAT_STOP]
 
     def check_ids(self, ids: list[int], where: str) -> None:
         vocab = self.tok.vocab_size

@@ -399,42 +399,37 @@ class DetokenizeBody(BaseModel):
     tokens: list[int]
 
 
-def chat_prompt(messages: list[Message], generation: bool | None = None, cont: bool | None = None) -> str:
-    """The plain chat template (ponderlm's models are base models without one): each message as
-    ``Role: content`` followed by a blank line (``developer`` as ``System``), then ``Assistant:`` for
-    the reply (``generation`` false: without it; ``cont``: the last message left open, without its
-    blank line, for the reply to continue). ``\n\nUser:`` is an implicit stop string, so the reply
-    ends where the model starts the next user turn."""
-    if cont and generation:
-        raise ApiError(400, "continue_final_message and add_generation_prompt cannot both be true",
-                       param="continue_final_message")  # fmt: skip
-    turns = [f"{('system' if m.role == 'developer' else m.role).capitalize()}: {message_text(m, i)}"
-             for i, m in enumerate(messages)]  # fmt: skip
-    if cont:
-        return "".join(f"{t}\n\n" for t in turns[:-1]) + turns[-1]
-    return "".join(f"{t}\n\n" for t in turns) + ("Assistant:" if generation is not False else "")
+CHAT_STOP = "\n\nUser:"  # the plain template's implied stop: the model starting the next user turn
+_OPEN = "\x00ponderlm-continue\x00"  # stands for the final message's content while cutting after it
 
 
-CHAT_STOP = "\n\nUser:"
-
-
-def template_prompt(tok, messages: list[Message], generation: bool | None = None, cont: bool | None = None) -> str:
-    """The messages through the model's own chat template (a converted model's), rendered as
-    transformers renders it (:meth:`ponderlm.data.tokenizer.Tokenizer.render_chat`; ``developer`` as
-    ``system``). ``cont``: the final message left open for the reply to continue, as transformers'
-    ``continue_final_message`` does it: the rendering cut right after that message's content."""
+def chat_prompt(tok, messages: list[Message], generation: bool | None = None, cont: bool | None = None) -> str:
+    """The prompt of a conversation: the model's own chat template (a converted model's) or, for a
+    model without one, the plain one (``Role: content`` and a blank line per message, then
+    ``Assistant:``; :data:`CHAT_STOP` is then an implied stop string), both rendered by
+    :meth:`ponderlm.data.tokenizer.Tokenizer.render_chat`. ``developer`` is ``system``;
+    ``generation`` false: no reply prompt; ``cont``: the final message left open for the reply to
+    continue, as transformers' ``continue_final_message`` does it (the rendering cut right after
+    that message's content)."""
     if cont and generation:
         raise ApiError(400, "continue_final_message and add_generation_prompt cannot both be true",
                        param="continue_final_message")  # fmt: skip
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m, i)}
              for i, m in enumerate(messages)]  # fmt: skip
+    last = turns[-1]["content"] if cont and turns else None
+    if last is not None:
+        turns[-1]["content"] = _OPEN
     try:
         text = tok.render_chat(turns, add_generation_prompt=generation is not False and not cont)
     except DataError as e:
         raise ApiError(400, str(e), param="messages") from None
-    last = turns[-1]["content"] if cont and turns else ""
-    at = text.rfind(last) if last else -1
-    return text[: at + len(last)] if at != -1 else text
+    if last is None:
+        return text
+    at = text.rfind(_OPEN)
+    if at == -1:
+        raise ApiError(400, "continue_final_message: the chat template does not show the final message's content",
+                       param="continue_final_message")  # fmt: skip
+    return text[:at] + last
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:
