@@ -20,6 +20,10 @@ generated token (from the responses' ``ponder_depths`` and ``usage``). Then:
     python benchmarks/serve_load.py --checkpoints runs/cpu_text/vanilla runs/cpu_text/p2-k3 \\
         runs/cpu_text/p3-k3-l0.05 --tau 0.05 --out serve-load.json
 
+A checkpoint written ``RUN@TAU`` is served at that tau (its name in the tables is ``NAME@TAU``), so
+one PonderLM-3 run can be measured at several operating points beside one PonderLM-2; ``--p3``
+takes several names, each compared with ``--p2``. ``--no-overhead`` skips the waves.
+
 ``--soak SECONDS`` instead floods the first checkpoint's server beyond its queue for that long
 and reports the server's resident memory and cache entries after a warm-up and after the soak.
 """
@@ -70,13 +74,23 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
+def split_spec(spec: str, tau: float | None) -> tuple[str, str, float | None]:
+    """``RUN`` or ``RUN@TAU`` -> (name in the tables, checkpoint, tau: TAU, else --tau)."""
+    ck, at, t = spec.partition("@")
+    name = Path(ck).name + (f"@{t}" if at else "")
+    return name, ck, float(t) if at else tau
+
+
 class Server:
-    def __init__(self, checkpoint: str, args) -> None:
+    def __init__(self, checkpoint: str, args, tau: float | None = None) -> None:
         cmd = [sys.executable, "-m", "ponderlm", "serve", "--checkpoint", checkpoint, "--host", "127.0.0.1",
                "--port", "0", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]  # fmt: skip
-        if args.tau is not None:
-            cmd += ["--tau", str(args.tau)]
+        tau = args.tau if tau is None else tau
+        if tau is not None:
+            cmd += ["--tau", str(tau)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        if args.code is not None:  # the servers run another copy of ponderlm (a baseline's)
+            env["PYTHONPATH"] = str(args.code)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         line = self.proc.stdout.readline()
         m = re.search(r"^serving (\S+) .* on (http://127\.0\.0\.1:\d+)", line)
@@ -320,12 +334,13 @@ def measure(args) -> tuple[list[dict], dict, dict]:
     """The load turns and the overhead waves: (rows, turns by (model, clients), overhead)."""
     from ponderlm.loading import load_model
 
-    names = [Path(ck).name for ck in args.checkpoints]
+    specs = [split_spec(s, args.tau) for s in args.checkpoints]
+    names = [name for name, _, _ in specs]
     servers: dict[str, Server] = {}
     try:
-        for name, ck in zip(names, args.checkpoints, strict=True):  # all up at once; an idle one costs nothing
-            servers[name] = Server(ck, args)
-        _, tok, _ = load_model(args.checkpoints[0])
+        for name, ck, tau in specs:  # all up at once; an idle one costs nothing
+            servers[name] = Server(ck, args, tau)
+        _, tok, _ = load_model(specs[0][1])
         prompts = fixed_prompts(tok, max(args.batch, 16), args.prompt_len)
         for s in servers.values():
             asyncio.run(load(s, prompts, 2, 2, 8, 60))  # warm-up
@@ -340,10 +355,12 @@ def measure(args) -> tuple[list[dict], dict, dict]:
                     turns.setdefault((name, c), []).append(r)
                     print(f"{name} clients={c} turn {t + 1}: {r['tok_s']:.1f} tok/s", file=sys.stderr)
         rows = [{"model": name, **pooled(turns[(name, c)])} for c in args.clients for name in names]
+        if not args.overhead:
+            return rows, turns, {}
         # the overhead: a wave of --batch requests against in-process generate on the same prompts
         # as one batch, in turns (the idle servers stay up and cost nothing meanwhile)
-        local = {name: InProcess(ck, prompts[: args.batch], args.max_tokens, args.tau, args.threads)
-                 for name, ck in zip(names, args.checkpoints, strict=True)}  # fmt: skip
+        local = {name: InProcess(ck, prompts[: args.batch], args.max_tokens, tau, args.threads)
+                 for name, ck, tau in specs}  # fmt: skip
         waves = {name: {"served": [], "exact": [], "default": []} for name in names}
         for _ in range(3 * args.turns):  # a wave lasts under a second: more turns
             for name in names:
@@ -368,7 +385,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", nargs="+", required=True, help="runs to serve, one after another")
     p.add_argument("--p2", default="p2-k3", help="name of the PonderLM-2 run (directory name)")
-    p.add_argument("--p3", default="p3-k3-l0.05", help="name of the PonderLM-3 run (directory name)")
+    p.add_argument("--p3", nargs="+", default=["p3-k3-l0.05"],
+                   help="names of the PonderLM-3 runs (directory name, NAME@TAU for RUN@TAU)")  # fmt: skip
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=32,
                    help="requests per turn of a model at a client level (at least 8 per client)")  # fmt: skip
@@ -385,6 +403,14 @@ def main() -> None:
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin the model's process to CPU 0 and the server and clients to the others "
                         "(pinning is the default with 2 or more CPUs)")  # fmt: skip
+    p.add_argument(
+        "--code",
+        type=Path,
+        default=None,
+        help="a directory holding another copy of the ponderlm package: the servers run that one",
+    )
+    p.add_argument("--no-overhead", dest="overhead", action="store_false",
+                   help="skip the server-overhead waves against in-process generate")  # fmt: skip
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     args.pin = args.pin and (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
@@ -404,26 +430,32 @@ def main() -> None:
     print(table(shown, cols))
     vs = []
     by = {(r["model"], r["clients"]): r for r in rows}
-    for c in args.clients:
-        p3, p2 = by.get((args.p3, c)), by.get((args.p2, c))
-        if p3 and p2:
-            per_turn = [a["tok_s"] / b["tok_s"] for a, b in zip(turns[(args.p3, c)], turns[(args.p2, c)], strict=True)]
-            real, ideal = statistics.median(per_turn), p2["flops_per_token"] / p3["flops_per_token"]
-            vs.append({"clients": c, "realised": real, "realised_turns": per_turn, "ideal": ideal,
-                       "fraction": real / ideal})  # fmt: skip
+    for name in args.p3:
+        for c in args.clients:
+            p3, p2 = by.get((name, c)), by.get((args.p2, c))
+            if p3 and p2:
+                per_turn = [a["tok_s"] / b["tok_s"] for a, b in zip(turns[(name, c)], turns[(args.p2, c)], strict=True)]
+                real, ideal = statistics.median(per_turn), p2["flops_per_token"] / p3["flops_per_token"]
+                vs.append({"p3": name, "clients": c, "mean_depth": p3["mean_depth"], "realised": real,
+                           "realised_turns": per_turn, "ideal": ideal, "fraction": real / ideal,
+                           "fraction_turns": [r / ideal for r in per_turn]})  # fmt: skip
     if vs:
         print()
-        print(table(vs, [("clients", "clients", "d"), ("realised", "P3/P2 tokens/s", ".3f"),
-                         ("ideal", "ideal (FLOPs)", ".3f"), ("fraction", "fraction of ideal", ".2f")]))  # fmt: skip
-    print()
+        print(table(vs, [("p3", "PonderLM-3", "s"), ("clients", "clients", "d"), ("mean_depth", "mean depth", ".2f"),
+                         ("realised", "P3/P2 tokens/s", ".3f"), ("ideal", "ideal (FLOPs)", ".3f"),
+                         ("fraction", "fraction of ideal", ".2f")]))  # fmt: skip
     ov = [{"model": k, **v} for k, v in overhead.items()]
-    print(table(ov, [("model", "model", "s"), ("served_tok_s", f"server, {args.batch} at once, tok/s", ".1f"),
-                     ("generate_exact_tok_s", "generate, exact prefill, tok/s", ".1f"),
-                     ("overhead_exact", "overhead", ".1%"),
-                     ("generate_default_tok_s", "generate, default prefill, tok/s", ".1f"),
-                     ("overhead_default", "overhead", ".1%")]))  # fmt: skip
-    settings = {k: getattr(args, k) for k in ("clients", "requests", "turns", "time_limit", "prompt_len", "max_tokens",
-                                              "batch", "max_batch", "max_queue", "tau", "threads", "pin")}  # fmt: skip
+    if ov:
+        print()
+        print(table(ov, [("model", "model", "s"), ("served_tok_s", f"server, {args.batch} at once, tok/s", ".1f"),
+                         ("generate_exact_tok_s", "generate, exact prefill, tok/s", ".1f"),
+                         ("overhead_exact", "overhead", ".1%"),
+                         ("generate_default_tok_s", "generate, default prefill, tok/s", ".1f"),
+                         ("overhead_default", "overhead", ".1%")]))  # fmt: skip
+    settings = {k: getattr(args, k) for k in ("checkpoints", "p2", "p3", "clients", "requests", "turns", "time_limit",
+                                              "prompt_len", "max_tokens", "batch", "max_batch", "max_queue", "tau",
+                                              "threads", "pin", "overhead", "code")}  # fmt: skip
+    settings["code"] = str(settings["code"]) if settings["code"] else None
     finish({"benchmark": "serve_load", "machine": machine(), "settings": settings, "rows": rows, "p3_vs_p2": vs,
             "overhead": overhead}, args.out)  # fmt: skip
 

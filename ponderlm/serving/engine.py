@@ -10,7 +10,10 @@ child process and the server talks to it over a pipe:
   score_prompt)``,
   ``("cancel", id, reason)`` (reason "stop" when the server found a stop string), ``("stop",)``;
 * engine -> server: ``("ready", info)`` once the model is loaded (or ``("error", line)``), then
-  ``("events", [(id, Token | PromptScores | Finished), ...], stats)`` after each step that produced events, with
+  ``("events", [(id, Token | PromptScores | Finished | (token, depth)), ...], stats)`` after each step that
+  produced events (a token without logprobs travels as a plain ``(token, depth)`` tuple: a step of a
+  shallow PonderLM-3 emits a token for most rows, and a dataclass costs about 3 us a token to pickle,
+  a tuple 0.1 us), with
   the scheduler's counters (``stats``) at most every :data:`STATS_EVERY` seconds while busy and
   whenever the batch empties (None in between), and ``("bye",)`` after a stop.
 
@@ -52,7 +55,7 @@ class EngineInfo:
 
 
 def _stats(sched) -> dict:
-    return {**asdict(sched.stats), "waiting": sched.queue.qsize()}
+    return {**asdict(sched.counters()), "waiting": sched.queue.qsize()}
 
 
 def _engine_main(conn, checkpoint: str, device: str, settings: BatchSettings) -> None:
@@ -107,9 +110,10 @@ class _EngineLoop:
             self.stopping = True
 
     def run(self) -> None:
-        sched, last = self.sched, 0.0
+        sched, last, busy = self.sched, 0.0, False
         while True:
-            wait = 0.0 if (sched.rows or not sched.queue.empty()) else 0.5
+            # busy: rows decoding or prompts being scored (an idle step waits for the scorer itself)
+            wait = 0.0 if (busy or sched.rows or not sched.queue.empty()) else 0.5
             while self.conn.poll(wait):
                 wait = 0.0
                 msg = self.conn.recv()
@@ -134,11 +138,15 @@ class _EngineLoop:
                 last = now if busy else -1.0  # idle: one report, then quiet until the next step
 
     def report(self, counters: bool = True) -> None:
-        events = [(req.id, ev) for req, ev in self.out]
+        events = []
+        for req, ev in self.out:
+            if type(ev) is Token and ev.logprob is None:
+                events.append((req.id, (ev.token, ev.depth)))  # (token, depth): see the module docstring
+            else:
+                events.append((req.id, ev))
+                if isinstance(ev, Finished):
+                    self.reqs.pop(req.id, None)
         self.out.clear()
-        for rid, ev in events:
-            if isinstance(ev, Finished):
-                self.reqs.pop(rid, None)
         self.conn.send(("events", events, _stats(self.sched) if counters else None))
 
 
@@ -191,7 +199,7 @@ class Engine:
     def _take(self, msg) -> None:
         """One message of the engine: a step's events to their requests, and its counters."""
         if msg[0] == "events":
-            self._dispatch(msg[1])
+            self._dispatch([(rid, Token(*ev) if type(ev) is tuple else ev) for rid, ev in msg[1]])
             if msg[2] is not None:
                 self.stats = msg[2]
 

@@ -49,6 +49,7 @@ from ponderlm.model.flops import inference_flops
 from ponderlm.model.generate import sample_next
 from ponderlm.model.model import PonderLM
 from ponderlm.model.recurrence import SlotState
+from ponderlm.serving.scoring import PromptScores, Scorer, token_logprobs
 
 
 @dataclass
@@ -79,16 +80,6 @@ class Token:
     depth: int
     logprob: float | None = None  # log p(token) under the raw model distribution (requests asking for logprobs)
     top: list[tuple[int, float]] | None = None  # the top-k (id, logprob) of that distribution, most likely first
-
-
-@dataclass
-class PromptScores:
-    """A request's first event when it asked for its prompt's log-probabilities (``echo`` with
-    ``logprobs``): for prompt tokens 1..T-1, log p(token | the tokens before it) and the top-k of
-    each position, from :func:`score_prompt` (the scoring computation of ``ponderlm eval``)."""
-
-    logprobs: list[float]
-    top: list[list[tuple[int, float]]]
 
 
 @dataclass
@@ -136,50 +127,7 @@ class Request:
             self.on_cancel(reason)
 
 
-def top_k(logp: Tensor, k: int) -> list[tuple[int, float]]:
-    """The k most likely (id, logprob) of a log-distribution (V,), most likely first."""
-    if k <= 0:
-        return []
-    v, i = logp.topk(min(k, logp.shape[-1]))
-    return list(zip(i.tolist(), v.tolist(), strict=True))
-
-
-def token_logprobs(logits: Tensor, tok: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-    """log p(tok) and the top-k under the raw distribution of ``logits`` (V,): the log-softmax of
-    the model's logits before temperature or top-p (vLLM's default, ``raw_logprobs``), in float32."""
-    logp = logits.float().log_softmax(-1)
-    return float(logp[tok]), top_k(logp, k)
-
-
-@torch.no_grad()
-def score_prompt(model: PonderLM, prompt: list[int], tau: float, k: int) -> tuple[PromptScores, float]:
-    """The log-probabilities of prompt tokens 1..T-1 in ``ponderlm eval``'s scoring computation
-    (:func:`ponderlm.eval.zeroshot.loglikelihoods`, the lm-eval adapter's): one hard-pruned forward
-    at ``tau`` over the prompt without its last token, Jacobi refined until the latents settle
-    (``CONVERGED``), the head at each position (:func:`ponderlm.eval.head.head_chunks`),
-    log-softmax in float32. Returns the scores and the FLOPs of that forward."""
-    from ponderlm.eval.head import head_chunks
-    from ponderlm.model.model import CONVERGED
-
-    if len(prompt) < 2:
-        return PromptScores([], []), 0.0
-    dev = model.embed_tokens.weight.device
-    ids = torch.tensor([prompt[:-1]], dtype=torch.long, device=dev)  # (1, T-1)
-    mask = torch.ones_like(ids, dtype=torch.bool)
-    res = model(ids, mode="hard", tau=tau, attention_mask=mask, with_logits=False, **CONVERGED)
-    tgt = torch.tensor(prompt[1:], dtype=torch.long, device=dev)  # (T-1,)
-    lps: list[float] = []
-    tops: list[list[tuple[int, float]]] = []
-    for s, e, logits in head_chunks(model, res.hidden[0]):
-        logp = logits.log_softmax(-1)  # (n, V)
-        lps += logp.gather(-1, tgt[s:e, None]).squeeze(-1).tolist()
-        if k > 0:
-            v, i = logp.topk(min(k, logp.shape[-1]), dim=-1)  # (n, k)
-            tops += [list(zip(a, b, strict=True)) for a, b in zip(i.tolist(), v.tolist(), strict=True)]
-        else:
-            tops += [[] for _ in range(e - s)]
-    flops = inference_flops(model.cfg, res.depth.round().long().cpu()).total
-    return PromptScores(lps, tops), flops
+SCORE_WAIT = 0.05  # seconds: the longest an idle step waits for a prompt being scored
 
 
 class QueueFull(Exception):
@@ -209,7 +157,7 @@ class Stats:
     decode_tokens: int = 0  # generated tokens of finished requests
     steps: int = 0  # advance_slots calls
     active: int = 0  # rows in the batch
-    cache_entries: int = 0  # KV cache slots the batch holds
+    cache_entries: int = 0  # KV cache slots the batch holds (as of the last counters() call; 0 when empty)
 
 
 class Scheduler:
@@ -240,9 +188,13 @@ class Scheduler:
         self.stats = Stats()
         self.deliver = deliver  # takes a step's (request, event) pairs; None: call each on_event here
         self._out: list[tuple[Request, Event]] = []
+        self._running: Tensor | None = None  # (B,) all True: every row of the batch runs a slot each step
+        self._keep: dict[tuple[int, int], Tensor] = {}  # (rows, depth) -> all-True keep mask of mixing
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._scorer = Scorer(model, self.tau, self._wake.set)  # echo with logprobs, beside the steps
+        self._ready: list[Request] = []  # scored prompts waiting for a row
 
     # ------------------------------------------------------------------ any thread
     def submit(self, req: Request) -> None:
@@ -263,11 +215,15 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        for row in self.rows:
-            row.reason = "cancelled"
-            self._finish(row)
-        self._retire()
+        with torch.inference_mode():
+            for row in self.rows:
+                row.reason = "cancelled"
+                self._finish(row)
+            self._retire()
         self._flush()
+        for req in self._scorer.close() + self._ready:
+            self._send(req, Finished("cancelled", len(req.prompt), []))
+        self._ready = []
         while not self.queue.empty():
             self._send(self.queue.get_nowait(), Finished("cancelled", 0, []))
         self._flush()
@@ -286,52 +242,81 @@ class Scheduler:
             return self.step()
         except Exception:
             traceback.print_exc(file=sys.stderr)
-            for row in self.rows:
-                row.reason = "error"
-                self._finish(row)
-            self._retire()
+            with torch.inference_mode():
+                for row in self.rows:
+                    row.reason = "error"
+                    self._finish(row)
+                self._retire()
             self._flush()
             return False
 
     # ------------------------------------------------------------------ the scheduler thread
     def step(self) -> bool:
-        """Drop cancelled rows, admit queued requests, advance every row by one slot, retire the
-        finished. Returns whether any row is still running."""
-        with torch.no_grad():
+        """Drop cancelled rows, collect scored prompts, admit queued requests, advance every row by
+        one slot, retire the finished. Returns whether any row is still running or any prompt is
+        being scored or waits for a row once scored.
+
+        The step runs in inference mode (no autograd bookkeeping on any tensor: the same values as
+        ``no_grad``, less work per operation); the batch's cache and slot state are inference
+        tensors, so everything that changes them runs in it too (:meth:`stop`, :meth:`safe_step`)."""
+        with torch.inference_mode():
             for row in self.rows:
                 if row.req.cancelled.is_set():
                     row.reason = row.req.cancel_reason
                     self._finish(row)
             self._retire()
+            idle = not self.rows and not self._ready and self.queue.empty()
+            for req, status, scores, flops in self._scorer.collect(SCORE_WAIT if idle else 0.0):
+                self._scored(req, status, scores, flops)
             together: list[Request] = []  # prompts prefilled at admission: in one batch
-            while len(self.rows) + len(together) < self.s.max_batch:
+            while self._ready and len(self.rows) + len(together) < self.s.max_batch:  # scored prompts first
+                self._admit(self._ready.pop(0), together)
+            # a prompt being scored holds its place in the batch (bounding the scorer's backlog)
+            while len(self.rows) + len(together) + len(self._scorer.pending) < self.s.max_batch:
                 try:
                     req = self.queue.get_nowait()
                 except queue.Empty:
                     break
                 if req.cancelled.is_set():
                     self._send(req, Finished("cancelled", len(req.prompt), []))
-                    continue
-                try:
-                    score_flops = self._score(req) if req.score_prompt else 0.0
-                    if req.max_tokens == 0:  # only the prompt's logprobs were asked for
-                        self._send(req, Finished("length", len(req.prompt), [], score_flops, score_flops))
-                        continue
-                    req.score_flops = score_flops
-                    if self.walk_limit >= len(req.prompt):
-                        self._admit_walking(req)
-                    else:
-                        together.append(req)
-                except Exception:  # this request fails; the batch goes on
-                    traceback.print_exc(file=sys.stderr)
-                    self._send(req, Finished("error", len(req.prompt), []))
+                elif req.score_prompt:
+                    self._scorer.put(req)  # admitted (or finished) once scored: _scored
+                else:
+                    self._admit(req, together)
             if together:
                 self._admit_prefilled(together)
             if self.rows:
                 self._advance()
             self._retire()
         self._flush()
-        return bool(self.rows)
+        return bool(self.rows or self._ready or self._scorer.pending)
+
+    def _admit(self, req: Request, together: list[Request]) -> None:
+        """A request takes a row: its prompt walks, or joins ``together`` (prefilled at this step)."""
+        try:
+            if self.walk_limit >= len(req.prompt):
+                self._admit_walking(req)
+            else:
+                together.append(req)
+        except Exception:  # this request fails; the batch goes on
+            traceback.print_exc(file=sys.stderr)
+            self._send(req, Finished("error", len(req.prompt), []))
+
+    def _scored(self, req: Request, status: str, scores: PromptScores | None, flops: float) -> None:
+        """A prompt came back from the scorer: send its logprobs, then finish it (``max_tokens`` 0, a
+        cancel, an error) or queue it for a row ahead of the requests still in the queue."""
+        if status == "error":
+            self._send(req, Finished("error", len(req.prompt), []))
+            return
+        if status == "cancelled" or req.cancelled.is_set():
+            self._send(req, Finished("cancelled", len(req.prompt), []))
+            return
+        self._send(req, scores)
+        if req.max_tokens == 0:  # only the prompt's logprobs were asked for
+            self._send(req, Finished("length", len(req.prompt), [], flops, flops))
+            return
+        req.score_flops = flops
+        self._ready.append(req)
 
     def _send(self, req: Request, ev: Event) -> None:
         self._out.append((req, ev))
@@ -356,13 +341,6 @@ class Scheduler:
             return sample_next(logits, temperature=req.temperature, top_p=top_p, generator=gen)
 
         return pick
-
-    def _score(self, req: Request) -> float:
-        """Send the prompt's logprobs (:func:`score_prompt`); returns that pass's FLOPs."""
-        self.model.check_input_ids(torch.tensor([req.prompt], dtype=torch.long, device=self.device))  # (1, T)
-        scores, flops = score_prompt(self.model, req.prompt, self.tau, req.logprobs or 0)
-        self._send(req, scores)
-        return flops
 
     def _admit_walking(self, req: Request) -> None:
         """The request joins with an empty cache row; its first prompt token starts."""
@@ -411,7 +389,7 @@ class Scheduler:
             self.stats.admitted += 1
             row = _Row(req, self._picker(req), prompt_depth=depth[j][T - n :])
             nxt = int(row.pick(logits[j : j + 1])[0])
-            if self._emit(row, nxt, row.prompt_depth[-1], logits[j]):
+            if self._emit(row, nxt, row.prompt_depth[-1], logits, j):
                 self._finish(row)
                 continue
             rows.append(row)
@@ -442,69 +420,111 @@ class Scheduler:
     def _advance(self) -> None:
         """One slot for every row (the slot schedule). A row that completed a token starts its next
         prompt token (walking) or samples the next token (after its last prompt token, or a
-        generated one), emits it and starts it."""
+        generated one), emits it and starts it.
+
+        The fixed cost of a step is kept to a few tensor operations whatever the number of rows
+        that complete a token: which rows did, and at what depth, comes to Python in one copy."""
         model, st = self.model, self.st
-        running = torch.ones(len(self.rows), dtype=torch.bool, device=self.device)
+        B = len(self.rows)
+        running = self._running
+        if running is None or running.shape[0] != B:  # every row runs; the mask only changes with the batch
+            running = self._running = torch.ones(B, dtype=torch.bool, device=self.device)
         done = recurrence.advance_slots(model, st, running, self.cache, self.tau)  # (B,)
         self.stats.steps += 1
-        idx = done.nonzero().squeeze(1)  # (n,)
-        if idx.numel() == 0:
+        marks = torch.where(done, st.depth, -1).tolist()  # each row's depth if its token is complete, else -1
+        idx = [i for i, d in enumerate(marks) if d >= 0]
+        if not idx:
             return
-        depth = st.depth[idx]  # (n,)
-        nxt = [0] * idx.numel()  # each row's next input token
-        sample = []  # positions in idx of the rows that sample
-        for j, (i, d) in enumerate(zip(idx.tolist(), depth.tolist(), strict=True)):
-            row = self.rows[i]
-            prompt = row.req.prompt
-            if len(row.prompt_depth) < len(prompt):  # a walked prompt token is complete
-                row.prompt_depth.append(d)
-                if len(row.prompt_depth) < len(prompt):  # the next one starts
-                    nxt[j] = prompt[len(row.prompt_depth)]
+        nxt = [0] * len(idx)  # each row's next input token
+        sample: list[int] = []  # positions in idx of the rows that sample
+        rows = self.rows
+        for j, i in enumerate(idx):
+            row = rows[i]
+            prompt, pd = row.req.prompt, row.prompt_depth
+            if len(pd) < len(prompt):  # a walked prompt token is complete
+                pd.append(marks[i])
+                if len(pd) < len(prompt):  # the next one starts
+                    nxt[j] = prompt[len(pd)]
                     continue
             sample.append(j)
         if sample:
-            sel = torch.tensor(sample, dtype=torch.long, device=self.device)  # (m,)
-            emitted = self._sample(idx[sel], depth[sel])
+            emitted = self._sample([idx[j] for j in sample], [marks[idx[j]] for j in sample])
             for j, tok in zip(sample, emitted, strict=True):
                 nxt[j] = tok
+        at = torch.tensor(idx, dtype=torch.long, device=self.device)  # (n,)
         new = torch.tensor(nxt, dtype=torch.long, device=self.device)  # (n,)
-        st.start(idx, model.embed(new), st.pos[idx] + 1)
+        st.start(at, model.embed(new), st.pos[at] + 1)
 
-    def _sample(self, idx: Tensor, depth: Tensor) -> list[int]:
-        """Rows ``idx`` (m,) completed the token before their next output: mix each row's own
-        d+1 slots (as generate does), sample with the row's own sampler, emit. Returns the tokens."""
+    def _mix(self, hs: Tensor, probs: Tensor | None, d: int) -> Tensor:
+        """``recurrence.mix_slots(model, st, rows, d + 1)`` for rows whose tokens all have depth
+        ``d``, given their slot hiddens ``hs`` (n, K+1, D) and router distributions ``probs``
+        (n, 1, K+1) already gathered: the same call of ``model.mix`` on the same slots, with the
+        keep mask (every one of the d+1 slots) made directly instead of from the rows' depths.
+        Returns (n, D)."""
+        h = hs[:, : d + 1].unsqueeze(1)  # (n, 1, d+1, D)
+        if probs is None:
+            return self.model.mix(h, None, None)[:, 0]  # the last of the d+1 slots, whatever the mask
+        keep = self._keep.get((h.shape[0], d))
+        if keep is None:
+            keep = self._keep[(h.shape[0], d)] = torch.ones(h.shape[0], 1, d + 1, dtype=torch.bool, device=self.device)
+        return self.model.mix(h, probs, keep)[:, 0]
+
+    def _sample(self, rows_at: list[int], depths: list[int]) -> list[int]:
+        """Rows ``rows_at`` (batch indices) completed the token before their next output, at
+        ``depths``: mix each row's own d+1 slots (as generate does), rows of one depth together,
+        sample with the row's own sampler, emit. Returns the tokens, in the order of ``rows_at``.
+
+        The rows are taken in order of depth (stable), so their slots are gathered once and each
+        depth's rows are a slice of them; the head sees the rows in that order, the samplers and
+        the events in batch order."""
         model, st = self.model, self.st
-        h_hat = st.hs.new_empty(idx.numel(), st.hs.shape[-1])  # (m, D)
-        for d in depth.unique().tolist():
-            sel = (depth == d).nonzero().squeeze(1)
-            h_hat[sel] = recurrence.mix_slots(model, st, idx[sel], d + 1)
-        logits = model.lm_head(h_hat)  # (m, V)
+        order = sorted(range(len(rows_at)), key=depths.__getitem__)
+        at = [rows_at[j] for j in order]
+        dep = [depths[j] for j in order]
+        idx = torch.tensor(at, dtype=torch.long, device=self.device)  # (m,)
+        hs = st.hs[idx]  # (m, K+1, D)
+        probs = st.probs[idx].unsqueeze(1) if model.router is not None else None  # (m, 1, K+1)
+        parts, a = [], 0
+        while a < len(dep):
+            d, b = dep[a], a + 1
+            while b < len(dep) and dep[b] == d:
+                b += 1
+            parts.append(self._mix(hs[a:b], probs[a:b] if probs is not None else None, d))  # (b - a, D)
+            a = b
+        h_hat = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()  # (m, D)
+        logits = model.lm_head(h_hat)  # (m, V), rows in depth order
         new = logits.argmax(-1)  # (m,) greedy rows; sampling rows draw below, each from its own generator
-        rows = [self.rows[i] for i in idx.tolist()]
-        for j, row in enumerate(rows):
+        where = [0] * len(order)  # the row of logits of each of rows_at
+        for p, j in enumerate(order):
+            where[j] = p
+        rows = [self.rows[i] for i in rows_at]
+        for j, row in enumerate(rows):  # in batch order, as the draws from torch's generator always were
             if row.req.temperature > 0:
-                new[j] = row.pick(logits[j : j + 1])[0]
-        toks = new.tolist()
-        for j, (row, tok, d) in enumerate(zip(rows, toks, depth.tolist(), strict=True)):
-            if self._emit(row, tok, d, logits[j]):
+                new[where[j]] = row.pick(logits[where[j] : where[j] + 1])[0]
+        got = new.tolist()
+        toks = [got[p] for p in where]
+        for j, (row, tok, d) in enumerate(zip(rows, toks, depths, strict=True)):
+            if self._emit(row, tok, d, logits, where[j]):
                 self._finish(row)
         return toks
 
-    def _emit(self, row: _Row, tok: int, depth: int, logits: Tensor) -> bool:
-        """Record a sampled token (from ``logits`` (V,)) and hand it over; returns whether the row is done."""
+    def _emit(self, row: _Row, tok: int, depth: int, logits: Tensor, j: int) -> bool:
+        """Record a sampled token (from ``logits[j]`` (V,)) and hand it over; returns whether the row is done."""
+        req = row.req
         row.depths.append(depth)
         ev = Token(tok, depth)
-        if row.req.logprobs is not None:
-            ev.logprob, ev.top = token_logprobs(logits, tok, row.req.logprobs)
-        if self.eos is not None and tok == self.eos and not row.req.ignore_eos:
+        if req.logprobs is not None:
+            ev.logprob, ev.top = token_logprobs(logits[j], tok, req.logprobs)
+        if tok == self.eos and not req.ignore_eos:  # (eos None: no token equals it)
             row.reason = "stop"
-            row.eos = ev if row.req.logprobs is not None else None
+            row.eos = ev if req.logprobs is not None else None
             return True
         row.tokens.append(tok)
-        self.stats.tokens += 1
-        self.stats.depth_sum += depth
-        self._send(row.req, ev)
-        if len(row.tokens) >= row.req.max_tokens:
+        stats = self.stats
+        stats.tokens += 1
+        stats.depth_sum += depth
+        self._out.append((req, ev))
+        if len(row.tokens) >= req.max_tokens:
             row.reason = "length"
             return True
         return False
@@ -543,4 +563,11 @@ class Scheduler:
             else:
                 self.cache, self.st, self.rows = None, None, []
         self.stats.active = len(self.rows)
+        if self.cache is None:
+            self.stats.cache_entries = 0
+
+    def counters(self) -> Stats:
+        """The counters, with the cache's entries counted now (a step leaves them to be counted
+        when they are read, not every step)."""
         self.stats.cache_entries = int(self.cache.lengths.sum()) if self.cache is not None else 0
+        return self.stats
