@@ -107,7 +107,7 @@ UNSUPPORTED_BOTH = {
     "response_format": {"type": "json_object"}, "use_beam_search": True, "top_k": 5, "min_p": 0.1,
     "repetition_penalty": 1.2, "watermarking": True, "length_penalty": 0.5, "stop_token_ids": [3],
     "include_stop_str_in_output": True, "min_tokens": 4, "truncate_prompt_tokens": 10, "allowed_token_ids": [1, 2],
-    "prompt_logprobs": 1, "logprob_token_ids": [1], "bad_words": ["king"], "prompt_embeds": "AAAA",
+    "logprob_token_ids": [1], "bad_words": ["king"], "prompt_embeds": "AAAA",
     "structured_outputs": {"json": {}}, "guided_json": {"type": "object"}, "guided_regex": "a+",
     "guided_choice": ["a"], "guided_grammar": "root ::= x", "logits_processors": ["x"], "priority": 1,
     "return_tokens_as_token_ids": True, "return_token_ids": True, "kv_transfer_params": {"a": 1},
@@ -115,8 +115,9 @@ UNSUPPORTED_BOTH = {
     "thinking_token_budget": 10,
 }  # fmt: skip
 UNSUPPORTED_COMPLETION = {"best_of": 2, "suffix": "end"}  # echo and logprobs: tests/test_serve_logprobs.py
+# (chat: top_logprobs without logprobs; chat logprobs themselves: tests/test_serve_logprobs.py)
 UNSUPPORTED_CHAT = {
-    "logprobs": True, "top_logprobs": 2, "audio": {"voice": "x"}, "function_call": "auto",
+    "top_logprobs": 2, "audio": {"voice": "x"}, "function_call": "auto",
     "functions": [{"name": "f"}], "modalities": ["text", "audio"], "moderation": {"x": 1},
     "reasoning_effort": "high", "tool_choice": "auto", "tools": [{"type": "function", "function": {"name": "f"}}],
     "verbosity": "low", "web_search_options": {}, "echo": True, "documents": [{"text": "d"}],
@@ -150,6 +151,11 @@ REFUSED = [
      "prompt: a list of 69 prompts; this server takes at most 68 in one request (--max-batch + --max-queue)"),
     ("logprobs_out_of_range", "/v1/completions", {"prompt": "The", "logprobs": 21}, 400,
      "logprobs: 21 is out of range; this server takes 0 to 20 (the top alternatives of each token) or null"),
+    ("top_logprobs_without_logprobs", "/v1/chat/completions",
+     {"messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs: 2 is not supported without logprobs: true"),
+    ("prompt_logprobs_streamed", "/v1/completions", {"prompt": "The", "prompt_logprobs": 1, "stream": True}, 400,
+     "prompt_logprobs: 1 is not supported with stream: true (as vLLM)"),
 ]  # fmt: skip
 
 

@@ -229,7 +229,8 @@ def test_scoring_and_logprobs_in_the_engine_build_no_graph(prefill):
     from test_no_autograd import _run, drain
 
     from ponderlm.serving.engine import engine_scheduler
-    from ponderlm.serving.scheduler import BatchSettings, Finished, PromptScores, Request, Token
+    from ponderlm.serving.scheduler import BatchSettings, Finished, Request, Token
+    from ponderlm.serving.scoring import PromptScores
 
     model = tiny_model("ponderlm3", dtype=torch.float32)
     sched = engine_scheduler(model, None, BatchSettings(max_batch=3, tau=0.3, prefill=prefill, walk_max=2))
@@ -309,3 +310,114 @@ def test_a_choices_logprobs_end_at_its_stop_string_or_eos(adapter):
     assert lp["tokens"][-1] == "<|endoftext|>" and lp["token_logprobs"] == pytest.approx([-0.1, -0.2, -1.5])
     assert lp["top_logprobs"][-1] == {tok.decode([words[0]]): pytest.approx(-0.2), "<|endoftext|>": -1.5}
     assert lp["text_offset"] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
+
+
+def _chat_stream(server: Server, body: dict) -> list[dict]:
+    chunks = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+def test_chat_logprobs_are_the_completions_ones(server, adapter):
+    """/v1/chat/completions with logprobs and top_logprobs: OpenAI's chat shape (each token's text, logprob,
+    bytes and its top-k alternatives), with the values the completions endpoint gives for the same prompt ids
+    and sampling (greedy, and sampled with a seed), streamed too; top_logprobs beyond 0 without logprobs, or
+    beyond 20, is a 400 naming it."""
+    types = pytest.importorskip("openai.types.chat")
+    messages = [{"role": "user", "content": "the state of the world"}]
+    ids = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": messages}, timeout=60).json()["tokens"]
+    for sampling in ({"temperature": 0}, {"temperature": 1.5, "seed": 3}):
+        common = {"model": MODEL, "max_tokens": 6, "ignore_eos": True, **sampling}
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={**common, "messages": messages, "logprobs": True,
+                                                                   "top_logprobs": 3}, timeout=60)  # fmt: skip
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        types.ChatCompletion.model_validate(r.json())  # the openai client reads it
+        want = ok(server, {**common, "prompt": ids, "logprobs": 3, "stop": ["\n\nUser:"]})["choices"][0]
+        assert c["message"]["content"] == want["text"] and c["ponder_depths"] == want["ponder_depths"]
+        content = c["logprobs"]["content"]
+        assert set(c["logprobs"]) == {"content"} and len(content) == len(want["logprobs"]["tokens"]) > 0
+        for e, t, v, top in zip(content, *(want["logprobs"][k] for k in ("tokens", "token_logprobs", "top_logprobs")),
+                                strict=True):  # fmt: skip
+            assert set(e) == {"token", "logprob", "bytes", "top_logprobs"}
+            assert (e["token"], e["logprob"]) == (t, v) and len(e["top_logprobs"]) == 3
+            best = sorted(top.values(), reverse=True)[:3]
+            assert [a["logprob"] for a in e["top_logprobs"]] == best or "\ufffd" in top
+            for a in e["top_logprobs"]:
+                assert set(a) == {"token", "logprob", "bytes"} and top[a["token"]] >= a["logprob"]
+                assert bytes(a["bytes"]).decode("utf-8", errors="replace") == a["token"]
+        # the bytes are the tokens' own: joined, they are the text (a character split across tokens too; a
+        # random model's bytes need not be UTF-8: U+FFFD where they are not, as the text has it)
+        joined = b"".join(bytes(e["bytes"]) for e in content)
+        assert joined.decode(errors="replace") == c["message"]["content"]
+        # streamed: the same entries, chunk by chunk
+        chunks = _chat_stream(server, {**common, "messages": messages, "logprobs": True, "top_logprobs": 3,
+                                       "stream": True})  # fmt: skip
+        got = [e for ch in chunks for e in ((ch["choices"][0]["logprobs"] or {}).get("content") or [])]
+        assert got == content
+        assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == c["message"]["content"]
+    # logprobs without top_logprobs: each token's logprob, no alternatives; top_logprobs 0 alone is neutral
+    short = {"model": MODEL, "messages": messages, "max_tokens": 3, "temperature": 0}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**short, "logprobs": True}, timeout=60)
+    assert [e["top_logprobs"] for e in r.json()["choices"][0]["logprobs"]["content"]] == [[]] * 3
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**short, "top_logprobs": 0}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None
+    for extra in ({"top_logprobs": 2}, {"top_logprobs": 2, "logprobs": False}, {"top_logprobs": 21, "logprobs": True},
+                  {"top_logprobs": -1, "logprobs": True}):  # fmt: skip
+        r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": messages, **extra},
+                       timeout=60)  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", (extra, r.text)
+        assert r.json()["error"]["message"].startswith(f"top_logprobs: {extra['top_logprobs']} ")
+
+
+def test_vllms_prompt_logprobs(server, adapter):
+    """vLLM's prompt_logprobs (completions and chat): per prompt token, null for the first, else the token's
+    logprob (echo's, the prompt's scoring), its rank in the whole distribution and the top-k, each with its
+    decoded text; the generated tokens' logprobs keep their own k; refused when streamed or out of range."""
+    from ponderlm.serving.scoring import score_prompt
+
+    tok = adapter.tok
+    ids = tok.encode("the state of the world is good")
+    echo = ok(server, {"prompt": ids, "echo": True, "logprobs": 3, "max_tokens": 0})["choices"][0]["logprobs"]
+    # every token's rank, from the whole distribution in process (the scoring forward at the served tau)
+    full, _ = score_prompt(adapter.model, ids, adapter.tau, adapter.model.cfg.vocab_size)
+    ranks = [next(r for r, (i, _) in enumerate(top, 1) if i == t) for t, top in zip(ids[1:], full.top, strict=True)]
+    assert len(set(ranks)) > 1  # (not all the likeliest: the rank is checked, not assumed)
+    for k in (0, 2, 4):
+        c = ok(server, {"prompt": ids, "prompt_logprobs": k, "max_tokens": 2})["choices"][0]
+        assert c["logprobs"] is None  # only the prompt's were asked for
+        got = c["prompt_logprobs"]
+        assert len(got) == len(ids) and got[0] is None
+        for j, (t, d) in enumerate(zip(ids[1:], got[1:], strict=True)):
+            mine = d[str(t)]
+            assert mine == {
+                "logprob": echo["token_logprobs"][j + 1],
+                "rank": ranks[j],
+                "decoded_token": tok.decode([t]),
+            }
+            alts = sorted((v for i, v in d.items() if i != str(t) or v["rank"] <= k), key=lambda v: v["rank"])
+            assert [v["rank"] for v in alts] == list(range(1, k + 1))  # the top k, and the token itself
+            assert [v["logprob"] for v in alts] == pytest.approx([lp for _, lp in full.top[j][:k]], abs=1e-6)
+            assert len(d) == k + (ranks[j] > k)
+    # with the completion's logprobs: each keeps its own k (the engine scores with the larger)
+    c = ok(server, {"prompt": ids, "prompt_logprobs": 4, "logprobs": 1, "echo": True, "max_tokens": 3,
+                    "ignore_eos": True})["choices"][0]  # fmt: skip
+    assert all(len(top) <= 2 for top in c["logprobs"]["top_logprobs"][1:])
+    assert c["logprobs"]["token_logprobs"][: len(ids)] == echo["token_logprobs"]
+    assert all(len(d) >= 4 for d in c["prompt_logprobs"][1:])
+    # chat: beside the choices, for the rendered conversation's tokens
+    messages = [{"role": "user", "content": "the state of the world"}]
+    chat_ids = httpx.post(f"{server.url}/tokenize", json={"model": MODEL, "messages": messages}, timeout=60).json()
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2,
+                                                               "prompt_logprobs": 1}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    want = ok(server, {"prompt": chat_ids["tokens"], "prompt_logprobs": 1, "max_tokens": 1})["choices"][0]
+    assert r.json()["prompt_logprobs"] == want["prompt_logprobs"] and len(want["prompt_logprobs"]) == chat_ids["count"]
+    for path, body in (("/v1/completions", {"prompt": ids}), ("/v1/chat/completions", {"messages": messages})):
+        for extra in ({"prompt_logprobs": 1, "stream": True}, {"prompt_logprobs": 21}, {"prompt_logprobs": -1}):
+            r = httpx.post(f"{server.url}{path}", json={"model": MODEL, **body, **extra}, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs", (path, extra, r.text)

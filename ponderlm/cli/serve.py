@@ -101,7 +101,7 @@ def cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     settings = ServerSettings(model_id=name, context=cfg.max_seq_len, api_key=api_key_from_env(args.api_key),
                               max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout,
-                              token_chars=longest_token(tok))  # fmt: skip
+                              token_chars=longest_token(tok), model_config=cfg)  # fmt: skip
     sock = _listen(args.host, args.port)
     batch = BatchSettings(max_batch=args.max_batch, max_queue=args.max_queue, tau=args.tau, prefill=args.prefill,
                           walk_max=args.walk_max)  # fmt: skip

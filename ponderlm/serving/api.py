@@ -26,9 +26,11 @@ uses) tokenize in the same worker threads, within the same bound.
 
 A completions ``prompt`` may be a list (strings, or token ids): one engine request and one choice per
 prompt. ``logprobs`` and ``echo`` are computed in the engine (the prompt's logprobs by
-:func:`~ponderlm.serving.scheduler.score_prompt`, ``ponderlm eval``'s scoring; a generated token's from the
+:func:`~ponderlm.serving.scoring.score_prompt`, ``ponderlm eval``'s scoring; a generated token's from the
 logits it was chosen from); this process only names the tokens and builds OpenAI's ``logprobs`` object
-(:class:`~ponderlm.serving.protocol.Logprobs`).
+(:class:`~ponderlm.serving.responses.Logprobs`; chat's ``logprobs``/``top_logprobs``:
+:class:`~ponderlm.serving.responses.ChatLogprobs`, the same numbers in the chat shape; vLLM's
+``prompt_logprobs``, from the same prompt scoring: :class:`~ponderlm.serving.responses.PromptLogprobs`).
 
 Extensions to OpenAI's shapes: every choice (and every streamed chunk) carries ``ponder_depths``,
 the realised ponder steps of each generated token it covers, and ``usage`` adds ``flops`` (the
@@ -55,6 +57,7 @@ from ponderlm.errors import EngineError
 from ponderlm.serving import scheduler as batching
 from ponderlm.serving.engine import Engine
 from ponderlm.serving.http import MAX_BODY_BYTES, REQUEST_TIMEOUT, bounded_protocol, guard
+from ponderlm.serving.page import add_page
 from ponderlm.serving.protocol import (
     CHAT_STOP,
     ApiError,
@@ -68,7 +71,17 @@ from ponderlm.serving.protocol import (
     stop_strings,
     unsupported,
 )
-from ponderlm.serving.responses import Choice, Logprobs, Out, Stream, put_event, sse, whole_response
+from ponderlm.serving.responses import (
+    ChatLogprobs,
+    Choice,
+    Logprobs,
+    Out,
+    PromptLogprobs,
+    Stream,
+    put_event,
+    sse,
+    whole_response,
+)
 from ponderlm.serving.scheduler import QueueFull
 
 API_KEY_ENV = "PONDERLM_API_KEY"
@@ -83,11 +96,23 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES  # a larger request body is refused (413) and not read further
     request_timeout: float = REQUEST_TIMEOUT  # seconds to receive the head, and the body (408 beyond)
     token_chars: int = 64  # the most characters one token covers (longest_token): bounds a prompt before tokenizing
+    model_config: object = None  # the model's ModelConfig: the page's FLOPs by depth (ponderlm.serving.page)
 
     @property
     def max_prompt_chars(self) -> int:
         """A prompt of more characters than this cannot fit in the context: refused before tokenizing."""
         return self.context * self.token_chars
+
+
+def byte_units() -> dict[int, str]:
+    """The byte-level pre-tokenizer's alphabet: each byte's character (GPT-2's ``bytes_to_unicode``)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]  # fmt: skip
+    out, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b], n = chr(256 + n), n + 1
+    return out
 
 
 def longest_token(tok) -> int:
@@ -112,6 +137,7 @@ class Api:
         self.counters: dict[tuple[str, int], int] = {}  # (path, status) -> requests
         # tokenizing off the event loop: two at a time (more would take cores from the engine)
         self.tokenizer_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ponderlm-tokenize")
+        self._from_unicode: dict[str, int] | None = None  # token_bytes: byte-level characters -> bytes
 
     def count(self, path: str, status: int) -> None:
         key = (path if path in self.KNOWN else "other", status)  # bounded label values
@@ -244,6 +270,26 @@ class Api:
         """Each token's own text (a byte-level token that is part of a character: U+FFFD), as vLLM names them."""
         return dict(zip(ids, self.tok.tk.decode_batch([[i] for i in ids], skip_special_tokens=False), strict=True))
 
+    def token_bytes(self, ids: list[int]) -> dict[int, list[int]]:
+        """Each token's own bytes (chat logprobs' ``bytes``): a byte-level vocabulary entry mapped back to
+        the bytes it stands for (a part of a character is that part); any other token (an added token, or
+        a vocabulary that is not byte-level), the UTF-8 of its text."""
+        if self._from_unicode is None:
+            from tokenizers import decoders
+
+            byte_level = isinstance(self.tok.tk.decoder, decoders.ByteLevel)
+            self._from_unicode = {c: b for b, c in byte_units().items()} if byte_level else {}
+        added = set(self.tok.tk.get_added_tokens_decoder())
+        back, out = self._from_unicode, {}
+        texts = self.token_names([i for i in ids if i in added or not back])
+        for i in ids:
+            entry = self.tok.tk.id_to_token(i) if back and i not in added else None
+            if entry is not None and all(c in back for c in entry):
+                out[i] = [back[c] for c in entry]
+            else:
+                out[i] = list((texts.get(i) or self.tok.tk.decode([i], skip_special_tokens=False)).encode())
+        return out
+
     async def serve(self, request: Request, body: BodyBase, prompts: list[tuple[list[int], str]], stops: list[str],
                     chat: bool):  # fmt: skip
         """Submit one engine request per prompt (one choice each) and answer: a whole response or a stream."""
@@ -253,7 +299,9 @@ class Api:
                 raise ApiError(400, "the prompt is empty", param=field)
         lengths = [self.max_tokens(body, len(ids), chat) for ids, _ in prompts]
         echo = bool(getattr(body, "echo", False))
-        logprobs = None if chat else body.logprobs
+        logprobs = body.logprobs_k() if chat else body.logprobs
+        prompt_k = body.prompt_logprobs  # vLLM's: the engine scores the prompt with the larger top-k of the two
+        engine_k = logprobs if prompt_k is None else max(prompt_k, logprobs or 0)
         events: asyncio.Queue = asyncio.Queue()  # (choice index, event), filled on the event loop by _dispatch
         cap = self.engine.settings.max_batch + self.engine.settings.max_queue
         if len(self.engine.reqs) + len(prompts) > cap:
@@ -263,12 +311,14 @@ class Api:
         choices = []
         for i, ((ids, text), n) in enumerate(zip(prompts, lengths, strict=True)):
             req = batching.Request(ids, n, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                                   ignore_eos=body.ignore_eos, logprobs=logprobs,
-                                   score_prompt=echo and logprobs is not None,
+                                   ignore_eos=body.ignore_eos, logprobs=engine_k,
+                                   score_prompt=(echo and logprobs is not None) or prompt_k is not None,
                                    on_event=functools.partial(put_event, events, i))  # fmt: skip
             stream = Stream(self.tok, stops, bool(body.skip_special_tokens))
-            lp = Logprobs(self.token_names) if logprobs is not None else None
-            choices.append(Choice(i, req, stream, ids, text if echo else None, lp))
+            lp = None if logprobs is None else ChatLogprobs(self.token_names, self.token_bytes, logprobs) if chat \
+                else Logprobs(self.token_names, logprobs)  # fmt: skip
+            plp = None if prompt_k is None else PromptLogprobs(self.token_names, prompt_k)
+            choices.append(Choice(i, req, stream, ids, text if echo else None, lp, plp=plp))
         try:
             for c in choices:
                 self.engine.submit(c.req)
@@ -318,6 +368,8 @@ def create_app(engine: Engine, tok, settings: ServerSettings, on_ready: Callable
     @app.get("/v1/models")
     async def models():
         return api.models()
+
+    add_page(app, settings, engine)  # GET /: the page that shows the router at work
 
     @app.get("/metrics")
     async def metrics():

@@ -6,16 +6,20 @@ it is not)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hmac
 import json
 import sys
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ponderlm.serving.page import asks_for_login
 from ponderlm.serving.protocol import ApiError, error_body, validation_message
 
 MAX_BODY_BYTES = 4 << 20  # --max-body-bytes default (docs/SERVING.md, "Limits")
@@ -55,6 +59,24 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
 
 
+def key_matches(authorization: bytes, key: bytes) -> bool:
+    """Whether an ``Authorization`` header carries the API key: ``Bearer KEY``, or ``Basic`` with
+    base64(any-user:KEY), which a browser sends once its login prompt was answered (the page, and
+    the page's own requests). Compared in constant time."""
+    scheme, _, cred = authorization.strip().partition(b" ")
+    scheme, cred = scheme.lower(), cred.strip()
+    if scheme == b"bearer":
+        return hmac.compare_digest(cred, key)
+    if scheme != b"basic":
+        return False
+    try:
+        user_pass = base64.b64decode(cred, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    _, colon, password = user_pass.partition(b":")
+    return bool(colon) and hmac.compare_digest(password, key)
+
+
 class _AuthAndCount:
     """Pure ASGI middleware: the API key check, the bounded body read, the request count by path
     and status, and the last resort for unexpected exceptions (a 500 in OpenAI's shape and one line
@@ -64,20 +86,16 @@ class _AuthAndCount:
     def __init__(self, app, api_key: str | None, max_body_bytes: int, request_timeout: float,
                  count: Callable[[str, int], None]) -> None:  # fmt: skip
         self.app, self.api_key, self.count = app, api_key, count
+        self.key = api_key.encode() if api_key is not None else None
         self.max_body_bytes, self.request_timeout = max_body_bytes, request_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        key = self.api_key
-        if key is not None:
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if auth != f"Bearer {key}".encode():
-                self.count(path, 401)
-                body = error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
-                                  code="invalid_api_key")  # fmt: skip
-                return await JSONResponse(body, status_code=401)(scope, receive, send)
+        if self.key is not None and not key_matches(dict(scope["headers"]).get(b"authorization", b""), self.key):
+            self.count(path, 401)
+            return await self.refuse_key(path)(scope, receive, send)
         status = []
 
         async def send_counted(message) -> None:
@@ -102,6 +120,20 @@ class _AuthAndCount:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self.count(path, status[0] if status else 500)
+
+    @staticmethod
+    def refuse_key(path: str):
+        """The 401 of a request without the key: for the page (a browser's navigation), a Basic
+        challenge, so that the browser asks for it (the key as the password, any user name); for the
+        API, OpenAI's error shape."""
+        if asks_for_login(path):
+            text = "This page needs the server's API key: give it as the password (any user name).\n"
+            challenge = 'Basic realm="ponderlm", charset="UTF-8"'
+            return PlainTextResponse(text, status_code=401, headers={"WWW-Authenticate": challenge,
+                                                                     "Cache-Control": "no-store"})  # fmt: skip
+        body = error_body("missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
+                          code="invalid_api_key")  # fmt: skip
+        return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="ponderlm"'})
 
     async def bounded_body(self, scope, receive, send):
         """Read the body within the limits: a ``receive`` that gives it to the app (then passes the

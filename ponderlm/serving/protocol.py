@@ -65,7 +65,6 @@ NEUTRAL_COMMON = {
     "truncate_prompt_tokens": _only(text="null"),
     "truncation_side": _ANY,  # acts only with truncate_prompt_tokens
     "allowed_token_ids": _only(text="null"),
-    "prompt_logprobs": _only(text="null"),
     "logprob_token_ids": _only(text="null"),
     "bad_words": _empty("[]"),
     "prompt_embeds": _only(text="null"),
@@ -98,8 +97,6 @@ NEUTRAL_COMPLETION = {
     "suffix": _empty('"" or null'),
 }
 NEUTRAL_CHAT = {
-    "logprobs": _only(False, text="false"),
-    "top_logprobs": _only(0, text="0"),
     "audio": _only(text="null"),
     "function_call": _only("none", text='"none"'),
     "functions": _empty("[]"),
@@ -187,7 +184,7 @@ class BodyBase(BaseModel):
     truncate_prompt_tokens: int | None = None
     truncation_side: Literal["left", "right"] | None = None
     allowed_token_ids: list[int] | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob, rank and top-k (not streamed)
     logprob_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     prompt_embeds: Any = None
@@ -229,6 +226,14 @@ class BodyBase(BaseModel):
         if self.max_tokens == 0 and not getattr(self, "echo", None):
             raise ApiError(400, "max_tokens: 0 is allowed only with echo (the prompt scored, nothing generated); "
                                 "otherwise it must be at least 1", param="max_tokens")  # fmt: skip
+        k = self.prompt_logprobs
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise ApiError(400, f"prompt_logprobs: {k} is out of range; this server takes 0 to {MAX_LOGPROBS} "
+                                "(the top alternatives of each prompt token) or null",
+                           param="prompt_logprobs")  # fmt: skip
+        if k is not None and self.stream:
+            raise ApiError(400, f"prompt_logprobs: {k} is not supported with stream: true (as vLLM); this server "
+                                "takes only null there", param="prompt_logprobs")  # fmt: skip
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             raise ApiError(400, "stream_options.continuous_usage_stats: true is not supported; this server takes only "
                                 "false (or null): usage comes in the last chunk", param="stream_options")  # fmt: skip
@@ -368,6 +373,18 @@ class ChatBody(BodyBase):
         super().check()
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
+        k = self.top_logprobs
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs: {k} is out of range; this server takes 0 to {MAX_LOGPROBS} "
+                                "(the top alternatives of each token) or null", param="top_logprobs")  # fmt: skip
+        if k and not self.logprobs:  # as vLLM: 0 is neutral without logprobs, more needs them
+            raise ApiError(400, f"top_logprobs: {k} is not supported without logprobs: true (the alternatives "
+                                "come with each token's logprob); send logprobs: true, or top_logprobs 0 or null",
+                           param="top_logprobs")  # fmt: skip
+
+    def logprobs_k(self) -> int | None:
+        """The top alternatives of each generated token (``top_logprobs``), or None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TokenizeBody(BaseModel):

@@ -14,7 +14,8 @@ from fastapi.responses import PlainTextResponse
 
 from ponderlm.serving import scheduler as batching
 from ponderlm.serving.protocol import ApiError, error_body, split_at_stop
-from ponderlm.serving.scheduler import Finished, PromptScores, Token
+from ponderlm.serving.scheduler import Finished, Token
+from ponderlm.serving.scoring import PromptScores
 
 
 def put_event(events: asyncio.Queue, i: int, ev) -> None:
@@ -35,6 +36,7 @@ class Choice:
     end: Finished | None = None
     started: bool = False  # a stream sent its echo chunk
     failed: bool = False  # a stream's row was cut short
+    plp: PromptLogprobs | None = None  # vLLM's prompt_logprobs asked for (never streamed)
 
     def push(self, toks: list[Token]) -> tuple[str, list[Token]]:
         """Tokens in; (the text they complete, the tokens it covers). With logprobs, one token at a
@@ -114,7 +116,12 @@ class Choice:
             choice["message"] = {"role": "assistant", "content": st.sent}
         else:
             choice["text"] = (self.echo or "") + st.sent
+            if self.plp is not None:
+                choice["prompt_logprobs"] = self.prompt_logprobs()
         return choice
+
+    def prompt_logprobs(self) -> list | None:
+        return None if self.plp is None else self.plp.block(self.ids, self.scores)
 
     def end_entries(self, handed: list[Token]) -> dict | None:
         """The logprobs of the tokens ``handed`` and, at the end, the EOS that ended the row."""
@@ -226,7 +233,10 @@ async def whole_response(request: Request, choices: list[Choice], events: asynci
     if any(c.end.reason in ("cancelled", "error") and not c.stream.stopped for c in choices):
         raise ApiError(500, "the generation was cut short on the server", kind="server_error")
     n = sum(len(c.stream.ids) for c in choices)
-    return {**out.obj([c.whole(out.chat) for c in choices], chunk=False), "usage": usage([c.end for c in choices], n)}
+    got = {**out.obj([c.whole(out.chat) for c in choices], chunk=False), "usage": usage([c.end for c in choices], n)}
+    if out.chat and choices[0].plp is not None:  # vLLM's chat response carries them beside the choices
+        got["prompt_logprobs"] = choices[0].prompt_logprobs()
+    return got
 
 
 MIN_LOGPROB = -9999.0  # a logprob below this (-inf) is sent as this, as vLLM does (JSON has no infinity)
@@ -297,8 +307,9 @@ class Logprobs:
     ``text_offset`` (where each token's text starts: the sum of the texts of the tokens before it in
     the choice, the echoed prompt's first)."""
 
-    def __init__(self, names) -> None:
+    def __init__(self, names, k: int | None = None) -> None:
         self.names = names  # list of ids -> their texts (one each)
+        self.k = k  # the alternatives shown (the engine may give more: prompt_logprobs asked for more)
         self.offset = 0
 
     def block(self, entries: list[tuple[int, float | None, list[tuple[int, float]] | None]]) -> dict:
@@ -306,6 +317,7 @@ class Logprobs:
         names = self.names(sorted({t for t, _, _ in entries} | {i for _, _, top in entries for i, _ in top or []}))
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for t, lp, top in entries:
+            top = (top or [])[: self.k]
             s = names[t]
             out["tokens"].append(s)
             out["text_offset"].append(self.offset)
@@ -333,6 +345,57 @@ class Logprobs:
     @staticmethod
     def token_entries(toks: list[Token]) -> list:
         return [(t.token, t.logprob, t.top) for t in toks]
+
+
+class ChatLogprobs:
+    """OpenAI's chat ``logprobs`` object of one choice: ``content``, one entry per token, each its text
+    (``token``), ``logprob``, ``bytes`` (the token's own bytes: a part of a character is its bytes, not
+    U+FFFD's) and ``top_logprobs``, the top-k alternatives in the same shape, most likely first (exactly
+    k, as OpenAI: the token itself is listed only when among them). The values are the completions
+    endpoint's (:class:`Logprobs`): the raw distribution each token was chosen from."""
+
+    def __init__(self, names, raw, k: int | None = None) -> None:
+        self.names = names  # list of ids -> their texts (one each)
+        self.raw = raw  # list of ids -> their bytes (one each)
+        self.k = k  # the alternatives shown (the engine may give more: prompt_logprobs asked for more)
+
+    def block(self, entries: list[tuple[int, float | None, list[tuple[int, float]] | None]]) -> dict:
+        """``entries``: (token, logprob, top-k (id, logprob)) in order, as :meth:`Logprobs.block` takes them."""
+        ids = sorted({t for t, _, _ in entries} | {i for _, _, top in entries for i, _ in top or []})
+        names, raw = self.names(ids), self.raw(ids)
+
+        def one(t: int, lp: float) -> dict:
+            return {"token": names[t], "logprob": max(lp, MIN_LOGPROB), "bytes": raw[t]}
+
+        return {"content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in (top or [])[: self.k]]}
+                            for t, lp, top in entries]}  # fmt: skip
+
+
+class PromptLogprobs:
+    """vLLM's ``prompt_logprobs`` of one prompt: per prompt token, null for the first (nothing precedes it),
+    else ``{token id: {"logprob", "rank", "decoded_token"}}`` for the token itself (its rank in the
+    distribution, 1 the likeliest) and the k likeliest (ranks 1..k), from the prompt's scoring
+    (:func:`~ponderlm.serving.scoring.score_prompt`, the numbers ``echo`` gives)."""
+
+    def __init__(self, names, k: int) -> None:
+        self.names, self.k = names, k
+
+    def block(self, ids: list[int], scores: PromptScores | None) -> list:
+        if scores is None:
+            return [None] * len(ids)
+        tops = [top[: self.k] for top in scores.top]
+        names = self.names(sorted(set(ids) | {i for top in tops for i, _ in top}))
+
+        def entry(i: int, lp: float, rank: int) -> dict:
+            return {"logprob": max(lp, MIN_LOGPROB), "rank": rank, "decoded_token": names[i]}
+
+        out: list = [None]
+        for t, lp, rank, top in zip(ids[1:], scores.logprobs, scores.ranks, tops, strict=True):
+            d = {str(t): entry(t, lp, rank)}
+            for r, (i, v) in enumerate(top, 1):
+                d.setdefault(str(i), entry(i, v, r))
+            out.append(d)
+        return out
 
 
 def merge_logprobs(a: dict | None, b: dict) -> dict:
