@@ -12,12 +12,15 @@ from ponderlm.cli.common import int_at_least, needs
 def add_export(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a checkpoint as a transformers model directory (AutoModelForCausalLM, no remote code)",
+        help="write a checkpoint as a transformers model directory with a model card (AutoModelForCausalLM)",
     )
     p.add_argument("checkpoint", type=Path, help="run or checkpoint directory")
     p.add_argument("out", type=Path, help="output directory")
     p.add_argument("--tau", type=float, default=None, help="pruning threshold stored in the config")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export ponderlm wrote there")
+    p.add_argument("--self-contained", action="store_true",
+                   help="also write the modeling code (auto_map), so that the export loads with "
+                   "trust_remote_code=True where ponderlm is not installed: for sharing")  # fmt: skip
     p.set_defaults(handler=cmd_export)
 
 
@@ -35,7 +38,7 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     needs("transformers", "export", "'ponderlm[hf]'")
     from ponderlm.hf.export import export
 
-    export(args.checkpoint, args.out, overwrite=args.overwrite, tau=args.tau)
+    export(args.checkpoint, args.out, overwrite=args.overwrite, tau=args.tau, self_contained=args.self_contained)
     return 0
 
 

@@ -181,7 +181,10 @@ _registered = False
 
 
 def register() -> None:
-    """Register the classes with transformers' Auto* factories (idempotent)."""
+    """Register the classes with transformers' Auto* factories (idempotent). Done on import of the
+    installed package's module only: as a self-contained export's remote code (a copy of this
+    module, see :mod:`ponderlm.hf.gather`) transformers registers the classes it loads itself, and
+    the copy must not take the model type over from an installed ponderlm."""
     global _registered
     if _registered:
         return
@@ -190,4 +193,5 @@ def register() -> None:
     _registered = True
 
 
-register()
+if __name__ == "ponderlm.hf.modeling":
+    register()
