@@ -24,7 +24,7 @@ LAYERS = [
      "ponderlm.device", "ponderlm.owned"),
     ("ponderlm.model",),
     ("ponderlm.data", "ponderlm.runs"),
-    ("ponderlm.hf.modeling", "ponderlm.hf.load", "ponderlm.hf.register", "ponderlm.hf"),
+    ("ponderlm.hf.modeling", "ponderlm.hf.load", "ponderlm.hf.register", "ponderlm.hf", "ponderlm._autoregister"),
     ("ponderlm.loading",),
     ("ponderlm.eval", "ponderlm.serving", "ponderlm.hf.export", "ponderlm.hf.convert"),
     ("ponderlm.training",),
