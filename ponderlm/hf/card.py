@@ -141,7 +141,7 @@ def _training_lines(facts: dict[str, Any]) -> list[str]:
 def _eval_lines(facts: dict[str, Any], run_tau: float) -> list[str]:
     lines = []
     if facts.get("val"):
-        n = f" over {_num(facts['val_tokens'])} tokens" if facts.get("val_tokens") else ""
+        n = f" ({_num(facts['val_tokens'])} tokens trained)" if facts.get("val_tokens") else ""
         lines += [f"The trainer's held-out evaluation at this step{n} (`metrics.jsonl`, `split: val`; "
                   f"`hard_*`: pruned at the run's tau {run_tau:g}):", "",
                   "| metric | value |", "|---|---|"]  # fmt: skip
