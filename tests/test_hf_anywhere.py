@@ -233,7 +233,12 @@ def _reference(export_dir, ids, mask):
     assert type(m).__module__ == "ponderlm.hf.modeling"
     namespace = {"torch": torch}
     exec(DRIVE, namespace)
-    return namespace["drive"](m, ids, mask)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the interpreter without ponderlm (OMP_NUM_THREADS=1): matmuls split alike
+    try:
+        return namespace["drive"](m, ids, mask)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_self_contained_export_without_ponderlm_is_bit_identical(world, tmp_path):
