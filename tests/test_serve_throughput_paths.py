@@ -52,10 +52,9 @@ def _generate(model, prompt: list[int], n: int) -> tuple[list[int], list[int]]:
 
 @pytest.mark.parametrize("method", ["ponderlm2", "ponderlm3", "vanilla"])
 def test_mixing_by_depth_groups_equals_mix_slots(method):
-    """Scheduler._mix (the keep mask made directly) on rows of one depth is mix_slots with width d+1;
-    a step's rows of every depth, sorted and sliced by _sample, give what each depth's mix_slots gives."""
+    """recurrence.mix_slots_by_depth on rows of one depth is mix_slots with width d+1; a step's rows
+    of every depth, sorted as Scheduler._sample takes them, give what each depth's mix_slots gives."""
     model = tiny_model(method, dtype=torch.float64)
-    sched = Scheduler(model, None, BatchSettings(tau=TAU))
     B, K = 6, model.cfg.n_latent
     st = recurrence.new_slot_state(model, B, torch.device("cpu"), torch.float64)
     g = torch.Generator().manual_seed(0)
@@ -63,25 +62,21 @@ def test_mixing_by_depth_groups_equals_mix_slots(method):
     st.probs = torch.rand(B, K + 1, generator=g, dtype=torch.float64).softmax(-1)
     if model.router is not None:
         st.depth = torch.tensor([0, 1, 2, 3, 1, 0][:B]).clamp(max=K)
-    sched.st = st
     with torch.inference_mode():
         for d in sorted(set(st.depth.tolist())):
             rows = [i for i, x in enumerate(st.depth.tolist()) if x == d]
             want = recurrence.mix_slots(model, st, torch.tensor(rows), d + 1)
-            at = torch.tensor(rows)
-            probs = st.probs[at].unsqueeze(1) if model.router is not None else None
-            assert torch.equal(sched._mix(st.hs[at], probs, d), want), d
-        # as _sample takes them: every row gathered once in order of depth, each depth a slice
+            assert torch.equal(recurrence.mix_slots_by_depth(model, st, rows, [d] * len(rows)), want), d
+        # as _sample takes them: every row in order of depth, each depth a slice of the result
         depths = st.depth.tolist()
         order = sorted(range(B), key=depths.__getitem__)
+        got_all = recurrence.mix_slots_by_depth(model, st, order, [depths[i] for i in order])
         at = torch.tensor(order)
-        hs, probs = st.hs[at], st.probs[at].unsqueeze(1) if model.router is not None else None
         a = 0
         for d in sorted(set(depths)):
             n = depths.count(d)
             want = recurrence.mix_slots(model, st, at[a : a + n], d + 1)
-            got = sched._mix(hs[a : a + n], probs[a : a + n] if probs is not None else None, d)
-            assert torch.equal(got, want), d
+            assert torch.equal(got_all[a : a + n], want), d
             a += n
 
 

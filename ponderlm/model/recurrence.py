@@ -140,6 +140,26 @@ def mix_slots(model: PonderLM, st: SlotState, rows: Tensor | slice, width: int |
     return model.mix(st.hs[rows, :width].unsqueeze(1), probs, keep)[:, 0]
 
 
+def mix_slots_by_depth(model: PonderLM, st: SlotState, rows: list[int], depths: list[int]) -> Tensor:
+    """:func:`mix_slots` of each row over its own ``depth + 1`` slots, the rows of one depth mixed
+    together (``mix_slots(model, st, those rows, d + 1)``, the same ``model.mix`` call on the same
+    slots), their slots gathered once. ``rows`` (batch indices) are sorted by their ``depths`` (the
+    depth of each row's completed token). Returns (n, D), in the order of ``rows``."""
+    idx = torch.tensor(rows, dtype=torch.long, device=st.hs.device)  # (n,)
+    hs = st.hs[idx]  # (n, K+1, D)
+    probs = st.probs[idx].unsqueeze(1) if model.router is not None else None  # (n, 1, K+1)
+    parts, a = [], 0
+    while a < len(depths):  # one run of rows per depth
+        d, b = depths[a], a + 1
+        while b < len(depths) and depths[b] == d:
+            b += 1
+        keep = torch.ones(b - a, 1, d + 1, dtype=torch.bool, device=hs.device)  # each row's every slot up to d
+        p = probs[a:b] if probs is not None else None
+        parts.append(model.mix(hs[a:b, : d + 1].unsqueeze(1), p, keep)[:, 0])  # (b - a, D)
+        a = b
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
 def ponder_tokens(
     model: PonderLM, x: Tensor, pos: Tensor, active: Tensor, cache: KVCache | RoundCaches, tau: float
 ) -> TokenStep:

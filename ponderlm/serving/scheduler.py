@@ -188,8 +188,6 @@ class Scheduler:
         self.stats = Stats()
         self.deliver = deliver  # takes a step's (request, event) pairs; None: call each on_event here
         self._out: list[tuple[Request, Event]] = []
-        self._running: Tensor | None = None  # (B,) all True: every row of the batch runs a slot each step
-        self._keep: dict[tuple[int, int], Tensor] = {}  # (rows, depth) -> all-True keep mask of mixing
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -425,10 +423,7 @@ class Scheduler:
         The fixed cost of a step is kept to a few tensor operations whatever the number of rows
         that complete a token: which rows did, and at what depth, comes to Python in one copy."""
         model, st = self.model, self.st
-        B = len(self.rows)
-        running = self._running
-        if running is None or running.shape[0] != B:  # every row runs; the mask only changes with the batch
-            running = self._running = torch.ones(B, dtype=torch.bool, device=self.device)
+        running = torch.ones(len(self.rows), dtype=torch.bool, device=self.device)  # every row runs a slot
         done = recurrence.advance_slots(model, st, running, self.cache, self.tau)  # (B,)
         self.stats.steps += 1
         marks = torch.where(done, st.depth, -1).tolist()  # each row's depth if its token is complete, else -1
@@ -455,20 +450,6 @@ class Scheduler:
         new = torch.tensor(nxt, dtype=torch.long, device=self.device)  # (n,)
         st.start(at, model.embed(new), st.pos[at] + 1)
 
-    def _mix(self, hs: Tensor, probs: Tensor | None, d: int) -> Tensor:
-        """``recurrence.mix_slots(model, st, rows, d + 1)`` for rows whose tokens all have depth
-        ``d``, given their slot hiddens ``hs`` (n, K+1, D) and router distributions ``probs``
-        (n, 1, K+1) already gathered: the same call of ``model.mix`` on the same slots, with the
-        keep mask (every one of the d+1 slots) made directly instead of from the rows' depths.
-        Returns (n, D)."""
-        h = hs[:, : d + 1].unsqueeze(1)  # (n, 1, d+1, D)
-        if probs is None:
-            return self.model.mix(h, None, None)[:, 0]  # the last of the d+1 slots, whatever the mask
-        keep = self._keep.get((h.shape[0], d))
-        if keep is None:
-            keep = self._keep[(h.shape[0], d)] = torch.ones(h.shape[0], 1, d + 1, dtype=torch.bool, device=self.device)
-        return self.model.mix(h, probs, keep)[:, 0]
-
     def _sample(self, rows_at: list[int], depths: list[int]) -> list[int]:
         """Rows ``rows_at`` (batch indices) completed the token before their next output, at
         ``depths``: mix each row's own d+1 slots (as generate does), rows of one depth together,
@@ -477,22 +458,11 @@ class Scheduler:
         The rows are taken in order of depth (stable), so their slots are gathered once and each
         depth's rows are a slice of them; the head sees the rows in that order, the samplers and
         the events in batch order."""
-        model, st = self.model, self.st
         order = sorted(range(len(rows_at)), key=depths.__getitem__)
-        at = [rows_at[j] for j in order]
-        dep = [depths[j] for j in order]
-        idx = torch.tensor(at, dtype=torch.long, device=self.device)  # (m,)
-        hs = st.hs[idx]  # (m, K+1, D)
-        probs = st.probs[idx].unsqueeze(1) if model.router is not None else None  # (m, 1, K+1)
-        parts, a = [], 0
-        while a < len(dep):
-            d, b = dep[a], a + 1
-            while b < len(dep) and dep[b] == d:
-                b += 1
-            parts.append(self._mix(hs[a:b], probs[a:b] if probs is not None else None, d))  # (b - a, D)
-            a = b
-        h_hat = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()  # (m, D)
-        logits = model.lm_head(h_hat)  # (m, V), rows in depth order
+        h_hat = recurrence.mix_slots_by_depth(
+            self.model, self.st, [rows_at[j] for j in order], [depths[j] for j in order]
+        )  # (m, D) fmt: skip
+        logits = self.model.lm_head(h_hat)  # (m, V), rows in depth order
         new = logits.argmax(-1)  # (m,) greedy rows; sampling rows draw below, each from its own generator
         where = [0] * len(order)  # the row of logits of each of rows_at
         for p, j in enumerate(order):
