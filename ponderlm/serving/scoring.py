@@ -9,28 +9,13 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ponderlm.model.flops import inference_flops
 from ponderlm.model.model import PonderLM
-
-if TYPE_CHECKING:
-    from ponderlm.serving.scheduler import Request
-
-
-@dataclass
-class PromptScores:
-    """A request's first event when it asked for its prompt's log-probabilities (``echo`` with
-    ``logprobs``): for prompt tokens 1..T-1, log p(token | the tokens before it) and the top-k of
-    each position, from :func:`score_prompt` (the scoring computation of ``ponderlm eval``)."""
-
-    logprobs: list[float]
-    top: list[list[tuple[int, float]]]
-    ranks: list[int] = field(default_factory=list)  # each token's rank in its distribution (1: the likeliest)
+from ponderlm.serving.events import PromptScores, Request
 
 
 def top_k(logp: Tensor, k: int) -> list[tuple[int, float]]:
